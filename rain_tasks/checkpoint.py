@@ -1,0 +1,193 @@
+"""Streaming tensor I/O: lazy reads from (sharded) safetensors checkpoints and atomic writes.
+
+Peak memory stays at a few tensors plus one output shard: tensors are read one at a time
+with safetensors' lazy access and written into shards that are flushed at a size limit.
+Every output is written to a temporary sibling and renamed into place, so a killed run
+never leaves a file or model directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from rain_tasks.arch import layer_of
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """Parse a dtype name from params or config.json ('bfloat16', 'float32', ...)."""
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unsupported dtype {name!r}; use one of {sorted(_DTYPES)}") from None
+
+
+class Checkpoint:
+    """A Hugging Face safetensors checkpoint opened as its shard index; tensors load lazily."""
+
+    def __init__(self, model_dir: str | Path):
+        self.path = Path(model_dir)
+        index = self.path / INDEX_NAME
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        elif (self.path / SINGLE_NAME).is_file():
+            with safe_open(self.path / SINGLE_NAME, framework="pt") as f:
+                weight_map = {name: SINGLE_NAME for name in f.keys()}
+        else:
+            raise FileNotFoundError(f"{self.path}: neither {INDEX_NAME} nor {SINGLE_NAME}; not a safetensors checkpoint")
+        self.weight_map: dict[str, str] = dict(sorted(weight_map.items()))
+        missing = sorted({s for s in self.weight_map.values() if not (self.path / s).is_file()})
+        if missing:
+            raise FileNotFoundError(f"{self.path}: shard(s) named in the index are missing: {missing}")
+        self._handles: dict[str, object] = {}
+
+    def names(self) -> list[str]:
+        """All tensor names, sorted."""
+        return list(self.weight_map)
+
+    @property
+    def shards(self) -> list[str]:
+        """Shard file names, sorted."""
+        return sorted(set(self.weight_map.values()))
+
+    def _handle(self, name: str):
+        try:
+            shard = self.weight_map[name]
+        except KeyError:
+            raise KeyError(f"{self.path}: no tensor named {name!r}") from None
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(self.path / shard, framework="pt")
+        return self._handles[shard]
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor (only it is materialised)."""
+        return self._handle(name).get_tensor(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape of one tensor without reading its data."""
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def dtype_name(self, name: str) -> str:
+        """safetensors dtype string (e.g. 'BF16', 'F32') without reading the data."""
+        return self._handle(name).get_slice(name).get_dtype()
+
+    def layer_names(self, layer: int) -> list[str]:
+        """Tensor names of one decoder layer."""
+        return [n for n in self.weight_map if layer_of(n) == layer]
+
+    def non_layer_names(self) -> list[str]:
+        """Embeddings, final norm, lm_head: tensors outside the decoder layers."""
+        return [n for n in self.weight_map if layer_of(n) is None]
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling path to write a file or directory into; rename it over `final` on success.
+
+    On error the temporary is removed and `final` is left as it was.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    target = tmp / final.name
+    try:
+        yield target
+        if final.is_dir() and not final.is_symlink():
+            shutil.rmtree(final)
+        elif final.exists() or final.is_symlink():
+            final.unlink()
+        os.replace(target, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write one safetensors file atomically (contiguous tensors, string metadata)."""
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(tmp), metadata=metadata or {})
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a whole (small, per-layer) safetensors file."""
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file."""
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+class ShardWriter:
+    """Writes tensors into numbered shards flushed at `max_shard_bytes`, then the HF index.
+
+    Used inside `atomic_path` so the model directory appears only once complete.
+    """
+
+    def __init__(self, out_dir: Path, max_shard_bytes: int, metadata: dict[str, str] | None = None):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.max_shard_bytes = max_shard_bytes
+        self.metadata = dict(metadata or {})
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._written: list[tuple[str, list[str]]] = []  # (temporary shard name, tensor names)
+        self._total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue one tensor; flush the current shard first if it would overflow."""
+        size = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
+            self._flush()
+        self._pending[name] = tensor.contiguous()
+        self._pending_bytes += size
+        self._total_bytes += size
+
+    def _flush(self) -> None:
+        part = f"part-{len(self._written):05d}.safetensors"
+        save_file(self._pending, str(self.out_dir / part), metadata={"format": "pt", **self.metadata})
+        self._written.append((part, sorted(self._pending)))
+        self._pending, self._pending_bytes = {}, 0
+
+    def close(self) -> list[str]:
+        """Flush, rename shards to the HF `model-0000i-of-0000n` scheme, write the index; return shard names."""
+        if self._pending:
+            self._flush()
+        n = len(self._written)
+        weight_map: dict[str, str] = {}
+        names = []
+        for i, (part, tensor_names) in enumerate(self._written, start=1):
+            final = SINGLE_NAME if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+            os.replace(self.out_dir / part, self.out_dir / final)
+            names.append(final)
+            weight_map.update({t: final for t in tensor_names})
+        if n > 1:
+            index = {"metadata": {"total_size": self._total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        return names
+
+
+def parse_size(size: str | int) -> int:
+    """'5GB', '200MB', '1MB' or an int -> bytes (decimal units as in transformers)."""
+    if isinstance(size, int):
+        return size
+    s = size.strip().upper()
+    for unit, mult in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * mult)
+    return int(s)

@@ -1,0 +1,157 @@
+"""pandera schemas for every table that crosses a stage boundary, and the loader that applies them.
+
+Calibration sets follow the published RAIN-Merging format (reasoning: prompt/reasoning/response;
+instruction: prompt/reason/response plus per-instruction text spans). A malformed row is
+refused with a message that names the file, the row and the field.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pandera.pandas as pa
+
+
+def _is_text(v: Any) -> bool:
+    return isinstance(v, str) and v.strip() != ""
+
+
+def _is_str_list(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(s, str) for s in v)
+
+
+def _is_nonempty_str_list(v: Any) -> bool:
+    return _is_str_list(v) and len(v) > 0 and all(s != "" for s in v)
+
+
+def _is_related_list(v: Any) -> bool:
+    """Each entry names its instruction and gives prompt spans I(x) and response spans R(x)."""
+    return (
+        isinstance(v, list)
+        and len(v) > 0
+        and all(
+            isinstance(e, dict)
+            and isinstance(e.get("instruction_id"), str)
+            and _is_nonempty_str_list(e.get("prompt_spans"))
+            and _is_str_list(e.get("response_spans"))
+            for e in v
+        )
+    )
+
+
+def _element(fn, message: str) -> pa.Check:
+    return pa.Check(fn, element_wise=True, error=message)
+
+
+_TEXT = _element(_is_text, "must be a non-empty string")
+
+REASONING_SCHEMA = pa.DataFrameSchema(
+    {
+        "prompt": pa.Column(object, _TEXT),
+        "reasoning": pa.Column(object, _TEXT),
+        "response": pa.Column(object, _TEXT),
+    },
+    strict=False,
+    name="reasoning calibration set",
+)
+
+INSTRUCTION_SCHEMA = pa.DataFrameSchema(
+    {
+        "id": pa.Column(object, _element(lambda v: isinstance(v, (int, str)) and not isinstance(v, bool), "must be an int or string id")),
+        "prompt": pa.Column(object, _TEXT),
+        "reason": pa.Column(object, _TEXT),
+        "response": pa.Column(object, _TEXT),
+        "instruction_id_list": pa.Column(object, _element(_is_nonempty_str_list, "must be a non-empty list of instruction ids")),
+        "related_prompt_list": pa.Column(
+            object,
+            _element(
+                _is_related_list,
+                "must be a non-empty list of {instruction_id, prompt_spans: [non-empty str], response_spans: [str]}",
+            ),
+        ),
+        "unrelated_response_spans": pa.Column(object, _element(_is_str_list, "must be a list of strings")),
+    },
+    strict=False,
+    name="instruction calibration set",
+)
+
+INSTRUCTION_EVAL_SCHEMA = pa.DataFrameSchema(
+    {
+        "id": pa.Column(object),
+        "prompt": pa.Column(object, _TEXT),
+        "instruction_id_list": pa.Column(object, _element(_is_nonempty_str_list, "must be a non-empty list of instruction ids")),
+        "kwargs": pa.Column(object, _element(lambda v: isinstance(v, list) and all(isinstance(d, dict) for d in v), "must be a list of dicts")),
+        "answer": pa.Column(object, _TEXT),
+    },
+    strict=False,
+    name="instruction evaluation set",
+)
+
+SCHEMAS = {
+    "reasoning": REASONING_SCHEMA,
+    "instruction": INSTRUCTION_SCHEMA,
+    "instruction_eval": INSTRUCTION_EVAL_SCHEMA,
+}
+
+
+class SchemaViolation(ValueError):
+    """A table failed its schema; the message names file, row and field."""
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """Read a JSON-lines file or a JSON array file into dicts (the published sets use both)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: calibration/evaluation file not found")
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        records = json.loads(text)
+    else:
+        records = []
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise SchemaViolation(f"{path}: line {lineno} is not valid JSON ({e.msg})") from None
+    bad = [i for i, r in enumerate(records) if not isinstance(r, dict)]
+    if bad:
+        raise SchemaViolation(f"{path}: row {bad[0]} is not a JSON object")
+    return records
+
+
+def validate_records(records: list[dict], kind: str, source: str = "<records>") -> pd.DataFrame:
+    """Validate rows against the schema `kind`; raise SchemaViolation naming row and field."""
+    schema = SCHEMAS[kind]
+    if not records:
+        raise SchemaViolation(f"{source}: the {schema.name} is empty")
+    df = pd.DataFrame.from_records(records)
+    df = df.astype({c: object for c in df.columns})
+    missing = [c for c in schema.columns if c not in df.columns]
+    if missing:
+        raise SchemaViolation(f"{source}: {schema.name} lacks required field(s) {missing}")
+    holes = [(i, c) for c in schema.columns for i, v in df[c].items() if v is None or (isinstance(v, float) and v != v)]
+    if holes:
+        i, c = holes[0]
+        raise SchemaViolation(f"{source}: row {i} field {c!r}: missing value ({len(holes)} missing in all)")
+    try:
+        schema.validate(df, lazy=True)
+    except pa.errors.SchemaErrors as err:
+        fc = err.failure_cases
+        first = fc.iloc[0]
+        raise SchemaViolation(
+            f"{source}: row {first['index']} field {first['column']!r}: {first['check']} "
+            f"(got {str(first['failure_case'])[:80]!r}; {len(fc)} failure(s) in all)"
+        ) from None
+    return df
+
+
+def load_records(path: str | Path, kind: str) -> list[dict]:
+    """Read and validate a calibration or evaluation file; return its rows as dicts."""
+    records = read_records(path)
+    validate_records(records, kind, source=str(path))
+    return records

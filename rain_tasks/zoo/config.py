@@ -1,0 +1,53 @@
+"""Parameters of the tiny model family (the `zoo:` section of params.yaml)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ZooParams(BaseModel):
+    """Everything that determines the tiny family; the defaults are the project's default family."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seed: int = 0
+    threads: int = Field(2, ge=1, description="torch intra-op threads (fixed for bit-exact builds)")
+
+    # Architecture (Qwen2, tied embeddings, eager attention).
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 256
+    max_position_embeddings: int = 128
+
+    # Problems: two-step add/sub over operands 0..max_operand.
+    max_operand: int = 11
+
+    # Training (AdamW betas 0.9/0.98, linear warm-up then cosine, gradient clipping).
+    batch_size: int = 64
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+    weight_decay: float = 0.0
+    base_steps: int = 1500
+    base_lr: float = 3e-3
+    base_distractor_rate: float = 0.2
+    lrm_steps: int = 300
+    lrm_lr: float = 2e-4
+    lrm_distractor_rate: float = 0.3
+    lrm_constraint_rate: float = 0.15
+    itm_steps: int = 200
+    itm_lr: float = 1e-4
+    itm_distractor_rate: float = 0.3
+    itm_constraint_rate: float = 0.8
+    itm_chain_rate: float = 0.8
+
+    # Held-out sets (disjoint problems; everything else is the training pool).
+    n_calibration_reasoning: int = 150
+    n_calibration_instruction: int = 200
+    n_eval: int = 200
+    n_eval_reasoning: int = 100
+
+    # Checkpoint format.
+    max_shard_size: str = "1MB"
+    dtype: str = "float32"

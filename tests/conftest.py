@@ -1,0 +1,36 @@
+"""Shared fixtures: offline Hugging Face settings and tiny generated checkpoints."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny import instruction_rows, make_family, reasoning_rows, write_jsonl  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "reference-calibration"
+
+
+@pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory) -> dict[str, Path]:
+    """Random Qwen2 base/itm/lrm with GQA (4 heads, 2 KV heads) and biases, plus calibration files."""
+    root = tmp_path_factory.mktemp("tiny_family")
+    paths = make_family(root)
+    paths["reasoning"] = write_jsonl(root / "reasoning.jsonl", reasoning_rows())
+    paths["instruction"] = write_jsonl(root / "instruction.jsonl", instruction_rows())
+    return paths
+
+
+@pytest.fixture(scope="session")
+def published() -> Path:
+    """The published calibration sets beside the project; skip cleanly where absent."""
+    if not SHARED.is_dir():
+        pytest.skip(f"published calibration sets not found at {SHARED} (the shared/ folder beside the project)")
+    return SHARED
