@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from rain_tasks.arch import layer_of
 
@@ -115,10 +114,39 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+_ST_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write the safetensors format with a canonical header (sorted names and metadata).
+
+    safetensors' own writer orders `__metadata__` by a randomly seeded hash map, so two runs
+    with the same inputs would differ byte-wise; this writer makes artifacts bit-identical.
+    """
+    names = sorted(tensors)
+    header: dict = {"__metadata__": dict(sorted((metadata or {}).items()))} if metadata else {}
+    offset = 0
+    for name in names:
+        t = tensors[name]
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for name in names:
+            f.write(tensors[name].detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
+
+
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Write one safetensors file atomically (contiguous tensors, string metadata)."""
+    """Write one safetensors file atomically and deterministically."""
     with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(tmp), metadata=metadata or {})
+        write_safetensors(tmp, tensors, metadata)
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -160,7 +188,7 @@ class ShardWriter:
 
     def _flush(self) -> None:
         part = f"part-{len(self._written):05d}.safetensors"
-        save_file(self._pending, str(self.out_dir / part), metadata={"format": "pt", **self.metadata})
+        write_safetensors(self.out_dir / part, self._pending, {"format": "pt", **self.metadata})
         self._written.append((part, sorted(self._pending)))
         self._pending, self._pending_bytes = {}, 0
 

@@ -1,0 +1,126 @@
+"""Evaluation: behaviour on held-out instruction problems, think-format KL, and the comparison report.
+
+Behaviour (think / close / correct / comply rates) comes from greedy generation
+(`rain_tasks.generation`); L_think = mean KL(p_LRM ‖ p_model) of next-token distributions at
+Ω_think positions of held-out reasoning traces, teacher forced.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from rain_tasks.calibration import load_tokenizer, render, think_positions
+from rain_tasks.checkpoint import atomic_path
+from rain_tasks.generation import behaviour_metrics
+from rain_tasks.schemas import load_records
+
+log = logging.getLogger(__name__)
+
+#: metrics shown in the comparison table, in order, with their headers
+TABLE_COLUMNS = {
+    "think_rate": "think",
+    "close_rate": "close </think>",
+    "correct_rate": "correct",
+    "comply_rate": "comply",
+    "l_think": "L_think",
+}
+
+
+def load_model(model_dir: str | Path):
+    """A causal LM in fp32 eval mode with eager attention (deterministic on CPU)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="eager")
+    return model.eval()
+
+
+@torch.no_grad()
+def _think_log_probs(model, encoded: list[tuple[list[int], list[int]]]) -> list[torch.Tensor]:
+    """Log next-token distributions at the Ω positions of each encoded trace."""
+    out = []
+    for ids, omega in encoded:
+        logits = model(torch.tensor([ids])).logits[0, omega].float()
+        out.append(torch.log_softmax(logits, dim=-1))
+    return out
+
+
+def think_kl(lrm_dir: str | Path, model_dirs: dict[str, Path], traces: list[dict], radius: int) -> dict[str, float]:
+    """L_think per model: mean over Ω positions of KL(p_LRM ‖ p_model); 0 for the LRM itself."""
+    tok = load_tokenizer(lrm_dir)
+    encoded = []
+    for row in traces:
+        r = render(tok, row["prompt"], row["reasoning"], row["response"])
+        encoded.append((r.input_ids, think_positions(r, radius)))
+    reference = _think_log_probs(load_model(lrm_dir), encoded)
+    result = {}
+    for name, path in model_dirs.items():
+        logq = _think_log_probs(load_model(path), encoded)
+        kls = [(p.exp() * (p - q)).sum(-1) for p, q in zip(reference, logq)]
+        result[name] = float(torch.cat(kls).mean())
+    return result
+
+
+def evaluate_models(
+    lrm_dir: str | Path,
+    model_dirs: dict[str, Path],
+    instruction_eval: str | Path,
+    reasoning_eval: str | Path,
+    max_new_tokens: int,
+    batch_size: int,
+    radius: int,
+    max_eval: int | None = None,
+) -> dict[str, dict]:
+    """Metrics for every model (model_dirs includes the LRM itself under some name)."""
+    problems = load_records(instruction_eval, "instruction_eval")[:max_eval]
+    traces = load_records(reasoning_eval, "reasoning")[:max_eval]
+    kl = think_kl(lrm_dir, model_dirs, traces, radius)
+    results = {}
+    for name, path in tqdm(model_dirs.items(), desc="evaluate", unit="model"):
+        model, tok = load_model(path), load_tokenizer(path)
+        m = behaviour_metrics(model, tok, problems, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        results[name] = {**m, "l_think": kl[name]}
+        log.info("%s: %s", name, {k: results[name][k] for k in TABLE_COLUMNS})
+    return results
+
+
+def format_table(results: dict[str, dict]) -> str:
+    """Markdown table of the headline metrics, one row per model."""
+    head = "| model | " + " | ".join(TABLE_COLUMNS.values()) + " |"
+    rule = "|---|" + "---:|" * len(TABLE_COLUMNS)
+    rows = [
+        f"| {name} | " + " | ".join(_fmt(m.get(k)) for k in TABLE_COLUMNS) + " |" for name, m in results.items()
+    ]
+    return "\n".join([head, rule, *rows])
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.4f}" if isinstance(v, float) and abs(v) < 0.01 and v != 0 else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def write_outputs(results: dict[str, dict], metrics_path: Path, plots_path: Path, report_path: Path, context: dict) -> None:
+    """metrics JSON for `dvc metrics`, long CSV for `dvc plots`, and the markdown report (all atomic)."""
+    with atomic_path(metrics_path) as tmp:
+        tmp.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    lines = ["model,metric,value"] + [f"{n},{k},{m[k]}" for n, m in results.items() for k in TABLE_COLUMNS]
+    with atomic_path(plots_path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    report = [
+        "# RAIN-Merging evaluation report",
+        "",
+        f"Merged model: `{context['merged']}`",
+        "",
+        format_table(results),
+        "",
+        "think: emits `<think>`; close: emits `</think>` within the token budget; correct: final answer right;",
+        "comply: the format instruction is followed; L_think: mean KL(p_LRM ‖ p_model) at Ω_think (teacher forced).",
+        "",
+        "Params: `" + json.dumps(context.get("params", {}), sort_keys=True) + "`",
+        "",
+    ]
+    with atomic_path(report_path) as tmp:
+        tmp.write_text("\n".join(report))
