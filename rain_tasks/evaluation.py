@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from rain_tasks.calibration import load_tokenizer, render, think_positions
 from rain_tasks.checkpoint import atomic_path
-from rain_tasks.generation import behaviour_metrics
+from rain_tasks.generation import behaviour_metrics, load_model
 from rain_tasks.schemas import load_records
 
 log = logging.getLogger(__name__)
@@ -29,14 +29,6 @@ TABLE_COLUMNS = {
     "comply_rate": "comply",
     "l_think": "L_think",
 }
-
-
-def load_model(model_dir: str | Path):
-    """A causal LM in fp32 eval mode with eager attention (deterministic on CPU)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="eager")
-    return model.eval()
 
 
 @torch.no_grad()
@@ -56,10 +48,10 @@ def think_kl(lrm_dir: str | Path, model_dirs: dict[str, Path], traces: list[dict
     for row in traces:
         r = render(tok, row["prompt"], row["reasoning"], row["response"])
         encoded.append((r.input_ids, think_positions(r, radius)))
-    reference = _think_log_probs(load_model(lrm_dir), encoded)
+    reference = _think_log_probs(load_model(lrm_dir)[0], encoded)
     result = {}
     for name, path in model_dirs.items():
-        logq = _think_log_probs(load_model(path), encoded)
+        logq = _think_log_probs(load_model(path)[0], encoded)
         kls = [(p.exp() * (p - q)).sum(-1) for p, q in zip(reference, logq)]
         result[name] = float(torch.cat(kls).mean())
     return result
@@ -81,7 +73,7 @@ def evaluate_models(
     kl = think_kl(lrm_dir, model_dirs, traces, radius)
     results = {}
     for name, path in tqdm(model_dirs.items(), desc="evaluate", unit="model"):
-        model, tok = load_model(path), load_tokenizer(path)
+        model, tok = load_model(path)
         m = behaviour_metrics(model, tok, problems, max_new_tokens=max_new_tokens, batch_size=batch_size)
         results[name] = {**m, "l_think": kl[name]}
         log.info("%s: %s", name, {k: results[name][k] for k in TABLE_COLUMNS})

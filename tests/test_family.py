@@ -1,0 +1,60 @@
+"""The default tiny family is a faithful miniature of the paper's setting, measured by the evaluation code.
+
+Builds the default zoo once (a few minutes on 2 cores) and measures on its held-out problems.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from rain_tasks.generation import behaviour_metrics, load_model
+from rain_tasks.schemas import load_records
+from rain_tasks.zoo import ZooParams, build_zoo
+from rain_tasks.zoo.probe import task_arithmetic_sweep
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    root = tmp_path_factory.mktemp("family")
+    build_zoo(ZooParams(), root / "models", root / "data")
+    return root
+
+
+@pytest.fixture(scope="module")
+def eval_rows(family):
+    return load_records(family / "data/eval/instruction_eval.jsonl", "instruction_eval")
+
+
+def _metrics(family, name, rows):
+    model, tok = load_model(family / "models" / name)
+    return behaviour_metrics(model, tok, rows, max_new_tokens=64)
+
+
+def test_lrm_thinks_answers_and_ignores_instructions(family, eval_rows):
+    m = _metrics(family, "lrm", eval_rows)
+    assert m["close_rate"] >= 0.95 and m["correct_rate"] >= 0.90 and m["comply_rate"] <= 0.20, m
+
+
+def test_itm_complies_and_never_thinks(family, eval_rows):
+    m = _metrics(family, "itm", eval_rows)
+    assert m["comply_rate"] >= 0.90 and m["think_rate"] == 0.0, m
+
+
+def test_task_arithmetic_transfers_then_breaks_thinking(family):
+    """Some λ lifts compliance ≥ 20 points over the LRM; a larger λ drops the close rate below 80 %."""
+    sweep = task_arithmetic_sweep(family / "models", family / "data/eval/instruction_eval.jsonl", [0.0, 0.5, 0.7, 1.0, 2.0])
+    lrm = sweep[0]
+    gains = [r["comply_rate"] - lrm["comply_rate"] for r in sweep[1:] if r["close_rate"] >= 0.8]
+    assert max(gains, default=0.0) >= 0.20, sweep
+    assert any(r["close_rate"] < 0.80 for r in sweep[1:]), sweep
+
+
+def test_generated_sets_validate_and_do_not_overlap(family):
+    reasoning = load_records(family / "data/calibration/reasoning.jsonl", "reasoning")
+    instruction = load_records(family / "data/calibration/instruction.jsonl", "instruction")
+    evals = load_records(family / "data/eval/instruction_eval.jsonl", "instruction_eval")
+    traces = load_records(family / "data/eval/reasoning_eval.jsonl", "reasoning")
+    calib = {r["prompt"] for r in reasoning} | {r["prompt"] for r in instruction}
+    assert not calib & ({r["prompt"] for r in evals} | {r["prompt"] for r in traces})
