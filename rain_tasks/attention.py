@@ -1,0 +1,285 @@
+"""Stage 2 statistics: how much response tokens attend to their instructions, before and after adding Δ⊥.
+
+Attention is read in the causal direction: rows are response queries, columns are instruction
+keys. Per sample x, layer l and query head h (A = that head's softmax attention):
+  alignment a(x) = mean over usable instructions k of mean_{i∈R_k} Σ_{j∈I_k} A[i, j]
+  leakage   u(x) = mean_{i∈U} Σ_{j∈I} A[i, j]        (I = union of all I_k; u = 0 where U is empty)
+An instruction is usable when both its prompt spans (I_k) and its response spans (R_k) map to
+tokens; a sample without a usable instruction is skipped (counted in the report).
+Pass 0 runs on θ_R, pass 1 on θ_R + prior·Δ⊥ (added in place: one model in memory).
+
+Output table (one row per (layer, head)): a0, a1, u0, u1 = Σ over the S used samples of
+a(x), u(x) in pass 0 / pass 1 (float64 sums, not means) and n_samples = S.
+
+Two paths give the same numbers: "eager" reads `output_attentions` (holds layers × heads × T²,
+for short texts); "recompute" captures each layer's attention input during a forward without
+attention weights and recomputes only the R ∪ U query rows (memory heads × |R ∪ U| × T).
+"auto" uses eager while the full attention tensors fit in EAGER_BUDGET_BYTES.
+
+Samples are the first `max_samples` rows; rows longer than `max_tokens` are skipped (counted).
+The JSON report counts unmapped span strings per kind over every row read (per sample too).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from rain_tasks.arch import ModelShape, module_of, read_shape
+from rain_tasks.calibration import Rendered, load_tokenizer, render, span_positions
+from rain_tasks.capture import attention_probs, forward_with_hooks
+from rain_tasks.checkpoint import atomic_path, load_tensors
+from rain_tasks.params import AttentionParams
+from rain_tasks.schemas import STATS_SCHEMA, load_records
+from rain_tasks.task_vectors import MANIFEST, layer_file
+
+#: "auto" uses the eager path while layers × heads × T² fp32 attention weights stay below this.
+EAGER_BUDGET_BYTES = 256 * 2**20
+
+#: Span kinds of the published instruction format, as counted in the report.
+SPAN_KINDS = ("prompt_spans", "response_spans", "unrelated_response_spans")
+
+
+@dataclass(frozen=True)
+class SampleSpans:
+    """Token positions of one sample: usable (I_k, R_k) pairs, the instruction union I, unrelated U."""
+
+    pairs: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]
+    instruction: tuple[int, ...]
+    unrelated: tuple[int, ...]
+    unmapped: dict[str, int]  # span kind -> number of span strings that matched no token
+    unusable_instructions: int  # instructions without mapped I_k or without mapped R_k
+
+    @property
+    def query_rows(self) -> list[int]:
+        """Response positions whose attention rows the statistics read (R ∪ U), sorted."""
+        return sorted({i for _, r in self.pairs for i in r} | set(self.unrelated))
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One usable calibration sample: token ids and span positions."""
+
+    sample_id: str
+    input_ids: tuple[int, ...]
+    spans: SampleSpans
+
+
+def _map_spans(r: Rendered, spans: Sequence[str], region: str) -> tuple[tuple[int, ...], int]:
+    """Union of the positions of every occurrence of every span, and how many spans matched nothing."""
+    found = [span_positions(r, s, region) for s in spans]
+    return tuple(sorted({p for pos in found for p in pos})), sum(1 for pos in found if not pos)
+
+
+def map_sample_spans(r: Rendered, row: dict) -> SampleSpans:
+    """Map an instruction-set row's text spans to token positions of its rendering (every occurrence)."""
+    unmapped = Counter({kind: 0 for kind in SPAN_KINDS})
+    pairs, union, unusable = [], set(), 0
+    for entry in row["related_prompt_list"]:
+        i_k, miss_i = _map_spans(r, entry["prompt_spans"], "prompt")
+        r_k, miss_r = _map_spans(r, entry["response_spans"], "response")
+        unmapped["prompt_spans"] += miss_i
+        unmapped["response_spans"] += miss_r
+        union.update(i_k)
+        if i_k and r_k:
+            pairs.append((i_k, r_k))
+        else:
+            unusable += 1
+    u, miss_u = _map_spans(r, row["unrelated_response_spans"], "response")
+    unmapped["unrelated_response_spans"] += miss_u
+    return SampleSpans(tuple(pairs), tuple(sorted(union)), u, dict(unmapped), unusable)
+
+
+def span_stats(probs: torch.Tensor, rows: Sequence[int], spans: SampleSpans) -> tuple[torch.Tensor, torch.Tensor]:
+    """Alignment a[h] and leakage u[h] of one layer from attention rows probs[h, n, T] of positions `rows`."""
+    index = {p: n for n, p in enumerate(rows)}
+
+    def mass(queries: Sequence[int], keys: Sequence[int]) -> torch.Tensor:
+        block = probs[:, [index[q] for q in queries]][:, :, list(keys)].to(torch.float64)
+        return block.sum(-1).mean(-1)
+
+    a = torch.stack([mass(r_k, i_k) for i_k, r_k in spans.pairs]).mean(0)
+    u = mass(spans.unrelated, spans.instruction) if spans.unrelated else torch.zeros(probs.shape[0], dtype=torch.float64)
+    return a, u
+
+
+def eager_bytes(shape: ModelShape, n_tokens: int) -> int:
+    """Bytes of the fp32 attention weights of all layers and heads that `output_attentions` returns."""
+    return shape.num_layers * shape.num_heads * n_tokens * n_tokens * 4
+
+
+def pick_mode(mode: str, shape: ModelShape, n_tokens: int) -> str:
+    """Resolve "auto" to eager for texts whose full attention fits the budget, recompute otherwise."""
+    if mode != "auto":
+        return mode
+    return "eager" if eager_bytes(shape, n_tokens) <= EAGER_BUDGET_BYTES else "recompute"
+
+
+def eager_sample_stats(model, input_ids: torch.Tensor, spans: SampleSpans) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-layer a, u [layers, heads] from full eager attention weights (short texts)."""
+    model.set_attn_implementation("eager")
+    out = model.base_model(input_ids=input_ids, output_attentions=True)
+    if not out.attentions or any(att is None for att in out.attentions):
+        raise RuntimeError("the model returned no attention weights; it must run with attn_implementation='eager'")
+    rows = spans.query_rows
+    stats = [span_stats(att[0][:, rows, :], rows, spans) for att in out.attentions]
+    return torch.stack([a for a, _ in stats]), torch.stack([u for _, u in stats])
+
+
+def recompute_sample_stats(model, input_ids: torch.Tensor, spans: SampleSpans) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-layer a, u [layers, heads] recomputing only the R ∪ U attention rows from captured layer inputs."""
+    rows = spans.query_rows
+    results: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def on_layer(cap) -> None:
+        results[cap.layer] = span_stats(attention_probs(model, cap.layer, cap.attn_in, rows), rows, spans)
+
+    model.set_attn_implementation("sdpa")  # the forward itself materialises no attention weights
+    forward_with_hooks(model, input_ids, on_layer)
+    layers = range(model.config.num_hidden_layers)
+    if sorted(results) != list(layers):
+        raise RuntimeError(f"capture reported layers {sorted(results)}, expected {list(layers)}")
+    return torch.stack([results[l][0] for l in layers]), torch.stack([results[l][1] for l in layers])
+
+
+_PATHS = {"eager": eager_sample_stats, "recompute": recompute_sample_stats}
+
+
+@torch.no_grad()
+def run_pass(model, samples: Sequence[Sample], shape: ModelShape, mode: str, desc: str) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """Σ over samples of a and u, each [layers, heads] float64, plus how many samples each path served."""
+    a_sum = np.zeros((shape.num_layers, shape.num_heads))
+    u_sum = np.zeros_like(a_sum)
+    used = Counter()
+    for s in tqdm(samples, desc=desc, unit="sample"):
+        path = pick_mode(mode, shape, len(s.input_ids))
+        a, u = _PATHS[path](model, torch.tensor([s.input_ids]), s.spans)
+        a_sum += a.numpy()
+        u_sum += u.numpy()
+        used[path] += 1
+    return a_sum, u_sum, dict(used)
+
+
+def load_lrm(lrm_dir: str | Path):
+    """The LRM in fp32 with eager attention (the only implementation that returns attention weights)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(lrm_dir), dtype=torch.float32, attn_implementation="eager").eval()
+
+
+@torch.no_grad()
+def add_projected(model, projected_dir: str | Path, shape: ModelShape, prior: float) -> list[str]:
+    """Add prior·Δ⊥ to every merged Linear parameter in place; return the ignored non-module tensor names.
+
+    The directory must be complete (its manifest written last) and hold a Δ⊥ of the same shape
+    for every q/k/v/o/gate/up/down weight and bias of the model.
+    """
+    if not (Path(projected_dir) / MANIFEST).is_file():
+        raise FileNotFoundError(f"{projected_dir}: no {MANIFEST}; the Stage 1 output is incomplete")
+    params = dict(model.named_parameters())
+    expected = {n for n in params if module_of(n) is not None}
+    seen, ignored = set(), []
+    for layer in range(shape.num_layers):
+        path = layer_file(projected_dir, layer)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing Stage 1 output for layer {layer}")
+        for name, delta in load_tensors(path).items():
+            if name not in expected:
+                ignored.append(name)
+                continue
+            if tuple(delta.shape) != tuple(params[name].shape):
+                raise ValueError(f"{path}: {name} has shape {tuple(delta.shape)}, the model has {tuple(params[name].shape)}")
+            params[name].add_(delta.to(params[name].dtype), alpha=prior)
+            seen.add(name)
+    missing = sorted(expected - seen)
+    if missing:
+        raise ValueError(f"{projected_dir}: no Δ⊥ for {len(missing)} merged tensor(s), e.g. {missing[:3]}")
+    return sorted(ignored)
+
+
+def prepare_samples(rows: Sequence[dict], tokenizer, max_tokens: int) -> tuple[list[Sample], dict]:
+    """Render and span-map every row; keep those within max_tokens with a usable instruction; report the rest."""
+    samples, per_sample_unmapped = [], []
+    totals = Counter({kind: 0 for kind in SPAN_KINDS})
+    too_long = no_pair = unusable = 0
+    for row in rows:
+        r = render(tokenizer, row["prompt"], row["reason"], row["response"])
+        spans = map_sample_spans(r, row)
+        totals.update(spans.unmapped)
+        unusable += spans.unusable_instructions
+        if any(spans.unmapped.values()):
+            per_sample_unmapped.append({"id": str(row["id"]), **spans.unmapped})
+        if len(r) > max_tokens:
+            too_long += 1
+        elif not spans.pairs:
+            no_pair += 1
+        else:
+            samples.append(Sample(str(row["id"]), tuple(r.input_ids), spans))
+    lengths = [len(s.input_ids) for s in samples]
+    report = {
+        "samples_read": len(rows),
+        "samples_used": len(samples),
+        "skipped_too_long": too_long,
+        "skipped_no_usable_instruction": no_pair,
+        "unusable_instructions": unusable,
+        "unmapped_spans": dict(totals),
+        "unmapped_per_sample": per_sample_unmapped,
+        "tokens": {"total": sum(lengths), "max": max(lengths, default=0), "max_allowed": max_tokens},
+    }
+    return samples, report
+
+
+def stats_table(a0: np.ndarray, a1: np.ndarray, u0: np.ndarray, u1: np.ndarray, n_samples: int) -> pd.DataFrame:
+    """Long table, one row per (layer, head), of the per-pass sums."""
+    layers, heads = np.indices(a0.shape)
+    return pd.DataFrame(
+        {
+            "layer": layers.ravel().astype(np.int64),
+            "head": heads.ravel().astype(np.int64),
+            "a0": a0.ravel(),
+            "a1": a1.ravel(),
+            "u0": u0.ravel(),
+            "u1": u1.ravel(),
+            "n_samples": np.full(a0.size, n_samples, dtype=np.int64),
+        }
+    )
+
+
+def write_json(path: str | Path, obj: dict) -> None:
+    """Write a JSON report atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def attention_stats(
+    lrm_dir: str | Path,
+    projected_dir: str | Path,
+    instruction_path: str | Path,
+    params: AttentionParams,
+    out_path: str | Path,
+    report_path: str | Path,
+) -> Path:
+    """Run both passes over the instruction set; write the (layer, head) sums table and a JSON report."""
+    shape = read_shape(lrm_dir)
+    rows = load_records(instruction_path, "instruction")[: params.max_samples]
+    samples, report = prepare_samples(rows, load_tokenizer(lrm_dir), params.max_tokens)
+    if not samples:
+        raise ValueError(f"{instruction_path}: no usable sample (too long: {report['skipped_too_long']}, no usable instruction: {report['skipped_no_usable_instruction']})")
+    model = load_lrm(lrm_dir)
+    a0, u0, modes0 = run_pass(model, samples, shape, params.mode, "attention pass 0 (θ_R)")
+    ignored = add_projected(model, projected_dir, shape, params.prior)
+    a1, u1, modes1 = run_pass(model, samples, shape, params.mode, "attention pass 1 (θ_R + p·Δ⊥)")
+    table = STATS_SCHEMA.validate(stats_table(a0, a1, u0, u1, len(samples)))
+    with atomic_path(out_path) as tmp:
+        table.to_parquet(tmp, index=False)
+    report.update(mode=params.mode, paths_pass0=modes0, paths_pass1=modes1, prior=params.prior, ignored_projected_tensors=ignored)
+    write_json(report_path, report)
+    return Path(out_path)

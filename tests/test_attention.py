@@ -1,0 +1,182 @@
+"""Stage 2 attention statistics: span mapping, brute-force agreement, eager == recompute, both passes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from tiny import instruction_rows, make_tokenizer, write_jsonl
+
+from rain_tasks.arch import module_of, read_shape
+from rain_tasks.attention import (
+    SampleSpans,
+    add_projected,
+    attention_stats,
+    eager_sample_stats,
+    load_lrm,
+    map_sample_spans,
+    pick_mode,
+    recompute_sample_stats,
+)
+from rain_tasks.calibration import load_tokenizer, render
+from rain_tasks.checkpoint import load_tensors, save_tensors
+from rain_tasks.params import AttentionParams
+from rain_tasks.task_vectors import MANIFEST, compute_task_vectors, layer_file
+
+
+def _row(prompt: str, response: str, related: list[tuple[list[str], list[str]]], unrelated: list[str]) -> dict:
+    """An instruction-set row in the published format."""
+    return {
+        "id": 0,
+        "prompt": prompt,
+        "reason": "we need first the answer .",
+        "response": response,
+        "instruction_id_list": [f"i{k}" for k in range(len(related))],
+        "related_prompt_list": [
+            {"instruction_id": f"i{k}", "prompt_spans": p, "response_spans": r} for k, (p, r) in enumerate(related)
+        ],
+        "unrelated_response_spans": unrelated,
+    }
+
+
+def _words(r, positions) -> list[str]:
+    return [r.text[r.offsets[p][0] : r.offsets[p][1]] for p in positions]
+
+
+def test_span_mapping_every_occurrence_and_unmapped_counts():
+    tok = make_tokenizer()
+    row = _row(
+        prompt="end with DONE then write in uppercase . end with DONE",
+        response="hello DONE world DONE ANSWER IS 3",
+        related=[(["end with DONE", "repeat twice"], ["DONE"]), (["write in uppercase"], ["question"])],
+        unrelated=["hello", "world", "step"],
+    )
+    r = render(tok, row["prompt"], row["reason"], row["response"])
+    spans = map_sample_spans(r, row)
+    assert spans.unmapped == {"prompt_spans": 1, "response_spans": 1, "unrelated_response_spans": 1}
+    assert spans.unusable_instructions == 1  # the second instruction's response span never occurs
+    [(i_k, r_k)] = spans.pairs
+    assert _words(r, i_k) == ["end", "with", "DONE"] * 2  # both occurrences, prompt region only
+    assert _words(r, r_k) == ["DONE", "DONE"]  # the response region only, not the prompt's DONE
+    assert min(r_k) >= r.think_close
+    assert _words(r, spans.instruction) == ["end", "with", "DONE", "write", "in", "uppercase", "end", "with", "DONE"]
+    assert _words(r, spans.unrelated) == ["hello", "world"]
+    assert spans.query_rows == sorted(set(r_k) | set(spans.unrelated))
+
+
+def _brute_force(attentions, spans: SampleSpans) -> tuple[np.ndarray, np.ndarray]:
+    """a, u [layers, heads] by explicit loops over full attention matrices."""
+    L, H = len(attentions), attentions[0].shape[1]
+    a, u = np.zeros((L, H)), np.zeros((L, H))
+    for l, att in enumerate(attentions):
+        for h in range(H):
+            A = att[0, h].double()
+            per_instruction = [np.mean([sum(A[i, j].item() for j in i_k) for i in r_k]) for i_k, r_k in spans.pairs]
+            a[l, h] = np.mean(per_instruction)
+            if spans.unrelated:
+                u[l, h] = np.mean([sum(A[i, j].item() for j in spans.instruction) for i in spans.unrelated])
+    return a, u
+
+
+def _sample(tiny_family, row: dict):
+    tok = load_tokenizer(tiny_family["lrm"])
+    r = render(tok, row["prompt"], row["reason"], row["response"])
+    return torch.tensor([r.input_ids]), map_sample_spans(r, row)
+
+
+@pytest.fixture(scope="module")
+def lrm(tiny_family):
+    return load_lrm(tiny_family["lrm"])
+
+
+@pytest.mark.parametrize("row", [instruction_rows(2)[0], instruction_rows(2)[1]], ids=["with_U", "without_U"])
+def test_eager_and_recompute_match_brute_force(tiny_family, lrm, row):
+    ids, spans = _sample(tiny_family, row)
+    with torch.no_grad():
+        lrm.set_attn_implementation("eager")
+        full = lrm(ids, output_attentions=True).attentions
+    a_ref, u_ref = _brute_force(full, spans)
+    assert a_ref.min() > 0 and (u_ref.min() > 0 if spans.unrelated else not u_ref.any())
+    with torch.no_grad():
+        for fn in (eager_sample_stats, recompute_sample_stats):
+            a, u = fn(lrm, ids, spans)
+            np.testing.assert_allclose(a.numpy(), a_ref, rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(u.numpy(), u_ref, rtol=1e-5, atol=1e-7)
+
+
+def test_eager_path_refuses_missing_attention_weights():
+    fake = SimpleNamespace(set_attn_implementation=lambda _: None, base_model=lambda **_: SimpleNamespace(attentions=()))
+    spans = SampleSpans(pairs=(((0,), (1,)),), instruction=(0,), unrelated=(), unmapped={}, unusable_instructions=0)
+    with pytest.raises(RuntimeError, match="no attention weights"):
+        eager_sample_stats(fake, torch.tensor([[1, 2]]), spans)
+
+
+def test_auto_mode_switches_to_recompute_for_long_texts(tiny_family):
+    shape = read_shape(tiny_family["lrm"])
+    assert pick_mode("auto", shape, 64) == "eager"
+    assert pick_mode("auto", shape, 8192) == "recompute"
+    assert pick_mode("eager", shape, 8192) == "eager"
+
+
+def _manual_pass1_reference(tiny_family, projected: Path, prior: float, rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """Σ a¹, Σ u¹ from an independently patched model (state dict + prior·Δ) and brute-force loops."""
+    model = load_lrm(tiny_family["lrm"])
+    state = model.state_dict()
+    for l in range(read_shape(tiny_family["lrm"]).num_layers):
+        for name, delta in load_tensors(layer_file(projected, l)).items():
+            if module_of(name) is not None:
+                state[name] += prior * delta
+    model.load_state_dict(state)
+    a_sum = u_sum = 0.0
+    for row in rows:
+        ids, spans = _sample(tiny_family, row)
+        with torch.no_grad():
+            a, u = _brute_force(model(ids, output_attentions=True).attentions, spans)
+        a_sum, u_sum = a_sum + a, u_sum + u
+    return a_sum, u_sum
+
+
+def test_attention_stats_two_passes_paths_agree_and_report(tiny_family, tmp_path):
+    projected = tmp_path / "projected"
+    compute_task_vectors(tiny_family["base"], tiny_family["itm"], projected)  # same keys as Δ⊥, plus norms
+    long_row = {**instruction_rows(1)[0], "id": 99, "reason": " ".join(["step"] * 200)}
+    bad_row = {**instruction_rows(1)[0], "id": 98, "unrelated_response_spans": ["question"]}
+    rows = instruction_rows(4) + [long_row, bad_row]
+    path = write_jsonl(tmp_path / "instruction.jsonl", rows)
+    tables = {}
+    for mode in ("eager", "recompute"):
+        params = AttentionParams(prior=0.5, max_tokens=128, mode=mode)
+        out = attention_stats(tiny_family["lrm"], projected, path, params, tmp_path / mode / "stats.parquet", tmp_path / mode / "report.json")
+        tables[mode] = pd.read_parquet(out)
+        report = json.loads((tmp_path / mode / "report.json").read_text())
+        assert report["samples_read"] == 6 and report["samples_used"] == 5 and report["skipped_too_long"] == 1
+        assert report["unmapped_spans"] == {"prompt_spans": 0, "response_spans": 0, "unrelated_response_spans": 1}
+        assert report["unmapped_per_sample"] == [{"id": "98", "prompt_spans": 0, "response_spans": 0, "unrelated_response_spans": 1}]
+        assert report["paths_pass0"] == {mode: 5} == report["paths_pass1"]
+        assert any(n.endswith("layernorm.weight") for n in report["ignored_projected_tensors"])
+    eager, recompute = tables["eager"], tables["recompute"]
+    assert list(eager.columns) == ["layer", "head", "a0", "a1", "u0", "u1", "n_samples"]
+    assert len(eager) == 2 * 4 and (eager["n_samples"] == 5).all()
+    pd.testing.assert_frame_equal(eager, recompute, rtol=1e-6, atol=1e-9)
+    assert (eager["a1"] - eager["a0"]).abs().max() > 1e-6  # pass 1 really ran on a different model
+    a1, u1 = _manual_pass1_reference(tiny_family, projected, 0.5, rows[:4] + [bad_row])
+    np.testing.assert_allclose(eager["a1"].to_numpy(), a1.ravel(), rtol=1e-5)
+    np.testing.assert_allclose(eager["u1"].to_numpy(), u1.ravel(), rtol=1e-5)
+
+
+def test_add_projected_requires_every_merged_tensor(tiny_family, lrm, tmp_path):
+    shape = read_shape(tiny_family["lrm"])
+    params = dict(lrm.named_parameters())
+    for l in range(shape.num_layers):
+        names = [n for n in params if module_of(n) is not None and n.startswith(f"model.layers.{l}.") and not n.endswith("down_proj.weight")]
+        save_tensors(layer_file(tmp_path, l), {n: torch.zeros_like(params[n]) for n in names})
+    with pytest.raises(FileNotFoundError, match="manifest"):
+        add_projected(lrm, tmp_path, shape, 1.0)
+    (tmp_path / MANIFEST).write_text("{}")
+    with pytest.raises(ValueError, match="down_proj"):
+        add_projected(lrm, tmp_path, shape, 1.0)
