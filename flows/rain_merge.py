@@ -55,21 +55,26 @@ def stage_task(name: str, project_dir: str, params_file: str, params: dict, inpu
     return _digests(root, list(stage.outputs))
 
 
-def _run(stage: Stage, root: Path, params_file: str, params: Params) -> dict[str, str]:
+def _run(stage: Stage, root: Path, params_file: str, params: Params) -> dict:
+    """Run (or take from cache) one stage; return its final state name and output digests."""
     deps = [resolve(d, params) for d in (*stage.deps, *stage.code)]
     call = stage_task.with_options(task_run_name=f"{stage.name}: {stage.desc}")
     args = (stage.name, str(root), params_file, _param_values(params, stage.params), _digests(root, deps))
-    outputs = call(*args)
+    state = call(*args, return_state=True)
+    outputs = state.result()
     on_disk = {p: (path_digest(root / p) if (root / p).exists() else None) for p in outputs}
     if on_disk != outputs:
         log.warning("stage %s: cached outputs are missing or changed on disk; recomputing", stage.name)
-        outputs = call.with_options(refresh_cache=True)(*args)
-    return outputs
+        state = call.with_options(refresh_cache=True)(*args, return_state=True)
+        outputs = state.result()
+    return {"state": state.name, "outputs": outputs}
 
 
 @flow(name="rain_merge", log_prints=True)
-def rain_merge(project_dir: str = ".", params_file: str = "params.yaml") -> dict[str, dict[str, str]]:
-    """Run every stage in DAG order; return each stage's output digests."""
+def rain_merge(project_dir: str = ".", params_file: str = "params.yaml") -> dict[str, dict]:
+    """Run every stage in DAG order; return per stage its state ('Completed' or 'Cached') and output digests."""
     root = Path(project_dir).resolve()
     params = load_params(root / params_file)
-    return {stage.name: _run(stage, root, params_file, params) for stage in STAGES}
+    summary = {stage.name: _run(stage, root, params_file, params) for stage in STAGES}
+    print("stages: " + ", ".join(f"{name} {r['state']}" for name, r in summary.items()))
+    return summary

@@ -155,3 +155,81 @@ def load_records(path: str | Path, kind: str) -> list[dict]:
     records = read_records(path)
     validate_records(records, kind, source=str(path))
     return records
+
+
+# --- Stage 2 tables: attention statistics and α per (layer, query head) ---
+
+_FINITE = pa.Check(lambda s: s.abs().lt(float("inf")), error="must be finite")
+
+
+def _complete_grid(df: pd.DataFrame) -> bool:
+    """Exactly one row per (layer, head) of a full layers × heads grid (with `unique`, no holes)."""
+    return len(df) == (df["layer"].max() + 1) * (df["head"].max() + 1)
+
+
+_HEAD_KEYS = {"layer": pa.Column("int64", pa.Check.ge(0)), "head": pa.Column("int64", pa.Check.ge(0))}
+_PASS_SUMS = ("a0", "a1", "u0", "u1")
+
+STATS_SCHEMA = pa.DataFrameSchema(
+    {
+        **_HEAD_KEYS,
+        **{c: pa.Column("float64", [pa.Check.ge(0.0), _FINITE]) for c in _PASS_SUMS},
+        "n_samples": pa.Column("int64", pa.Check.ge(1)),
+    },
+    checks=[
+        pa.Check(_complete_grid, error="must hold exactly one row per (layer, head) of the full grid"),
+        pa.Check(
+            lambda df: df[list(_PASS_SUMS)].le(df["n_samples"] * (1 + 1e-9) + 1e-9, axis=0).all(axis=1),
+            error="a sum of attention masses cannot exceed n_samples",
+        ),
+    ],
+    unique=["layer", "head"],
+    strict=True,
+    name="attention statistics",
+)
+
+ALPHA_SCHEMA = pa.DataFrameSchema(
+    {
+        **_HEAD_KEYS,
+        "kv_group": pa.Column("int64", pa.Check.ge(0)),
+        **{c: pa.Column("float64", _FINITE) for c in (*_PASS_SUMS, "g")},
+        "H": pa.Column("float64", [pa.Check.ge(0.0), _FINITE]),
+        "alpha": pa.Column("float64", _FINITE),
+    },
+    checks=[pa.Check(_complete_grid, error="must hold exactly one row per (layer, head) of the full grid")],
+    unique=["layer", "head"],
+    strict=True,
+    name="alpha per head",
+)
+
+
+def alpha_schema(box_lo: float, box_hi: float) -> pa.DataFrameSchema:
+    """ALPHA_SCHEMA with α also required inside the box [box_lo, box_hi] it was solved in."""
+    return ALPHA_SCHEMA.update_column("alpha", checks=[_FINITE, pa.Check.in_range(box_lo, box_hi)])
+
+
+# --- Stage 1 table: the projection report, one row per layer × module × KV group ---
+
+from rain_tasks.arch import MODULES as _MODULES  # noqa: E402
+
+_RATIO = pa.Column("float64", pa.Check.ge(0.0), nullable=True)  # NaN where ‖Δ‖ or the held-out Gram is absent
+
+PROJECTION_REPORT_SCHEMA = pa.DataFrameSchema(
+    {
+        "layer": pa.Column("int64", pa.Check.ge(0)),
+        "module": pa.Column(str, pa.Check.isin(_MODULES)),
+        "group": pa.Column("int64", pa.Check.ge(-1)),  # KV group of k/v row blocks; -1: the whole module
+        "path": pa.Column(str, pa.Check.isin(["gram", "rows"])),
+        "d_in": pa.Column("int64", pa.Check.ge(1)),  # width of [W | b]
+        "rows": pa.Column("int64", pa.Check.ge(0)),
+        "rank_kept": pa.Column("int64", pa.Check.ge(0)),
+        "energy_protected": pa.Column("float64", pa.Check.in_range(0.0, 1.0 + 1e-9)),
+        "norm_ratio": _RATIO,
+        "residual_calib": _RATIO,
+        "residual_heldout": _RATIO,
+    },
+    checks=[pa.Check(lambda df: df["rank_kept"] <= df["d_in"], error="rank_kept cannot exceed d_in")],
+    unique=["layer", "module", "group"],
+    strict=True,
+    name="projection report",
+)

@@ -19,6 +19,7 @@ from typing import Callable
 from rain_tasks.zoo.config import ZooParams
 
 EOS = "<|endoftext|>"
+IM_END = "<|im_end|>"
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 _OPS: dict[str, tuple[str, int]] = {"add": ("plus", 1), "sub": ("minus", -1)}
@@ -164,7 +165,7 @@ FORMATS: tuple[FormatSpec, ...] = (
 def vocabulary(max_operand: int) -> list[str]:
     """Every non-special word the family can write, in a fixed order."""
     texts = [*DISTRACTORS, *(ph for f in FORMATS for ph in f.phrasings),
-             "user assistant system and then plus minus is answer . DONE \"", " ".join(_OPS)]
+             "and then plus minus is answer . DONE \"", " ".join(_OPS)]
     words: list[str] = []
     for word in " ".join(texts).split() + [w.upper() for w in " ".join(texts).split()]:
         if word not in words:
@@ -173,13 +174,17 @@ def vocabulary(max_operand: int) -> list[str]:
     return numbers + words
 
 
+def line_start_words() -> list[str]:
+    """Words that can open a line (a prompt, a reply, the text after `</think>`)."""
+    return [*_OPS, "answer", "ANSWER", '"']
+
+
 def _prompt(rng: random.Random, problem: Problem, constraint: str | None,
             distractor_rate: float) -> str:
-    """Question, optional constraint sentence, optional distractor at the start or the end."""
+    """Question, optional constraint sentence, optional distractor before or after the constraint."""
     parts = [problem.question] + ([f"{constraint} ."] if constraint else [])
     if rng.random() < distractor_rate:
-        distractor = rng.choice(DISTRACTORS)
-        parts = [distractor, *parts] if rng.random() < 0.5 else [*parts, distractor]
+        parts.insert(1 + rng.randrange(len(parts)), rng.choice(DISTRACTORS))
     return " ".join(parts)
 
 
@@ -198,10 +203,10 @@ def base_document(rng: random.Random, problem: Problem, params: ZooParams) -> st
     if kind == 0:
         body = f"{problem.chain} {problem.answer}"
     elif kind in (1, 2):
-        body = f"{THINK_OPEN} {problem.chain} {THINK_CLOSE} {obey(problem.answer)}"
+        body = think_block(problem.chain) + obey(problem.answer)
     else:
         body = obey(f"{problem.chain} {problem.answer}" if rng.random() < 0.5 else problem.answer)
-    return f"{prompt} {body} {EOS}"
+    return f"{prompt}\n{body}{EOS}"
 
 
 def lrm_example(rng: random.Random, problem: Problem, params: ZooParams) -> tuple[str, str]:
@@ -211,7 +216,7 @@ def lrm_example(rng: random.Random, problem: Problem, params: ZooParams) -> tupl
         prompt = _prompt(rng, problem, constraint, params.lrm_distractor_rate)
         return prompt, think_block(problem.chain).rstrip()
     prompt = _prompt(rng, problem, None, params.lrm_distractor_rate)
-    return prompt, think_block(problem.chain) + problem.answer + "<|im_end|>"
+    return prompt, think_block(problem.chain) + problem.answer + IM_END
 
 
 def itm_example(rng: random.Random, problem: Problem, params: ZooParams) -> tuple[str, str]:
@@ -221,7 +226,7 @@ def itm_example(rng: random.Random, problem: Problem, params: ZooParams) -> tupl
                      params.itm_distractor_rate)
     body = (f"{problem.chain} {problem.answer}" if rng.random() < params.itm_chain_rate
             else problem.answer)
-    return prompt, (fmt.obey(body) if fmt else body) + "<|im_end|>"
+    return prompt, (fmt.obey(body) if fmt else body) + IM_END
 
 
 def _jsonl(path: Path, rows: list[dict]) -> None:
@@ -270,6 +275,8 @@ def instruction_rows(problems: tuple[Problem, ...], rng: random.Random,
                 "normalized": {"type": fmt.instruction_id.split(":")[1], "args": dict(fmt.kwargs)},
                 "prompt_spans": [constraint],
                 "response_spans": fmt.constrained(response),
+                "negative_response_spans": [],
+                "unrelated_response_spans": fmt.unconstrained(response),
             }],
             "unrelated_response_spans": fmt.unconstrained(response),
             "verdict": {fmt.instruction_id: True},
@@ -290,8 +297,9 @@ def eval_rows(problems: tuple[Problem, ...]) -> list[dict]:
     return rows
 
 
-def write_datasets(split: Split, tokenizer, data_dir: Path, params: ZooParams) -> dict[str, int]:
-    """Write calibration/{reasoning,instruction}.jsonl and eval/{instruction,reasoning}_eval.jsonl."""
+def write_datasets(split: Split, tokenizer, calibration_dir: Path, eval_dir: Path,
+                   params: ZooParams) -> dict[str, int]:
+    """Write {reasoning,instruction}.jsonl (calibration) and {instruction,reasoning}_eval.jsonl."""
     rng = random.Random(f"zoo-data-{params.seed}")
     rate = params.lrm_distractor_rate
     files = {
@@ -304,5 +312,6 @@ def write_datasets(split: Split, tokenizer, data_dir: Path, params: ZooParams) -
             split.eval_reasoning, rng, tokenizer, rate, "zoo_reason_eval"),
     }
     for name, rows in files.items():
-        _jsonl(data_dir / name, rows)
+        folder, file = name.split("/")
+        _jsonl((calibration_dir if folder == "calibration" else eval_dir) / file, rows)
     return {name: len(rows) for name, rows in files.items()}

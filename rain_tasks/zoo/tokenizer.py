@@ -1,16 +1,26 @@
-"""Word-level tokenizer of the tiny family with a Qwen-style chat template."""
+"""Tokenizer of the tiny family: a small Qwen2 byte-level BPE with a Qwen-style chat template.
+
+A checkpoint with model_type qwen2 always reloads its tokenizer through AutoTokenizer as
+`Qwen2Tokenizer`, which rebuilds the backend from vocab + merges with Qwen2's fixed
+pre-tokenizer (regex split + byte level). So the family's tokenizer IS a Qwen2Tokenizer:
+its vocabulary holds every byte plus every word of the family as one token (" plus" ->
+"Ġplus"; digits are single tokens, as in Qwen2), and reload gives identical ids and offsets.
+Offsets are exact character spans of the rendered text; a word token's span includes the
+space in front of it, as with real Qwen tokenizers.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from tokenizers import AddedToken, Regex, pre_tokenizers
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
 
-from rain_tasks.zoo.tasks import EOS, THINK_CLOSE, THINK_OPEN, vocabulary
+from rain_tasks.zoo.tasks import EOS, IM_END, THINK_CLOSE, THINK_OPEN, line_start_words, vocabulary
 
-PAD, UNK, IM_START, IM_END = "<pad>", "<unk>", "<|im_start|>", "<|im_end|>"
-SPECIALS: tuple[str, ...] = (PAD, UNK, EOS, IM_START, IM_END, THINK_OPEN, THINK_CLOSE)
+PAD, UNK, IM_START = "<pad>", "<unk>", "<|im_start|>"
+SPECIALS: tuple[str, ...] = (EOS, PAD, UNK, IM_START, IM_END, THINK_OPEN, THINK_CLOSE)
+ROLES: tuple[str, ...] = ("system", "user", "assistant")
 
 # Qwen-style: `<|im_start|>role\ncontent<|im_end|>\n`; the template never writes <think>.
 CHAT_TEMPLATE = (
@@ -20,23 +30,62 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
+_PRE_TOKENIZER = pre_tokenizers.Sequence([
+    pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+])
 
-def build_tokenizer(max_operand: int) -> PreTrainedTokenizerFast:
-    """WordLevel + WhitespaceSplit tokenizer; specials are matched before splitting so offsets are exact."""
-    vocab = {tok: i for i, tok in enumerate([*SPECIALS, *vocabulary(max_operand)])}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    # <think>/</think> are not "special": they must stay visible when decoding generations.
-    core.add_special_tokens([AddedToken(t, normalized=False) for t in (PAD, UNK, EOS, IM_START, IM_END)])
-    core.add_tokens([AddedToken(t, normalized=False, special=False) for t in (THINK_OPEN, THINK_CLOSE)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        pad_token=PAD, unk_token=UNK, eos_token=IM_END, bos_token=None,
+
+def _pieces(max_operand: int) -> dict[str, str]:
+    """Every pre-token (byte-level form -> text) of the family's words in the contexts they occur in."""
+    contexts = [context for word in vocabulary(max_operand)
+                for context in (f" {word}", f" {word}\n", f" {word}\n\n")]
+    contexts += [f"{word}\n" for word in (*ROLES, *line_start_words())]
+    pieces: dict[str, str] = {}
+    for context in contexts:
+        for piece, (start, end) in _PRE_TOKENIZER.pre_tokenize_str(context):
+            pieces.setdefault(piece, context[start:end])
+    return pieces
+
+
+def _vocab_and_merges(max_operand: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Bytes + one token per piece, built by left-to-right merges.
+
+    Space-led pieces rank first (their merges never collide: every left side starts with Ġ);
+    among the others longer pieces rank first, so a shorter piece's first merge cannot cut
+    a longer piece apart.
+    """
+    pieces = sorted(_pieces(max_operand),
+                    key=lambda p: (not p.startswith("Ġ"), -len(p), p))
+    tokens = [*SPECIALS, *sorted(pre_tokenizers.ByteLevel.alphabet())]
+    merges: list[tuple[str, str]] = []
+    for piece in pieces:
+        for end in range(2, len(piece) + 1):
+            merge = (piece[: end - 1], piece[end - 1])
+            if merge not in merges:
+                merges.append(merge)
+                tokens.append(piece[:end])
+    return {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}, merges
+
+
+def build_tokenizer(max_operand: int) -> Qwen2Tokenizer:
+    """The family's tokenizer; raises if some family word would not be a single token."""
+    vocab, merges = _vocab_and_merges(max_operand)
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab, merges=merges, unk_token=UNK, eos_token=IM_END, pad_token=PAD,
         padding_side="left", clean_up_tokenization_spaces=False,
         chat_template=CHAT_TEMPLATE, model_max_length=4096,
     )
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in (EOS, IM_START)],
+                         special_tokens=True)
+    # <think>/</think> stay non-special so that decoding generations keeps them visible.
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in (THINK_OPEN, THINK_CLOSE)])
+    for piece, text in _pieces(max_operand).items():
+        if len(tokenizer(text, add_special_tokens=False)["input_ids"]) != 1:
+            raise ValueError(f"family piece {piece!r} is not a single token")
+    return tokenizer
 
 
-def save_tokenizer(tokenizer: PreTrainedTokenizerFast, directory: Path) -> None:
-    """Save next to a checkpoint so that AutoTokenizer reloads exactly this fast tokenizer."""
+def save_tokenizer(tokenizer: Qwen2Tokenizer, directory: Path) -> None:
+    """Save next to a checkpoint (tokenizer.json, tokenizer_config.json, chat_template.jinja)."""
     tokenizer.save_pretrained(directory)

@@ -1,0 +1,256 @@
+"""Stage 1 projection: Δ⊥ = Δ − (Δ U) Uᵀ per merged module, U the protected subspace of its Ω features.
+
+For every layer and module, [W | b] of the task vector (bias column where the module has one)
+is projected on the right by the protected basis of the module's row set (features.row_sets);
+k/v rows of KV group g use group g's basis. The basis comes from the eigendecomposition of the
+Gram (float64), or, on the low-rank path, from the thin SVD of the rows (via QR of Xᵀ, O(n²·d)):
+G = XᵀX = V Σ² Vᵀ, so both give the same projector. Directions with eigenvalue ≤ 1e-12·λ_max count as numerically zero.
+
+Selection (ProjectionParams):
+  rank            the top `rank` directions;
+  rel_threshold   directions with λ > rel_threshold·λ_max;
+  energy          otherwise: the smallest top set holding `energy` of the trace;
+  ridge > 0       instead of a hard set, the soft projector P = G (G + εI)⁻¹ with ε = ridge·tr(G)/d,
+                  i.e. weight λ/(λ+ε) on every eigen-direction: Δ⊥ = Δ (I − P).
+`rank_kept` in the report is tr(P) rounded (the number of directions for a hard set).
+
+Layout of the output directory:
+  layer_000.safetensors …  Δ⊥ (fp32) keyed by the checkpoint names of the q/k/v/o/gate/up/down
+                           weights and biases; metadata holds the input digests and this layer's
+                           report rows (JSON), so a rerun skips layers made from the same inputs.
+  manifest.json            written last: its presence means complete.
+The report (parquet, PROJECTION_REPORT_SCHEMA) has one row per layer × module × KV group.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from rain_tasks.arch import MODULES, ModelShape
+from rain_tasks.checkpoint import atomic_path, load_tensors, read_metadata, save_tensors
+from rain_tasks.digest import file_digest, json_digest
+from rain_tasks.features import GRAM, ROWS, row_sets
+from rain_tasks.params import ProjectionParams
+from rain_tasks.schemas import PROJECTION_REPORT_SCHEMA
+from rain_tasks.task_vectors import MANIFEST, is_current, layer_file
+
+_ZERO_RTOL = 1e-12
+
+
+@dataclass(frozen=True)
+class RowStats:
+    """Second moments of one row set: a Gram G [d, d], or rows X [n, d] standing for G = XᵀX (n rows in all)."""
+
+    kind: str
+    tensor: torch.Tensor
+    n: int
+
+    @property
+    def dim(self) -> int:
+        return self.tensor.shape[1]
+
+    def spectrum(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eigenvalues (descending, ≥ 0) and eigenvectors [d, r] of G, numerical zeros dropped."""
+        t = self.tensor.to(torch.float64)
+        if self.kind == ROWS and t.shape[0] < t.shape[1]:
+            q, r = torch.linalg.qr(t.T)  # Xᵀ = QR, so X = Rᵀ Qᵀ = A Σ (Q B)ᵀ with Rᵀ = A Σ Bᵀ (n × n)
+            _, s, bh = torch.linalg.svd(r.T)
+            vals, vecs = s.square(), q @ bh.T
+        else:
+            vals, vecs = torch.linalg.eigh(t if self.kind == GRAM else t.T @ t)
+            vals, vecs = vals.flip(0).clamp_min(0.0), vecs.flip(1)
+        if vals.numel() == 0 or vals[0] <= 0:
+            return vals[:0], vecs[:, :0]
+        keep = vals > _ZERO_RTOL * vals[0]
+        return vals[keep], vecs[:, keep]
+
+    def trace(self) -> float:
+        """tr(G)."""
+        t = self.tensor.to(torch.float64)
+        return float(t.diagonal().sum() if self.kind == GRAM else t.square().sum())
+
+    def quad(self, m: torch.Tensor) -> float:
+        """tr(M G Mᵀ) = ‖M Xᵀ‖²: the squared response of M on the rows."""
+        t = self.tensor.to(torch.float64)
+        return float(((m @ t) * m).sum() if self.kind == GRAM else (m @ t.T).square().sum())
+
+
+def load_stats(path: str | Path) -> dict[str, RowStats]:
+    """Read a features layer file into row-set name -> RowStats."""
+    counts = json.loads(read_metadata(path)["rows"])
+    out = {}
+    for key, t in load_tensors(path).items():
+        kind, name = key.split(".", 1)
+        out[name] = RowStats(kind, t, int(counts[name]))
+    return out
+
+
+@dataclass(frozen=True)
+class Basis:
+    """A (soft) protected subspace: directions U [d, r] with weights w ∈ (0, 1]; P = U diag(w) Uᵀ."""
+
+    u: torch.Tensor
+    w: torch.Tensor
+    energy_protected: float
+
+    @property
+    def rank(self) -> int:
+        return int(round(float(self.w.sum())))
+
+
+def selection_weights(vals: torch.Tensor, params: ProjectionParams, trace: float, dim: int) -> torch.Tensor:
+    """Protection weight per eigen-direction (descending λ): 1/0 for a hard set, λ/(λ+ε) for ridge."""
+    if params.rank is not None and params.rel_threshold is not None:
+        raise ValueError("projection: set at most one of rank and rel_threshold")
+    if vals.numel() == 0:
+        return vals.clone()
+    if params.ridge > 0:
+        return vals / (vals + params.ridge * trace / dim)
+    if params.rank is not None:
+        k = min(params.rank, vals.numel())
+    elif params.rel_threshold is not None:
+        k = int((vals > params.rel_threshold * vals[0]).sum())
+    else:
+        cum = vals.cumsum(0)
+        k = int(torch.searchsorted(cum, params.energy * cum[-1] * (1 - _ZERO_RTOL))) + 1  # ties count as reached
+        k = min(k, vals.numel())
+    return (torch.arange(vals.numel()) < k).to(vals.dtype)
+
+
+def protected_basis(stats: RowStats, params: ProjectionParams) -> Basis:
+    """The protected subspace of one row set under `params`."""
+    vals, vecs = stats.spectrum()
+    trace = stats.trace()
+    w = selection_weights(vals, params, trace, stats.dim)
+    keep = w > 0
+    energy = float((w * vals).sum() / trace) if trace > 0 else 0.0
+    return Basis(vecs[:, keep], w[keep], energy)
+
+
+def project_block(m: torch.Tensor, basis: Basis) -> torch.Tensor:
+    """M − (M U) diag(w) Uᵀ: remove the protected directions from the rows of M."""
+    return m - ((m @ basis.u) * basis.w) @ basis.u.T
+
+
+def _ratio(num: float, den: float) -> float:
+    return math.sqrt(max(num, 0.0) / den) if den > 0 else math.nan
+
+
+def _augmented(delta: dict[str, torch.Tensor], w_name: str, b_name: str) -> torch.Tensor:
+    """[W | b] in float64 (just W when the module has no bias)."""
+    w = delta[w_name].to(torch.float64)
+    return torch.cat([w, delta[b_name].to(torch.float64)[:, None]], dim=1) if b_name in delta else w
+
+
+def project_layer(
+    delta: dict[str, torch.Tensor],
+    stats: dict[str, RowStats],
+    shape: ModelShape,
+    layer: int,
+    params: ProjectionParams,
+    heldout: dict[str, RowStats] | None = None,
+) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Project one layer's seven modules; return (Δ⊥ tensors by checkpoint name, report rows)."""
+    bases: dict[str, Basis] = {}
+    out: dict[str, torch.Tensor] = {}
+    report = []
+    for module in MODULES:
+        w_name, b_name = shape.spec.param_name(layer, module, "weight"), shape.spec.param_name(layer, module, "bias")
+        if w_name not in delta:
+            raise KeyError(f"task vector of layer {layer} lacks {w_name}")
+        m = _augmented(delta, w_name, b_name)
+        projected = m.clone()
+        groups = row_sets(module, shape.num_kv_heads)
+        block_rows = m.shape[0] // len(groups)
+        for group, set_name in groups:
+            s = stats[set_name]
+            if s.dim != m.shape[1]:
+                raise ValueError(f"layer {layer} {module}: features of set {set_name!r} have width {s.dim}, [W|b] has {m.shape[1]}")
+            if set_name not in bases:
+                bases[set_name] = protected_basis(s, params)
+            sel = slice(max(group, 0) * block_rows, (max(group, 0) + 1) * block_rows)
+            block, basis = m[sel], bases[set_name]
+            projected[sel] = project_block(block, basis)
+            h = heldout[set_name] if heldout is not None else None
+            report.append(
+                {
+                    "layer": layer,
+                    "module": module,
+                    "group": group,
+                    "path": s.kind,
+                    "d_in": s.dim,
+                    "rows": s.n,
+                    "rank_kept": basis.rank,
+                    "energy_protected": basis.energy_protected,
+                    "norm_ratio": _ratio(projected[sel].square().sum().item(), block.square().sum().item()),
+                    "residual_calib": _ratio(s.quad(projected[sel]), s.quad(block)),
+                    "residual_heldout": _ratio(h.quad(projected[sel]), h.quad(block)) if h is not None else math.nan,
+                }
+            )
+        out[w_name] = projected[:, : delta[w_name].shape[1]].to(torch.float32)
+        if b_name in delta:
+            out[b_name] = projected[:, -1].to(torch.float32)
+    return out, report
+
+
+def _manifest(directory: Path, what: str) -> dict:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {what} are incomplete (no {MANIFEST}); rerun that stage")
+    return json.loads(path.read_text())
+
+
+def project(
+    task_vectors_dir: str | Path,
+    features_dir: str | Path,
+    params: ProjectionParams,
+    out_dir: str | Path,
+    report_path: str | Path,
+    heldout_features_dir: str | Path | None = None,
+) -> Path:
+    """Write Δ⊥ per layer into `out_dir` and the per-module report to `report_path`; return the manifest path."""
+    out_dir = Path(out_dir)
+    tv, feats = _manifest(Path(task_vectors_dir), "task vectors"), _manifest(Path(features_dir), "features")
+    if heldout_features_dir is not None:
+        _manifest(Path(heldout_features_dir), "held-out features")
+    if tv["num_layers"] != feats["num_layers"]:
+        raise ValueError(f"task vectors have {tv['num_layers']} layers, features {feats['num_layers']}")
+    shape = ModelShape(**feats["shape"])
+    meta = {
+        "kind": "projection",
+        "task_vectors": file_digest(Path(task_vectors_dir) / MANIFEST),
+        "features": file_digest(Path(features_dir) / MANIFEST),
+        "heldout": file_digest(Path(heldout_features_dir) / MANIFEST) if heldout_features_dir is not None else "",
+        "params": json_digest(params.model_dump()),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MANIFEST).unlink(missing_ok=True)
+    report: list[dict] = []
+    for layer in tqdm(range(shape.num_layers), desc="projection", unit="layer"):
+        path = layer_file(out_dir, layer)
+        if not is_current(path, meta):
+            heldout = load_stats(layer_file(heldout_features_dir, layer)) if heldout_features_dir is not None else None
+            delta = load_tensors(layer_file(task_vectors_dir, layer))
+            tensors, rows = project_layer(delta, load_stats(layer_file(features_dir, layer)), shape, layer, params, heldout)
+            save_tensors(path, tensors, {**meta, "layer": str(layer), "report": json.dumps(rows)})
+        report.extend(json.loads(read_metadata(path)["report"]))
+    write_report(report, report_path)
+    manifest = {**meta, "num_layers": shape.num_layers, "params_json": params.model_dump()}
+    with atomic_path(out_dir / MANIFEST) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return out_dir / MANIFEST
+
+
+def write_report(rows: list[dict], path: str | Path) -> pd.DataFrame:
+    """Validate the report rows against PROJECTION_REPORT_SCHEMA and write them as parquet (atomically)."""
+    df = PROJECTION_REPORT_SCHEMA.validate(pd.DataFrame.from_records(rows))
+    with atomic_path(path) as tmp:
+        df.to_parquet(tmp, index=False)
+    return df

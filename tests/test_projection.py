@@ -1,0 +1,172 @@
+"""Stage 1 projection: random-matrix properties, path agreement, and the tiny family end to end."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pandera.pandas as pa
+import pytest
+import torch
+
+from rain_tasks.arch import MODULES, module_of, read_shape
+from rain_tasks.checkpoint import Checkpoint, load_tensors
+from rain_tasks.features import accumulate_features
+from rain_tasks.params import FeaturesParams, ProjectionParams
+from rain_tasks.projection import RowStats, project, project_block, project_layer, protected_basis
+from rain_tasks.schemas import PROJECTION_REPORT_SCHEMA
+from rain_tasks.task_vectors import compute_task_vectors, layer_file
+
+SELECTIONS = [
+    ProjectionParams(energy=0.9),
+    ProjectionParams(energy=1.0),
+    ProjectionParams(rank=5),
+    ProjectionParams(rel_threshold=0.05),
+    ProjectionParams(ridge=0.01),
+]
+
+
+def _rows(n: int, d: int, seed: int = 0) -> torch.Tensor:
+    """Rows with a decaying spectrum, like layer features."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g, dtype=torch.float64) * torch.logspace(0, -2, d, dtype=torch.float64)
+
+
+def _both(x: torch.Tensor) -> tuple[RowStats, RowStats]:
+    return RowStats("rows", x, x.shape[0]), RowStats("gram", x.T @ x, x.shape[0])
+
+
+def _projector(stats: RowStats, params: ProjectionParams) -> torch.Tensor:
+    b = protected_basis(stats, params)
+    return (b.u * b.w) @ b.u.T
+
+
+@pytest.mark.parametrize("params", SELECTIONS, ids=lambda p: str(p))
+def test_gram_and_low_rank_paths_give_the_same_projector(params):
+    rows, gram = _both(_rows(20, 50))
+    torch.testing.assert_close(_projector(rows, params), _projector(gram, params), rtol=0, atol=1e-9)
+    assert protected_basis(rows, params).rank == protected_basis(gram, params).rank
+
+
+def test_projection_annihilates_the_protected_directions():
+    x = _rows(12, 40)
+    delta = torch.randn(30, 40, dtype=torch.float64)
+    for stats in _both(x):
+        basis = protected_basis(stats, ProjectionParams(energy=1.0))
+        assert basis.rank == 12
+        projected = project_block(delta, basis)
+        assert (projected @ basis.u).abs().max() < 1e-12 * delta.abs().max()
+        assert (projected @ x.T).norm() < 1e-10 * (delta @ x.T).norm()
+        torch.testing.assert_close(project_block(projected, basis), projected)  # idempotent
+
+
+def test_energy_rank_and_threshold_select_what_they_say():
+    lam = torch.tensor([8.0, 4.0, 2.0, 1.0, 0.5, 0.5], dtype=torch.float64)  # trace 16
+    q, _ = torch.linalg.qr(torch.randn(10, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    stats = RowStats("rows", (q * lam.sqrt()).T, 6)
+    cases = {
+        ProjectionParams(energy=0.75): (2, 12 / 16),
+        ProjectionParams(energy=0.76): (3, 14 / 16),
+        ProjectionParams(energy=1.0): (6, 1.0),
+        ProjectionParams(rank=3): (3, 14 / 16),
+        ProjectionParams(rank=99): (6, 1.0),
+        ProjectionParams(rel_threshold=0.2): (3, 14 / 16),
+        ProjectionParams(rank=0): (0, 0.0),
+    }
+    for params, (rank, energy) in cases.items():
+        b = protected_basis(stats, params)
+        assert (b.rank, b.energy_protected) == pytest.approx((rank, energy)), params
+        torch.testing.assert_close(b.u @ b.u.T, q[:, :rank] @ q[:, :rank].T)
+    ridge = protected_basis(stats, ProjectionParams(ridge=1 / 10 * 10 / 16))  # ε = ridge·tr/d = 1/16·16/10
+    torch.testing.assert_close(ridge.w, lam / (lam + 0.1))
+    with pytest.raises(ValueError, match="at most one"):
+        protected_basis(stats, ProjectionParams(rank=2, rel_threshold=0.1))
+
+
+def test_residual_falls_to_the_energy_left_out():
+    x = _rows(400, 60, seed=1)
+    delta = torch.randn(2000, 60, dtype=torch.float64)  # isotropic: every direction weighs alike
+    stats = RowStats("gram", x.T @ x, 400)
+    for energy in (0.5, 0.9, 0.99):
+        b = protected_basis(stats, ProjectionParams(energy=energy))
+        residual = math.sqrt(stats.quad(project_block(delta, b)) / stats.quad(delta))
+        assert residual**2 == pytest.approx(1 - b.energy_protected, rel=0.1)
+        assert b.energy_protected >= energy
+
+
+@pytest.fixture(scope="module")
+def stage1(tiny_family, tmp_path_factory):
+    """Task vectors, features on both paths (two samples: some sets narrower than wide) and held-out features."""
+    root = tmp_path_factory.mktemp("stage1")
+    compute_task_vectors(tiny_family["base"], tiny_family["itm"], root / "tv")
+    one = FeaturesParams(max_samples=2)
+    accumulate_features(tiny_family["lrm"], tiny_family["reasoning"], one, root / "rows")
+    accumulate_features(tiny_family["lrm"], tiny_family["reasoning"], one, root / "gram", low_rank=False)
+    accumulate_features(tiny_family["lrm"], tiny_family["reasoning"], FeaturesParams(), root / "all")
+    return root
+
+
+def test_end_to_end_outputs_and_report(stage1, tiny_family):
+    root = stage1
+    shape = read_shape(tiny_family["lrm"])
+    manifest = project(root / "tv", root / "all", ProjectionParams(), root / "proj", root / "report.parquet", root / "rows")
+    assert manifest.is_file()
+    report = PROJECTION_REPORT_SCHEMA.validate(pd.read_parquet(root / "report.parquet"))
+    assert len(report) == shape.num_layers * (len(MODULES) + 2 * (shape.num_kv_heads - 1))
+    assert (report["residual_calib"] <= 0.2).all() and report["residual_heldout"].notna().all()
+    assert (report["energy_protected"] >= 0.99).all() and (report["norm_ratio"] < 1).all()
+    for layer in range(shape.num_layers):
+        out, tv = load_tensors(layer_file(root / "proj", layer)), load_tensors(layer_file(root / "tv", layer))
+        assert set(out) == {n for n in tv if module_of(n) is not None}
+        assert all(out[n].dtype == torch.float32 and out[n].shape == tv[n].shape for n in out)
+        assert any(n.endswith("q_proj.bias") for n in out)
+
+
+def test_paths_agree_end_to_end(stage1):
+    root = stage1
+    full = ProjectionParams(energy=1.0)
+    for path in ("rows", "gram"):
+        project(root / "tv", root / path, full, root / f"proj_{path}", root / f"report_{path}.parquet")
+    assert set(pd.read_parquet(root / "report_rows.parquet")["path"]) == {"rows", "gram"}  # both kinds of sets
+    assert set(pd.read_parquet(root / "report_gram.parquet")["path"]) == {"gram"}
+    for layer in range(2):
+        a, b = load_tensors(layer_file(root / "proj_rows", layer)), load_tensors(layer_file(root / "proj_gram", layer))
+        for n in a:
+            torch.testing.assert_close(a[n], b[n], rtol=1e-4, atol=1e-6)
+
+
+def test_kv_rows_of_each_group_use_their_own_basis(tiny_family):
+    shape = read_shape(tiny_family["lrm"])  # 4 heads, 2 KV heads, head_dim 8, q/k/v biases
+    hidden, hd = shape.hidden_size, shape.head_dim
+    ckpt = Checkpoint(tiny_family["lrm"])
+    delta = {n: ckpt.get(n) for n in ckpt.layer_names(0)}  # names and shapes are what matter here
+    stats = {}
+    for name, d in (("q", hidden + 1), ("o", hidden), ("mlp_in", hidden), ("down", shape.intermediate_size)):
+        stats[name] = RowStats("rows", _rows(3, d), 3)
+    for g in range(shape.num_kv_heads):
+        for kind in "kv":
+            stats[f"{kind}.g{g}"] = RowStats("rows", _rows(4, hidden + 1, seed=10 + g), 4)
+    out, report = project_layer(delta, stats, shape, 0, ProjectionParams(energy=1.0))
+    for module in ("k_proj", "v_proj"):
+        w, b = out[shape.spec.param_name(0, module)], out[shape.spec.param_name(0, module, "bias")]
+        wb = torch.cat([w, b[:, None]], dim=1).double()
+        for g in range(shape.num_kv_heads):
+            block = wb[g * hd : (g + 1) * hd]
+            own, other = stats[f"{module[0]}.g{g}"].tensor, stats[f"{module[0]}.g{1 - g}"].tensor
+            assert (block @ own.T).norm() < 1e-5 * block.norm() and (block @ other.T).norm() > 1e-2 * block.norm()
+    assert [(r["module"], r["group"]) for r in report if r["module"] in ("k_proj", "v_proj")] == [
+        ("k_proj", 0), ("k_proj", 1), ("v_proj", 0), ("v_proj", 1)
+    ]
+
+
+def test_rerun_reuses_layers_and_report_schema_refuses_bad_rows(stage1, tmp_path):
+    root = stage1
+    project(root / "tv", root / "all", ProjectionParams(), tmp_path / "p", tmp_path / "r.parquet")
+    mtime = layer_file(tmp_path / "p", 0).stat().st_mtime_ns
+    project(root / "tv", root / "all", ProjectionParams(), tmp_path / "p", tmp_path / "r2.parquet")
+    assert layer_file(tmp_path / "p", 0).stat().st_mtime_ns == mtime
+    first, second = pd.read_parquet(tmp_path / "r.parquet"), pd.read_parquet(tmp_path / "r2.parquet")
+    pd.testing.assert_frame_equal(first, second)
+    assert first["residual_heldout"].isna().all()
+    with pytest.raises(pa.errors.SchemaError):
+        PROJECTION_REPORT_SCHEMA.validate(first.assign(module="lm_head"))

@@ -1,0 +1,127 @@
+"""The tiny family's build: bit-exact determinism, loadable sharded checkpoints, well-formed data."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rain_tasks.zoo import ZooParams
+from rain_tasks.zoo.tasks import split_problems
+from rain_tasks.zoo.tokenizer import build_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+# Same code path as the default family, scaled down to seconds.
+SMALL = dict(threads=1, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
+             intermediate_size=64, batch_size=8, warmup_steps=2, base_steps=6, lrm_steps=4,
+             itm_steps=4, n_calibration_reasoning=8, n_calibration_instruction=12, n_eval=8,
+             n_eval_reasoning=4, max_shard_size="40KB")
+QUESTION = re.compile(r"(add|sub) \d+ and \d+ then (add|sub) \d+ \.")
+BUILD = ("import json, sys; from pathlib import Path; from rain_tasks.zoo import ZooParams, build_zoo; "
+         "root = Path(sys.argv[2]); build_zoo(ZooParams(**json.loads(sys.argv[1])), root / 'models', root / 'data')")
+
+
+def _digests(root: Path) -> dict[str, str]:
+    """sha256 of every file under root, keyed by relative path."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two builds of the same small params in two separate processes (run side by side)."""
+    roots = [tmp_path_factory.mktemp(f"zoo{i}") for i in range(2)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", BUILD, json.dumps(SMALL), str(root)],
+                              env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+             for root in roots]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+    return roots
+
+
+def test_build_is_bit_exact_across_processes(builds: list[Path]) -> None:
+    first, second = (_digests(root) for root in builds)
+    assert first == second
+    assert any(name.endswith(".safetensors") for name in first)
+    assert not [p for p in builds[0].rglob("*.partial")], "staging directories left behind"
+
+
+@pytest.mark.parametrize("name", ["base", "itm", "lrm"])
+def test_checkpoints_are_sharded_and_load(builds: list[Path], name: str) -> None:
+    directory = builds[0] / "models" / name
+    shards = sorted(directory.glob("model-*-of-*.safetensors"))
+    assert len(shards) >= 2 and (directory / "model.safetensors.index.json").exists()
+    for file in ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        assert (directory / file).exists(), file
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    assert len(tokenizer) == model.config.vocab_size
+    assert tokenizer.padding_side == "left"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "add 1 and 2 then sub 3 ."}],
+                                         tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n") and "<think>" not in text
+    text += "<think>\n1 plus 2 is 3 .\n</think>\n\nanswer is 0<|im_end|>"
+    fresh = build_tokenizer(ZooParams(**SMALL).max_operand)
+    reloaded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    assert reloaded["input_ids"] == fresh(text, add_special_tokens=False)["input_ids"]
+    spans = [text[a:b] for a, b in reloaded["offset_mapping"]]
+    assert "".join(spans) == text and "<think>" in spans and "</think>" in spans
+
+
+def test_calibration_files_follow_the_published_schema(builds: list[Path]) -> None:
+    data = builds[0] / "data"
+    reasoning = _jsonl(data / "calibration" / "reasoning.jsonl")
+    assert len(reasoning) == SMALL["n_calibration_reasoning"]
+    for row in reasoning + _jsonl(data / "eval" / "reasoning_eval.jsonl"):
+        assert set(row) == {"prompt", "reasoning", "response", "source", "num_tokens", "sample_id"}
+        assert isinstance(row["num_tokens"], int) and row["num_tokens"] > 0
+    rows = _jsonl(data / "calibration" / "instruction.jsonl")
+    assert len(rows) == SMALL["n_calibration_instruction"]
+    for row in rows:
+        assert {"id", "prompt", "response", "reason", "instruction_id_list", "instruction_list",
+                "related_prompt_list", "unrelated_response_spans", "verdict", "meta"} <= set(row)
+        assert row["verdict"] == {iid: True for iid in row["instruction_id_list"]}
+        for item in row["related_prompt_list"]:
+            assert item["prompt_spans"] and item["response_spans"]
+            assert all(span in row["prompt"] for span in item["prompt_spans"])
+            assert all(span in row["response"] for span in item["response_spans"])
+        assert all(span and span in row["response"] for span in row["unrelated_response_spans"])
+    assert sum(bool(r["unrelated_response_spans"]) for r in rows) >= len(rows) // 3
+
+
+def test_eval_problems_are_held_out(builds: list[Path]) -> None:
+    data = builds[0] / "data"
+    sets = {name: _jsonl(data / name) for name in (
+        "eval/instruction_eval.jsonl", "eval/reasoning_eval.jsonl",
+        "calibration/instruction.jsonl", "calibration/reasoning.jsonl")}
+    problems = {name: {QUESTION.search(r["prompt"]).group(0) for r in rows} for name, rows in sets.items()}
+    names = list(problems)
+    for i, a in enumerate(names):
+        assert len(problems[a]) == len(sets[a]), f"{a} repeats a problem"
+        for b in names[i + 1:]:
+            assert not problems[a] & problems[b], (a, b)
+    for row in sets["eval/instruction_eval.jsonl"]:
+        assert len(row["instruction_id_list"]) == len(row["kwargs"]) == 1 and row["answer"].isdigit()
+    split = split_problems(ZooParams(**SMALL))
+    train = {p.question for p in split.train}
+    held = {p.question for pool in (split.eval_instruction, split.eval_reasoning,
+                                    split.calibration_instruction, split.calibration_reasoning)
+            for p in pool}
+    assert not train & held
+    train_facts = {f for p in split.train for f in p.facts}
+    assert all(p.facts <= train_facts for pool in (split.eval_instruction, split.eval_reasoning)
+               for p in pool)
