@@ -13,6 +13,10 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).parent))
 
+import torch  # noqa: E402
+
+torch.set_num_threads(1)  # tiny linear algebra is faster on one thread; zoo builds set their own count
+
 from tiny import instruction_rows, make_family, reasoning_rows, write_jsonl  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "reference-calibration"
