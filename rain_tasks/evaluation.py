@@ -91,7 +91,12 @@ def format_table(results: dict[str, dict]) -> str:
 
 
 def _fmt(v) -> str:
-    return "n/a" if v is None else f"{v:.4f}" if isinstance(v, float) and abs(v) < 0.01 and v != 0 else f"{v:.3f}" if isinstance(v, float) else str(v)
+    """Three decimals, four for small nonzero values; float noise around 0 prints as 0."""
+    if not isinstance(v, float):
+        return "n/a" if v is None else str(v)
+    if abs(v) < 5e-5:
+        return "0.000"
+    return f"{v:.4f}" if abs(v) < 0.01 else f"{v:.3f}"
 
 
 def write_outputs(results: dict[str, dict], metrics_path: Path, plots_path: Path, report_path: Path, context: dict) -> None:

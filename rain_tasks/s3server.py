@@ -30,8 +30,12 @@ def free_port() -> int:
 @contextmanager
 def local_s3(bucket: str) -> Iterator[str]:
     """Run moto's S3 server on 127.0.0.1 with `bucket` created; yield its endpoint URL; stop it afterwards."""
+    import logging
+
     import boto3
     from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per S3 request otherwise
 
     for k, v in DUMMY_CREDENTIALS.items():
         os.environ.setdefault(k, v)
