@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from rain_tasks import instructions
+from rain_tasks.calibration import load_tokenizer
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 _ANSWER = re.compile(r"answer\s+is\s+(-?\d+)", re.IGNORECASE)
@@ -19,7 +20,7 @@ _ANSWER = re.compile(r"answer\s+is\s+(-?\d+)", re.IGNORECASE)
 def load_model(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a local checkpoint with eager attention (attention weights available), in eval mode."""
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer(path)
     return model.eval(), tokenizer
 
 
