@@ -36,7 +36,7 @@ from tqdm import tqdm
 from rain_tasks.arch import ModelShape, module_of, read_shape
 from rain_tasks.calibration import Rendered, load_tokenizer, render, span_positions
 from rain_tasks.capture import attention_probs, forward_with_hooks
-from rain_tasks.checkpoint import atomic_path, load_tensors
+from rain_tasks.checkpoint import atomic_path, load_causal_lm, load_tensors
 from rain_tasks.params import AttentionParams
 from rain_tasks.schemas import STATS_SCHEMA, load_records
 from rain_tasks.task_vectors import MANIFEST, layer_file
@@ -170,9 +170,7 @@ def run_pass(model, samples: Sequence[Sample], shape: ModelShape, mode: str, des
 
 def load_lrm(lrm_dir: str | Path):
     """The LRM in fp32 with eager attention (the only implementation that returns attention weights)."""
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(lrm_dir), dtype=torch.float32, attn_implementation="eager").eval()
+    return load_causal_lm(lrm_dir)
 
 
 @torch.no_grad()

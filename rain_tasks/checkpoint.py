@@ -27,6 +27,13 @@ SINGLE_NAME = "model.safetensors"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
+def load_causal_lm(model_dir: str | Path):
+    """A local causal LM in fp32, eval mode, eager attention (the only kind that returns attention weights)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="eager").eval()
+
+
 def torch_dtype(name: str) -> torch.dtype:
     """Parse a dtype name from params or config.json ('bfloat16', 'float32', ...)."""
     try:

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from rain_tasks.arch import MODULES, ModelShape, read_shape
 from rain_tasks.calibration import load_tokenizer, render, think_positions, think_token_ids
 from rain_tasks.capture import LayerCapture, attention_probs, forward_with_hooks
-from rain_tasks.checkpoint import Checkpoint, atomic_path, save_tensors
+from rain_tasks.checkpoint import Checkpoint, atomic_path, load_causal_lm, save_tensors
 from rain_tasks.digest import json_digest, path_digest
 from rain_tasks.params import FeaturesParams
 from rain_tasks.schemas import load_records
@@ -187,12 +187,6 @@ def layer_chunks(layers: list[int], per_layer: int, budget: int) -> list[list[in
     return [layers[i : i + size] for i in range(0, len(layers), size)]
 
 
-def _load_model(model_dir: Path) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="eager").eval()
-
-
 def accumulate_features(
     lrm_dir: str | Path,
     reasoning_path: str | Path,
@@ -233,7 +227,7 @@ def accumulate_features(
         ckpt = Checkpoint(lrm_dir)
         biases = {layer: set_biases(ckpt, shape, layer) for layer in todo}
         per_layer = max(layer_bytes(set_dims(shape, b), samples, shape, low_rank) for b in biases.values())
-        model = _load_model(lrm_dir)
+        model = load_causal_lm(lrm_dir)
         for chunk in layer_chunks(todo, per_layer, memory_budget_bytes):
             _accumulate_chunk(model, samples, shape, params, chunk, biases, low_rank, out_dir, meta)
     manifest = {**meta, "num_layers": shape.num_layers, "shape": asdict(shape), "params_json": params.model_dump()}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,6 @@ from rain_tasks import instructions
 from rain_tasks.calibration import load_tokenizer
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-_ANSWER = re.compile(r"answer\s+is\s+(-?\d+)", re.IGNORECASE)
 
 
 def load_model(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -78,7 +76,7 @@ def parse_output(text: str) -> ParsedOutput:
 
 def extract_answer_number(answer_text: str) -> str | None:
     """The number N of the first 'answer is N' statement (any case, any wrapping), else None."""
-    match = _ANSWER.search(answer_text)
+    match = instructions.ANSWER_STATEMENT.search(answer_text)
     return str(int(match.group(1))) if match else None
 
 

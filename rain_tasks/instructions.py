@@ -13,7 +13,7 @@ from typing import Callable
 
 Checker = Callable[[str, dict], bool]
 
-_ANSWER_STATEMENT = re.compile(r"answer\s+is\s+(-?\d+)", re.IGNORECASE)
+ANSWER_STATEMENT = re.compile(r"answer\s+is\s+(-?\d+)", re.IGNORECASE)
 
 
 def english_capital(response: str, kwargs: dict) -> bool:
@@ -35,7 +35,7 @@ def end_checker(response: str, kwargs: dict) -> bool:
 
 def repeat_answer(response: str, kwargs: dict) -> bool:
     """`combination:repeat_answer`: the statement 'answer is N' appears exactly `times` times, same N."""
-    numbers = _ANSWER_STATEMENT.findall(response)
+    numbers = ANSWER_STATEMENT.findall(response)
     return len(numbers) == int(kwargs.get("times", 2)) and len(set(numbers)) == 1
 
 

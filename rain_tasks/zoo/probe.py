@@ -7,16 +7,11 @@ the project's streaming merge engine instead.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
-import torch
 
+from rain_tasks.arch import module_of
 from rain_tasks.generation import behaviour_metrics, load_model
-
-# Decoder-layer Linear modules (weights and biases) that "linear" scope merges.
-LINEAR_PARAM = re.compile(
-    r"^model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)\.(weight|bias)$")
 
 
 def task_arithmetic_sweep(models_dir: Path, eval_path: Path, lambdas: list[float],
@@ -30,7 +25,7 @@ def task_arithmetic_sweep(models_dir: Path, eval_path: Path, lambdas: list[float
     itm = load_model(models_dir / "itm")[0].state_dict()
     theta_r = {k: v.clone() for k, v in lrm.state_dict().items()}  # load_state_dict writes in place
     delta = {k: itm[k].float() - base[k].float() for k in theta_r
-             if scope == "all" or LINEAR_PARAM.match(k)}
+             if scope == "all" or module_of(k) is not None}
     rows = [json.loads(line) for line in Path(eval_path).read_text().splitlines() if line.strip()]
     results = []
     for lam in lambdas:
