@@ -9,6 +9,12 @@ Per (layer, head), from the attention statistics table (sums over S samples, see
 which for ℓ₁ = 0 is clip((g + ℓ₂p)/(H + ℓ₂), lo, hi). `solve_box_qp` solves the same problem
 for a general (non-diagonal) curvature numerically.
 
+Scale: g and H are both sums over samples, so for S ≫ ℓ₂ the solution tends to mean(Δa − ρΔu)/λ_H,
+an attention-mass difference (typically 10⁻³–10⁻²): with METHOD.md's defaults α sits near the
+box floor and the merge barely moves θ_R. `scale: relative` keeps the solved α's proportions
+between heads but rescales them to mean p (then clips to the box), so Stage 2 allocates the update
+and λ sets its size.
+
 Module scales (one safetensors file keyed by checkpoint tensor names, each broadcasting against
 its tensor): q_proj rows and o_proj columns of head h take α_{l,h}; k_proj/v_proj rows of KV group g
 take the mean α of the query heads h with h // n_rep = g (applied once per group); gate/up/down,
@@ -27,6 +33,7 @@ from scipy.optimize import minimize
 from rain_tasks.arch import ModelShape, layer_of, module_of, read_shape
 from rain_tasks.checkpoint import Checkpoint, atomic_path, save_tensors
 from rain_tasks.params import AlphaParams
+from rain_tasks.plots import heatmap
 from rain_tasks.schemas import STATS_SCHEMA, alpha_schema
 
 
@@ -75,6 +82,19 @@ def solve_box_qp(curvature: np.ndarray, g: np.ndarray, params: AlphaParams, prio
     return np.clip(p + res.x[:n] - res.x[n:], lo, hi)
 
 
+def rescale(alpha: np.ndarray, params: AlphaParams, prior: float) -> np.ndarray:
+    """α as used for the merge: unchanged (absolute) or rescaled to mean `prior` and clipped (relative)."""
+    if params.scale == "absolute":
+        return alpha
+    mean = float(alpha.mean())
+    if mean <= 0.0:
+        raise ValueError(
+            "alpha.scale is 'relative' but every solved α is at or below 0 (no head gained instruction attention); "
+            "use alpha.scale: absolute or a box_lo above 0"
+        )
+    return np.clip(alpha * (prior / mean), params.box_lo, params.box_hi)
+
+
 def group_mean(alpha_layer: torch.Tensor, shape: ModelShape) -> torch.Tensor:
     """Mean α of the query heads sharing each KV group (query head h reads group h // n_rep)."""
     return alpha_layer.view(shape.num_kv_heads, shape.n_rep).mean(1)
@@ -108,13 +128,15 @@ def module_scales(alpha: np.ndarray, shape: ModelShape, ckpt: Checkpoint) -> dic
     return scales
 
 
-def alpha_table(stats: pd.DataFrame, g: np.ndarray, h: np.ndarray, alpha: np.ndarray, shape: ModelShape) -> pd.DataFrame:
-    """Per-(layer, head) table of the statistics, objective terms and α."""
+def alpha_table(
+    stats: pd.DataFrame, g: np.ndarray, h: np.ndarray, solved: np.ndarray, alpha: np.ndarray, shape: ModelShape
+) -> pd.DataFrame:
+    """Per-(layer, head) table of the statistics, objective terms, the solved α and the α merged."""
     out = stats[["layer", "head"]].copy()
     out.insert(2, "kv_group", (out["head"] // shape.n_rep).astype(np.int64))
     for col in ("a0", "a1", "u0", "u1"):
         out[col] = stats[col].to_numpy(np.float64)
-    out["g"], out["H"], out["alpha"] = g, h, alpha
+    out["g"], out["H"], out["alpha_solved"], out["alpha"] = g, h, solved, alpha
     return out.reset_index(drop=True)
 
 
@@ -135,13 +157,18 @@ def solve_alpha(
     out_table: str | Path,
     out_scales: str | Path,
     out_plot_csv: str | Path | None = None,
+    out_plot_png: str | Path | None = None,
+    out_summary: str | Path | None = None,
+    summary_image: str | None = None,
 ) -> Path:
-    """Solve α per head, write the α table (parquet), the module scales (safetensors) and the heatmap CSV; return out_table."""
+    """Solve α per head; write the α table (parquet), module scales (safetensors), heatmap CSV and PNG, and the
+    report section (markdown, embedding the PNG as `summary_image`); return out_table."""
     shape = read_shape(lrm_dir)
     stats = read_stats(stats_path, shape)
     g, h = objective_terms(stats, params)
-    alpha = closed_form_alpha(g, h, params, prior)
-    table = alpha_schema(params.box_lo, params.box_hi).validate(alpha_table(stats, g, h, alpha, shape))
+    solved = closed_form_alpha(g, h, params, prior)
+    alpha = rescale(solved, params, prior)
+    table = alpha_schema(params.box_lo, params.box_hi).validate(alpha_table(stats, g, h, solved, alpha, shape))
     with atomic_path(out_table) as tmp:
         table.to_parquet(tmp, index=False)
     scales = module_scales(alpha.reshape(shape.num_layers, shape.num_heads), shape, Checkpoint(lrm_dir))
@@ -149,5 +176,26 @@ def solve_alpha(
     save_tensors(out_scales, scales, meta)
     if out_plot_csv is not None:
         with atomic_path(out_plot_csv) as tmp:
-            table[["layer", "head", "alpha"]].to_csv(tmp, index=False)
+            unit = "L" + table["layer"].astype(str) + ".h" + table["head"].astype(str)
+            table[["layer", "head"]].assign(unit=unit, alpha=table["alpha"]).to_csv(tmp, index=False)
+    if out_plot_png is not None:
+        title = f"α per (layer, head): {params.variant}, {params.scale}"
+        heatmap(table, "layer", "head", "alpha", out_plot_png, title, vmin=params.box_lo, vmax=params.box_hi)
+    if out_summary is not None:
+        with atomic_path(out_summary) as tmp:
+            tmp.write_text(summary_markdown(table, params, summary_image))
     return Path(out_table)
+
+
+def summary_markdown(table: pd.DataFrame, params: AlphaParams, image: str | None = None) -> str:
+    """Report section: α per layer (mean, min, max, share of heads on the box bounds) and the heatmap."""
+    rows = ["| layer | mean α | min α | max α | at box_lo | at box_hi | mean solved α |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    for layer, part in table.groupby("layer", sort=True):
+        a = part["alpha"]
+        rows.append(
+            f"| {layer} | {a.mean():.4f} | {a.min():.4f} | {a.max():.4f} | {(a <= params.box_lo).mean():.2f} "
+            f"| {(a >= params.box_hi).mean():.2f} | {part['alpha_solved'].mean():.4f} |"
+        )
+    head = [f"## Stage 2: α per head ({params.variant}, scale {params.scale}, box [{params.box_lo}, {params.box_hi}])", ""]
+    tail = ["", f"![α heatmap]({image})", ""] if image else [""]
+    return "\n".join(head + rows + tail)

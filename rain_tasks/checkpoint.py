@@ -9,6 +9,7 @@ never leaves a file or model directory that looks complete.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -91,6 +92,10 @@ class Checkpoint:
         """safetensors dtype string (e.g. 'BF16', 'F32') without reading the data."""
         return self._handle(name).get_slice(name).get_dtype()
 
+    def dtype(self, name: str) -> torch.dtype:
+        """torch dtype of one tensor without reading the data."""
+        return _TORCH_DTYPES[self.dtype_name(name)]
+
     def layer_names(self, layer: int) -> list[str]:
         """Tensor names of one decoder layer."""
         return [n for n in self.weight_map if layer_of(n) == layer]
@@ -104,11 +109,14 @@ class Checkpoint:
 def atomic_path(final: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling path to write a file or directory into; rename it over `final` on success.
 
-    On error the temporary is removed and `final` is left as it was.
+    On error the temporary is removed and `final` is left as it was (an OSError such as a full
+    disk is re-raised naming `final`). Temporaries that killed writers left beside `final`
+    are removed first, so a rerun after SIGKILL does not accumulate them.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    remove_stale_temporaries(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(final)}{os.getpid()}-", dir=final.parent))
     target = tmp / final.name
     try:
         yield target
@@ -117,14 +125,42 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
         elif final.exists() or final.is_symlink():
             final.unlink()
         os.replace(target, final)
+    except OSError as e:
+        e.filename = e.filename or str(final)
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _temp_prefix(final: Path) -> str:
+    return f".{final.name}.tmp-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by another user
+    return True
+
+
+def remove_stale_temporaries(final: str | Path) -> None:
+    """Delete `atomic_path` temporaries of `final` whose writer process is gone (its pid is in the name)."""
+    final = Path(final)
+    prefix = _temp_prefix(final)
+    for p in final.parent.glob(glob.escape(prefix) + "*"):
+        pid = p.name[len(prefix):].split("-", 1)[0]
+        if not (pid.isdigit() and _alive(int(pid))):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 _ST_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
 }
+_TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
 
 
 def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:

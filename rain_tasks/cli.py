@@ -8,6 +8,8 @@ import sys
 
 import yaml
 
+from rain_tasks.remote import PushFailed
+
 
 def _stage(args: argparse.Namespace) -> None:
     from rain_tasks.params import load_params
@@ -16,6 +18,13 @@ def _stage(args: argparse.Namespace) -> None:
 
     configure()
     run_stage(args.name, load_params(args.params))
+
+
+def _check(args: argparse.Namespace) -> None:
+    from rain_tasks.validation import validate
+
+    params = validate(args.project, args.params, scan_values=not args.no_scan)
+    print(f"rain check: ok (base {params.models.base}, ITM {params.models.itm}, LRM {params.models.lrm})")
 
 
 def _dvc_yaml(args: argparse.Namespace) -> None:
@@ -33,13 +42,42 @@ def _dvc_yaml(args: argparse.Namespace) -> None:
 def _flow(args: argparse.Namespace) -> None:
     from flows.rain_merge import rain_merge
 
-    rain_merge(project_dir=args.project, params_file=args.params)
+    rain_merge(project_dir=args.project, params_file=args.params, task_runner=args.task_runner,
+               dask_address=args.dask_address, result_storage=args.result_storage)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from flows.deployment import deployment_parameters, serve_deployment
+
+    params = deployment_parameters(args.project, args.params, args.task_runner, args.dask_address, args.result_storage)
+    serve_deployment(params, args.name, args.cron)
+
+
+def _verify_lineage(args: argparse.Namespace) -> int:
+    from rain_tasks.lineage import verify_lineage
+
+    report = verify_lineage(args.model_dir, args.project)
+    print(report.format())
+    return 0 if report.ok else 1
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    from rain_tasks.sweep import run_sweep
+
+    print(f"sweep table: {run_sweep(args.project, args.param, args.values)}")
 
 
 def _demo(args: argparse.Namespace) -> None:
     from rain_tasks.demo import run_demo
 
     run_demo(args.project)
+
+
+def _execution_options(p: argparse.ArgumentParser) -> None:
+    """Where the Prefect flow runs its per-layer tasks and keeps its task results."""
+    p.add_argument("--task-runner", choices=("thread", "dask"), default="thread", help="per-layer tasks: here, or on Dask")
+    p.add_argument("--dask-address", default=None, help="Dask scheduler (tcp://host:8786); default: a local cluster")
+    p.add_argument("--result-storage", default=None, help="local path or storage block slug (e.g. remote-file-system/rain-results)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,13 +87,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--params", default="params.yaml")
     p.set_defaults(fn=_stage)
+    p = sub.add_parser("check", help="validate checkpoints, tokenizer, calibration sets, params and disk space; list every problem")
+    p.add_argument("--project", default=".")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--no-scan", action="store_true", help="skip the NaN/Inf scan (it reads every weight once)")
+    p.set_defaults(fn=_check)
     p = sub.add_parser("dvc-yaml", help="write dvc.yaml from the stage registry")
     p.add_argument("-o", "--output", default="dvc.yaml")
     p.set_defaults(fn=_dvc_yaml)
     p = sub.add_parser("flow", help="run the whole pipeline as the Prefect flow rain_merge")
     p.add_argument("--project", default=".")
     p.add_argument("--params", default="params.yaml")
+    _execution_options(p)
     p.set_defaults(fn=_flow)
+    p = sub.add_parser("serve", help="serve the scheduled Prefect deployment rain_merge/NAME (needs PREFECT_API_URL)")
+    p.add_argument("--project", default=".")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--name", default="nightly")
+    p.add_argument("--cron", default="0 3 * * *", help="schedule (cron syntax, UTC); default: 03:00 daily")
+    _execution_options(p)
+    p.set_defaults(fn=_serve)
+    p = sub.add_parser("verify-lineage", help="re-hash a merged model against its lineage.json; exit 1 on any mismatch")
+    p.add_argument("model_dir")
+    p.add_argument("--project", default=None, help="project root: also re-hash the recorded inputs and compare params.yaml")
+    p.set_defaults(fn=_verify_lineage)
+    p = sub.add_parser("sweep", help="one `dvc exp run -S PARAM=VALUE` per value; RAIN's metrics to plots/sweeps/PARAM.csv")
+    p.add_argument("param", help="SECTION.KEY in params.yaml, e.g. projection.energy")
+    p.add_argument("values", nargs="+")
+    p.add_argument("--project", default=".")
+    p.set_defaults(fn=_sweep)
     p = sub.add_parser("demo", help="run the pipeline with dvc repro, push to a local S3 server, print the report")
     p.add_argument("--project", default=".")
     p.set_defaults(fn=_demo)
@@ -66,11 +126,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        args.fn(args)
-    except (ValueError, FileNotFoundError) as e:
+        status = args.fn(args)  # commands that audit return a non-zero status on failure
+    except (ValueError, FileNotFoundError, PushFailed) as e:
         print(f"rain: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    except OSError as e:
+        from rain_tasks.validation import out_of_space_message
+
+        if (message := out_of_space_message(e)) is None:
+            raise
+        print(f"rain: error: {message}", file=sys.stderr)
+        return 3
+    return status or 0
 
 
 if __name__ == "__main__":

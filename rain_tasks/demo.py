@@ -6,6 +6,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from rain_tasks.remote import push
 from rain_tasks.s3server import local_s3
 from rain_tasks.stages import MERGED
 
@@ -23,7 +24,7 @@ def run_demo(root: str | Path = ".", bucket: str = "rain-artifacts") -> None:
     with local_s3(bucket) as endpoint:
         _dvc("remote", "modify", "--local", REMOTE, "endpointurl", endpoint, root=root)
         _dvc("repro", root=root)
-        _dvc("push", root=root)
+        push(root, REMOTE)
         _dvc("remote", "modify", "--local", "--unset", REMOTE, "endpointurl", root=root)
     print()
     print((root / "reports/report.md").read_text())

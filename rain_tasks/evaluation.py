@@ -2,7 +2,8 @@
 
 Behaviour (think / close / correct / comply rates) comes from greedy generation
 (`rain_tasks.generation`); L_think = mean KL(p_LRM ‖ p_model) of next-token distributions at
-Ω_think positions of held-out reasoning traces, teacher forced.
+Ω_think positions of held-out reasoning traces, teacher forced, and h_drift the relative change of
+the hidden states there (Stage 1's end-to-end invariance).
 """
 
 from __future__ import annotations
@@ -28,32 +29,39 @@ TABLE_COLUMNS = {
     "correct_rate": "correct",
     "comply_rate": "comply",
     "l_think": "L_think",
+    "h_drift": "h drift",
 }
 
 
 @torch.no_grad()
-def _think_log_probs(model, encoded: list[tuple[list[int], list[int]]]) -> list[torch.Tensor]:
-    """Log next-token distributions at the Ω positions of each encoded trace."""
-    out = []
+def _at_omega(model, encoded: list[tuple[list[int], list[int]]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per encoded trace: log next-token distributions [|Ω|, V] and decoder-layer outputs [L, |Ω|, d] at Ω."""
+    log_probs, hidden = [], []
     for ids, omega in encoded:
-        logits = model(torch.tensor([ids])).logits[0, omega].float()
-        out.append(torch.log_softmax(logits, dim=-1))
-    return out
+        out = model(torch.tensor([ids]), output_hidden_states=True)
+        log_probs.append(torch.log_softmax(out.logits[0, omega].float(), dim=-1))
+        # hidden_states[0] is the embedding output; 1..L-1 are layer outputs and the last is after the final norm
+        hidden.append(torch.stack([h[0, omega].double() for h in out.hidden_states[1:]]))
+    return log_probs, hidden
 
 
-def think_kl(lrm_dir: str | Path, model_dirs: dict[str, Path], traces: list[dict], radius: int) -> dict[str, float]:
-    """L_think per model: mean over Ω positions of KL(p_LRM ‖ p_model); 0 for the LRM itself."""
+def think_invariance(lrm_dir: str | Path, model_dirs: dict[str, Path], traces: list[dict], radius: int) -> dict[str, dict]:
+    """Per model, teacher forced on the traces, at Ω_think: L_think = mean KL(p_LRM ‖ p_model), and
+    h_drift = mean over layers of ‖h_model − h_LRM‖ / ‖h_LRM‖ (both 0 for the LRM itself)."""
     tok = load_tokenizer(lrm_dir)
     encoded = []
     for row in traces:
         r = render(tok, row["prompt"], row["reasoning"], row["response"])
         encoded.append((r.input_ids, think_positions(r, radius)))
-    reference = _think_log_probs(load_model(lrm_dir)[0], encoded)
+    ref_p, ref_h = _at_omega(load_model(lrm_dir)[0], encoded)
+    ref_hidden = torch.cat(ref_h, dim=1)
     result = {}
     for name, path in model_dirs.items():
-        logq = _think_log_probs(load_model(path)[0], encoded)
-        kls = [(p.exp() * (p - q)).sum(-1) for p, q in zip(reference, logq)]
-        result[name] = float(torch.cat(kls).mean())
+        logq, hidden = _at_omega(load_model(path)[0], encoded)
+        kls = [(p.exp() * (p - q)).sum(-1) for p, q in zip(ref_p, logq)]
+        diff = torch.linalg.vector_norm(torch.cat(hidden, dim=1) - ref_hidden, dim=(1, 2))
+        drift = diff / torch.linalg.vector_norm(ref_hidden, dim=(1, 2))
+        result[name] = {"l_think": float(torch.cat(kls).mean()), "h_drift": float(drift.mean())}
     return result
 
 
@@ -70,12 +78,12 @@ def evaluate_models(
     """Metrics for every model (model_dirs includes the LRM itself under some name)."""
     problems = load_records(instruction_eval, "instruction_eval")[:max_eval]
     traces = load_records(reasoning_eval, "reasoning")[:max_eval]
-    kl = think_kl(lrm_dir, model_dirs, traces, radius)
+    invariance = think_invariance(lrm_dir, model_dirs, traces, radius)
     results = {}
     for name, path in tqdm(model_dirs.items(), desc="evaluate", unit="model"):
         model, tok = load_model(path)
         m = behaviour_metrics(model, tok, problems, max_new_tokens=max_new_tokens, batch_size=batch_size)
-        results[name] = {**m, "l_think": kl[name]}
+        results[name] = {**m, **invariance[name]}
         log.info("%s: %s", name, {k: results[name][k] for k in TABLE_COLUMNS})
     return results
 
@@ -99,8 +107,13 @@ def _fmt(v) -> str:
     return f"{v:.4f}" if abs(v) < 0.01 else f"{v:.3f}"
 
 
-def write_outputs(results: dict[str, dict], metrics_path: Path, plots_path: Path, report_path: Path, context: dict) -> None:
-    """metrics JSON for `dvc metrics`, long CSV for `dvc plots`, and the markdown report (all atomic)."""
+def write_outputs(
+    results: dict[str, dict], metrics_path: Path, plots_path: Path, report_path: Path, context: dict, sections: tuple[str, ...] = ()
+) -> None:
+    """metrics JSON for `dvc metrics`, long CSV for `dvc plots`, and the markdown report (all atomic).
+
+    `sections` are further markdown blocks (e.g. the α summary) placed after the comparison table.
+    """
     with atomic_path(metrics_path) as tmp:
         tmp.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     lines = ["model,metric,value"] + [f"{n},{k},{m[k]}" for n, m in results.items() for k in TABLE_COLUMNS]
@@ -114,8 +127,10 @@ def write_outputs(results: dict[str, dict], metrics_path: Path, plots_path: Path
         format_table(results),
         "",
         "think: emits `<think>`; close: emits `</think>` within the token budget; correct: final answer right;",
-        "comply: the format instruction is followed; L_think: mean KL(p_LRM ‖ p_model) at Ω_think (teacher forced).",
+        "comply: the format instruction is followed; L_think: mean KL(p_LRM ‖ p_model) at Ω_think (teacher forced);",
+        "h drift: mean over layers of ‖h_model − h_LRM‖/‖h_LRM‖ of the hidden states at Ω_think (teacher forced).",
         "",
+        *sections,
         "Params: `" + json.dumps(context.get("params", {}), sort_keys=True) + "`",
         "",
     ]

@@ -4,6 +4,12 @@ The engine walks the LRM's tensors one at a time, asks a registered method for t
 tensor (fp32 arithmetic), casts it to the LRM dtype and writes new shards; everything else
 (config, tokenizer, chat template, generation config) is copied from the LRM. A method is
 one small function of one tensor's inputs, so baselines reuse the same engine.
+
+RAIN and task arithmetic are LRM-centred: θ = θ_R + λ·(update from Δ_I). TIES and DARE
+follow mergekit with base_model = θ_B: they merge the two task vectors Δ_R = θ_R − θ_B and
+Δ_I = θ_I − θ_B and add the result to θ_B, so θ = θ_R + (merged − Δ_R). SLERP interpolates
+θ_R ↔ θ_I = θ_B + Δ_I. Tensors without a Δ_I in the plan (scope 'linear': norms,
+embeddings) stay θ_R for every method. The tensor math lives in `rain_tasks.baselines`.
 """
 
 from __future__ import annotations
@@ -19,8 +25,9 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from rain_tasks import baselines
 from rain_tasks.arch import layer_of, module_of
-from rain_tasks.checkpoint import Checkpoint, ShardWriter, atomic_path, parse_size
+from rain_tasks.checkpoint import Checkpoint, ShardWriter, atomic_path, parse_size, save_tensors
 from rain_tasks.task_vectors import NON_LAYER, layer_file
 
 log = logging.getLogger(__name__)
@@ -32,12 +39,13 @@ _COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer
 
 @dataclass(frozen=True)
 class TensorInputs:
-    """What a merge method sees for one tensor: θ_R, its update Δ (or None) and a scale (or None), fp32."""
+    """What a merge method sees for one tensor: θ_R, its update Δ (or None), a scale (or None) and θ_B (or None), fp32."""
 
     name: str
     lrm: torch.Tensor
     delta: torch.Tensor | None
     scale: torch.Tensor | None
+    base: torch.Tensor | None = None
 
 
 MergeMethod = Callable[[TensorInputs, dict], torch.Tensor]
@@ -67,6 +75,56 @@ def rain(x: TensorInputs, p: dict) -> torch.Tensor:
         return x.lrm
     scaled = x.delta if x.scale is None else x.scale * x.delta
     return x.lrm + p["lam"] * scaled
+
+
+def _require_base(x: TensorInputs) -> torch.Tensor:
+    """θ_B, refusing a plan without the base checkpoint (TIES, DARE and SLERP need it)."""
+    if x.base is None:
+        raise ValueError(f"{x.name}: this merge method needs the base checkpoint (DeltaPlan.base)")
+    return x.base
+
+
+def _task_vectors(x: TensorInputs) -> torch.Tensor:
+    """The stacked task vectors [Δ_R, Δ_I] = [θ_R − θ_B, θ_I − θ_B] that TIES and DARE merge."""
+    return torch.stack([x.lrm - _require_base(x), x.delta])
+
+
+def _merge_task_vectors(x: TensorInputs, p: dict, sparsified: torch.Tensor, consensus: bool, normalize: bool) -> torch.Tensor:
+    """θ_B + λ·combine(w_R·Δ̃_R, w_I·Δ̃_I) as mergekit's generalized task arithmetic (with base_model = θ_B)."""
+    weights = torch.tensor(p["weights"], dtype=sparsified.dtype)
+    return x.base + p["lam"] * baselines.combine_task_vectors(sparsified, weights, consensus=consensus, normalize=normalize)
+
+
+@register("ties")
+def ties(x: TensorInputs, p: dict) -> torch.Tensor:
+    """θ_B + λ·disjoint mean of the sign-elected, top-`density`-trimmed Δ_R and Δ_I (θ_R where Δ_I is absent)."""
+    if x.delta is None:
+        return x.lrm
+    trimmed = torch.stack([baselines.trim_top_magnitude(d, p["density"]) for d in _task_vectors(x)])
+    return _merge_task_vectors(x, p, trimmed, consensus=True, normalize=True)
+
+
+@register("dare")
+def dare(x: TensorInputs, p: dict) -> torch.Tensor:
+    """θ_B + λ·merge of the DARE-dropped Δ_R and Δ_I (θ_R where Δ_I is absent).
+
+    combine 'linear' sums them (mergekit dare_linear); 'ties' sums only the entries agreeing
+    with the elected sign (mergekit dare_ties, which does not divide by the agreeing weight).
+    """
+    if x.delta is None:
+        return x.lrm
+    deltas = _task_vectors(x)
+    seeds = [baselines.tensor_seed(p["seed"], x.name, i) for i in range(len(deltas))]
+    dropped = torch.stack([baselines.dare_drop(d, p["drop"], s) for d, s in zip(deltas, seeds)])
+    return _merge_task_vectors(x, p, dropped, consensus=p["combine"] == "ties", normalize=False)
+
+
+@register("slerp")
+def slerp(x: TensorInputs, p: dict) -> torch.Tensor:
+    """Per-tensor SLERP from θ_R (t=0) to θ_I = θ_B + Δ_I (t=1); θ_R where Δ_I is absent."""
+    if x.delta is None:
+        return x.lrm
+    return baselines.slerp(p["t"], x.lrm, _require_base(x) + x.delta, p["dot_threshold"])
 
 
 class TensorDir:
@@ -103,6 +161,7 @@ class DeltaPlan:
     linear: TensorDir
     other: TensorDir | None = None
     scales: TensorDir | None = None
+    base: Checkpoint | None = None  # θ_B, for methods that merge Δ_R = θ_R − θ_B too (TIES, DARE, SLERP)
 
     def delta(self, name: str) -> torch.Tensor | None:
         if module_of(name) is not None:
@@ -111,6 +170,36 @@ class DeltaPlan:
 
     def scale(self, name: str) -> torch.Tensor | None:
         return self.scales.get(name) if self.scales is not None and module_of(name) is not None else None
+
+    def base_tensor(self, name: str) -> torch.Tensor | None:
+        return self.base.get(name).to(torch.float32) if self.base is not None else None
+
+
+def _method(method: str) -> MergeMethod:
+    if method not in METHODS:
+        raise ValueError(f"unknown merge method {method!r}; registered: {sorted(METHODS)}")
+    return METHODS[method]
+
+
+def _merged(lrm: Checkpoint, name: str, fn: MergeMethod, method_params: dict, plan: DeltaPlan) -> torch.Tensor:
+    """One merged tensor: the method in fp32 on θ_R and the plan's inputs, cast back to θ_R's dtype."""
+    theta = lrm.get(name)
+    inputs = TensorInputs(name, theta.to(torch.float32), plan.delta(name), plan.scale(name), plan.base_tensor(name))
+    return fn(inputs, method_params).to(theta.dtype)
+
+
+def merge_layer(
+    lrm_dir: str | Path, layer: int, method: str, method_params: dict, plan: DeltaPlan, out_file: str | Path
+) -> Path:
+    """Merge one decoder layer's tensors into `out_file` (a part that `merge_checkpoint(parts=...)` assembles).
+
+    This is the unit the Prefect flow fans out (on a Dask cluster, say); the values are exactly
+    those the serial merge computes, so assembling parts gives the same bytes.
+    """
+    lrm = Checkpoint(lrm_dir)
+    fn = _method(method)
+    save_tensors(out_file, {name: _merged(lrm, name, fn, method_params, plan) for name in lrm.layer_names(layer)})
+    return Path(out_file)
 
 
 def merge_checkpoint(
@@ -121,23 +210,29 @@ def merge_checkpoint(
     plan: DeltaPlan,
     max_shard_size: str | int = "2GB",
     metadata: dict[str, str] | None = None,
+    parts: TensorDir | None = None,
+    finalize: Callable[[Path], None] | None = None,
 ) -> list[str]:
-    """Stream-merge into `out_dir` (complete or absent, never half-written); return the shard names."""
-    if method not in METHODS:
-        raise ValueError(f"unknown merge method {method!r}; registered: {sorted(METHODS)}")
-    fn = METHODS[method]
+    """Stream-merge into `out_dir` (complete or absent, never half-written); return the shard names.
+
+    `parts` holds tensors already merged by `merge_layer` (taken as they are; any tensor without
+    a part is merged here). `finalize(tmp_dir)` runs on the complete temporary directory just
+    before it is renamed into place, e.g. to write lineage.json inside the atomic write.
+    """
+    fn = _method(method)
     lrm = Checkpoint(lrm_dir)
     shard_meta = {"merge_method": method, "merge_params": json.dumps(method_params, sort_keys=True), **(metadata or {})}
     with atomic_path(out_dir) as tmp:
         writer = ShardWriter(tmp, parse_size(max_shard_size), shard_meta)
         for name in tqdm(_stream_order(lrm), desc=f"merge ({method})", unit="tensor"):
-            theta = lrm.get(name)
-            merged = fn(TensorInputs(name, theta.to(torch.float32), plan.delta(name), plan.scale(name)), method_params)
-            writer.add(name, merged.to(theta.dtype))
+            part = parts.get(name) if parts is not None else None
+            writer.add(name, part.to(lrm.dtype(name)) if part is not None else _merged(lrm, name, fn, method_params, plan))
         shards = writer.close()
         for fname in _COPIED:
             if (Path(lrm_dir) / fname).is_file():
                 shutil.copy2(Path(lrm_dir) / fname, tmp / fname)
+        if finalize is not None:
+            finalize(tmp)
     return shards
 
 

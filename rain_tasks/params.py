@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
-import math
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from rain_tasks.zoo.config import ZooParams
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: every float parameter must be finite (a NaN λ would silently poison the merge)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+_SIZE = re.compile(r"^\s*\d+(\.\d+)?\s*(GB|MB|KB|B)?\s*$", re.IGNORECASE)
+
+
+def _size(value: str) -> str:
+    """Accept what `checkpoint.parse_size` reads ('5GB', '200MB', '1.5 GB', '1000'); refuse anything else here, not mid-run."""
+    if not _SIZE.match(value):
+        raise ValueError(f"{value!r} is not a size; write e.g. '5GB', '200MB', '512KB' or a byte count")
+    return value
+
+
+Size = Annotated[str, AfterValidator(_size)]
 
 
 class ModelsParams(_Section):
@@ -25,8 +39,11 @@ class ModelsParams(_Section):
 
 
 class CalibrationParams(_Section):
+    """Calibration sets, plus held-out reasoning traces on which Stage 1's invariance is measured."""
+
     reasoning: str = "data/calibration/reasoning.jsonl"
     instruction: str = "data/calibration/instruction.jsonl"
+    reasoning_heldout: str = "data/eval/reasoning_eval.jsonl"
 
 
 class FeaturesParams(_Section):
@@ -56,12 +73,6 @@ class AttentionParams(_Section):
     max_tokens: int = Field(4096, ge=16)
     mode: Literal["auto", "eager", "recompute"] = "auto"
 
-    @model_validator(mode="after")
-    def _finite(self):
-        if not math.isfinite(self.prior):
-            raise ValueError("attention.prior must be finite")
-        return self
-
 
 class AlphaParams(_Section):
     """Stage 2 closed-form α per (layer, head)."""
@@ -74,11 +85,14 @@ class AlphaParams(_Section):
     l1: float = Field(0.0, ge=0.0)
     box_lo: float = 0.0
     box_hi: float = 1.5
+    #: absolute: α as solved (METHOD.md). relative: α rescaled so its mean over heads is the prior,
+    #: i.e. Stage 2 only allocates the update across heads and λ alone sets its overall size.
+    scale: Literal["absolute", "relative"] = "absolute"
 
     @model_validator(mode="after")
     def _box(self):
-        if not (math.isfinite(self.box_lo) and math.isfinite(self.box_hi)) or self.box_lo > self.box_hi:
-            raise ValueError(f"alpha box must satisfy box_lo <= box_hi (got [{self.box_lo}, {self.box_hi}])")
+        if self.box_lo > self.box_hi:
+            raise ValueError(f"alpha box must satisfy box_lo <= box_hi (got [{self.box_lo}, {self.box_hi}]); swap or widen them")
         return self
 
 
@@ -87,26 +101,88 @@ class MergeParams(_Section):
 
     lam: float = 1.0
     scope: Literal["linear", "all"] = "linear"
-    max_shard_size: str = "2GB"
-
-    @model_validator(mode="after")
-    def _finite(self):
-        if not math.isfinite(self.lam):
-            raise ValueError("merge.lam must be finite")
-        return self
+    max_shard_size: Size = "2GB"
 
 
-class BaselineSpec(_Section):
-    """One baseline merge evaluated beside RAIN."""
+class _BaselineRun(_Section):
+    """One baseline merge evaluated beside RAIN: its output name, the tensors it merges, and its method's params."""
 
-    name: str
+    name: str = Field(min_length=1)
+    scope: Literal["linear", "all"] = "all"  # 'linear': only the seven Linear modules; 'all': also embeddings, norms
+
+    def method_params(self) -> dict:
+        """The registered merge method's own params (everything but name, method and scope)."""
+        return self.model_dump(mode="json", exclude={"name", "method", "scope"})
+
+
+class TaskArithmeticRun(_BaselineRun):
+    """θ_R + λ·Δ_I."""
+
     method: Literal["task_arithmetic"] = "task_arithmetic"
     lam: float = 1.0
-    scope: Literal["linear", "all"] = "all"
+
+
+class TiesRun(_BaselineRun):
+    """θ_B + λ·TIES(Δ_R, Δ_I): trim each to its top `density` magnitudes, elect signs, disjoint weighted mean."""
+
+    method: Literal["ties"]
+    density: float = Field(0.2, gt=0.0, le=1.0)
+    weights: tuple[float, float] = (1.0, 1.0)  # (w_R, w_I)
+    lam: float = 1.0
+
+
+class DareRun(_BaselineRun):
+    """θ_B + λ·merge of DARE(Δ_R), DARE(Δ_I): drop with probability `drop` (seeded per tensor), rescale 1/(1−drop)."""
+
+    method: Literal["dare"]
+    drop: float = Field(0.5, ge=0.0, lt=1.0)
+    seed: int = 0
+    combine: Literal["linear", "ties"] = "linear"  # mergekit dare_linear | dare_ties
+    weights: tuple[float, float] = (1.0, 1.0)  # (w_R, w_I)
+    lam: float = 1.0
+
+
+class SlerpRun(_BaselineRun):
+    """Per-tensor SLERP θ_R (t=0) ↔ θ_I (t=1), linear where the two are nearly colinear."""
+
+    method: Literal["slerp"]
+    t: float = Field(0.5, ge=0.0, le=1.0)
+    dot_threshold: float = Field(0.9995, gt=0.0, le=1.0)
+
+
+def _method_of(run: object) -> str:
+    """The union tag of a baseline run; a run written without `method` is task arithmetic (the original schema)."""
+    return run.get("method", "task_arithmetic") if isinstance(run, dict) else getattr(run, "method", "")
+
+
+BaselineSpec = Annotated[
+    Annotated[TaskArithmeticRun, Tag("task_arithmetic")]
+    | Annotated[TiesRun, Tag("ties")]
+    | Annotated[DareRun, Tag("dare")]
+    | Annotated[SlerpRun, Tag("slerp")],
+    Discriminator(_method_of),
+]
 
 
 class BaselinesParams(_Section):
     runs: list[BaselineSpec] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_names(self):
+        names = [r.name for r in self.runs]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"baseline run names must be unique (each is a directory under models/baselines): {duplicates}")
+        return self
+
+
+class OrthogonalityParams(_Section):
+    """Principal angles between the top-`rank` singular subspaces of Δ_R and Δ_I per module (randomized SVD)."""
+
+    rank: int = Field(8, ge=1)
+    oversample: int = Field(8, ge=0)
+    power_iters: int = Field(2, ge=0)
+    seed: int = 0
 
 
 class EvaluateParams(_Section):
@@ -114,6 +190,12 @@ class EvaluateParams(_Section):
     batch_size: int = Field(64, ge=1)
     max_eval: int | None = Field(None, ge=1)
     neighbour_radius: int = Field(5, ge=0)
+
+
+class CheckParams(_Section):
+    """Up-front validation (`rain check`): disk headroom to keep free beyond the estimated outputs."""
+
+    min_free_space: Size = "1GB"
 
 
 class Params(_Section):
@@ -128,7 +210,17 @@ class Params(_Section):
     alpha: AlphaParams = Field(default_factory=AlphaParams)
     merge: MergeParams = Field(default_factory=MergeParams)
     baselines: BaselinesParams = Field(default_factory=BaselinesParams)
+    orthogonality: OrthogonalityParams = Field(default_factory=OrthogonalityParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    check: CheckParams = Field(default_factory=CheckParams)
+
+
+class ParamsError(ValueError):
+    """params.yaml is unreadable or out of range; `errors` holds one (key, what is wrong) pair per problem."""
+
+    def __init__(self, path: Path, errors: list[tuple[str, str]]):
+        self.path, self.errors = path, errors
+        super().__init__(f"{path}: invalid params:\n  " + "\n  ".join(f"{key}: {msg}" for key, msg in errors))
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -136,9 +228,11 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: params file not found (run from the project root or pass --params)")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ParamsError(path, [("(file)", f"not valid YAML ({e})")]) from None
     try:
         return Params.model_validate(raw)
     except ValidationError as e:
-        lines = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()]
-        raise ValueError(f"{path}: invalid params:\n  " + "\n  ".join(lines)) from None
+        raise ParamsError(path, [(".".join(str(p) for p in err["loc"]), err["msg"]) for err in e.errors()]) from None

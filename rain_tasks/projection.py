@@ -214,9 +214,47 @@ def project(
     out_dir: str | Path,
     report_path: str | Path,
     heldout_features_dir: str | Path | None = None,
+    metrics_path: str | Path | None = None,
 ) -> Path:
-    """Write Δ⊥ per layer into `out_dir` and the per-module report to `report_path`; return the manifest path."""
+    """Write Δ⊥ per layer into `out_dir`, the per-module report to `report_path` and its summary to
+    `metrics_path` (JSON for `dvc metrics`); return the manifest path."""
     out_dir = Path(out_dir)
+    shape, meta = _layer_meta(task_vectors_dir, features_dir, params, heldout_features_dir)
+    (out_dir / MANIFEST).unlink(missing_ok=True)
+    report: list[dict] = []
+    for layer in tqdm(range(shape.num_layers), desc="projection", unit="layer"):
+        path = _ensure_layer(task_vectors_dir, features_dir, params, out_dir, heldout_features_dir, shape, meta, layer)
+        report.extend(json.loads(read_metadata(path)["report"]))
+    table = write_report(report, report_path)
+    if metrics_path is not None:
+        with atomic_path(metrics_path) as tmp:
+            tmp.write_text(json.dumps(report_summary(table), indent=2, sort_keys=True) + "\n")
+    manifest = {**meta, "num_layers": shape.num_layers, "params_json": params.model_dump()}
+    with atomic_path(out_dir / MANIFEST) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return out_dir / MANIFEST
+
+
+def project_layer_file(
+    task_vectors_dir: str | Path,
+    features_dir: str | Path,
+    params: ProjectionParams,
+    out_dir: str | Path,
+    layer: int,
+    heldout_features_dir: str | Path | None = None,
+) -> Path:
+    """Write one layer's Δ⊥ file into `out_dir` unless it is current; return its path.
+
+    The unit the Prefect flow fans out per layer; `project` then keeps the file as it is.
+    """
+    shape, meta = _layer_meta(task_vectors_dir, features_dir, params, heldout_features_dir)
+    return _ensure_layer(task_vectors_dir, features_dir, params, Path(out_dir), heldout_features_dir, shape, meta, layer)
+
+
+def _layer_meta(
+    task_vectors_dir: str | Path, features_dir: str | Path, params: ProjectionParams, heldout_features_dir: str | Path | None
+) -> tuple[ModelShape, dict[str, str]]:
+    """Check the inputs are complete and agree; return the model shape and the layer files' metadata (input digests)."""
     tv, feats = _manifest(Path(task_vectors_dir), "task vectors"), _manifest(Path(features_dir), "features")
     if heldout_features_dir is not None:
         _manifest(Path(heldout_features_dir), "held-out features")
@@ -230,22 +268,28 @@ def project(
         "heldout": file_digest(Path(heldout_features_dir) / MANIFEST) if heldout_features_dir is not None else "",
         "params": json_digest(params.model_dump()),
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MANIFEST).unlink(missing_ok=True)
-    report: list[dict] = []
-    for layer in tqdm(range(shape.num_layers), desc="projection", unit="layer"):
-        path = layer_file(out_dir, layer)
-        if not is_current(path, meta):
-            heldout = load_stats(layer_file(heldout_features_dir, layer)) if heldout_features_dir is not None else None
-            delta = load_tensors(layer_file(task_vectors_dir, layer))
-            tensors, rows = project_layer(delta, load_stats(layer_file(features_dir, layer)), shape, layer, params, heldout)
-            save_tensors(path, tensors, {**meta, "layer": str(layer), "report": json.dumps(rows)})
-        report.extend(json.loads(read_metadata(path)["report"]))
-    write_report(report, report_path)
-    manifest = {**meta, "num_layers": shape.num_layers, "params_json": params.model_dump()}
-    with atomic_path(out_dir / MANIFEST) as tmp:
-        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    return out_dir / MANIFEST
+    return shape, meta
+
+
+def _ensure_layer(
+    task_vectors_dir: str | Path,
+    features_dir: str | Path,
+    params: ProjectionParams,
+    out_dir: Path,
+    heldout_features_dir: str | Path | None,
+    shape: ModelShape,
+    meta: dict[str, str],
+    layer: int,
+) -> Path:
+    """Project one layer into its file unless the file was already made from the same inputs."""
+    path = layer_file(out_dir, layer)
+    if not is_current(path, meta):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        heldout = load_stats(layer_file(heldout_features_dir, layer)) if heldout_features_dir is not None else None
+        delta = load_tensors(layer_file(task_vectors_dir, layer))
+        tensors, rows = project_layer(delta, load_stats(layer_file(features_dir, layer)), shape, layer, params, heldout)
+        save_tensors(path, tensors, {**meta, "layer": str(layer), "report": json.dumps(rows)})
+    return path
 
 
 def write_report(rows: list[dict], path: str | Path) -> pd.DataFrame:
@@ -254,3 +298,17 @@ def write_report(rows: list[dict], path: str | Path) -> pd.DataFrame:
     with atomic_path(path) as tmp:
         df.to_parquet(tmp, index=False)
     return df
+
+
+def report_summary(table: pd.DataFrame) -> dict[str, float]:
+    """Headline numbers of a projection report: means over modules (and the worst module's residuals)."""
+    out = {
+        "energy_protected": table["energy_protected"].mean(),
+        "rank_kept": table["rank_kept"].mean(),
+        "norm_ratio": table["norm_ratio"].mean(),
+        "residual_calib": table["residual_calib"].mean(),
+        "residual_calib_max": table["residual_calib"].max(),
+    }
+    if table["residual_heldout"].notna().all():
+        out |= {"residual_heldout": table["residual_heldout"].mean(), "residual_heldout_max": table["residual_heldout"].max()}
+    return {k: float(v) for k, v in out.items()}

@@ -194,6 +194,7 @@ ALPHA_SCHEMA = pa.DataFrameSchema(
         "kv_group": pa.Column("int64", pa.Check.ge(0)),
         **{c: pa.Column("float64", _FINITE) for c in (*_PASS_SUMS, "g")},
         "H": pa.Column("float64", [pa.Check.ge(0.0), _FINITE]),
+        "alpha_solved": pa.Column("float64", _FINITE),
         "alpha": pa.Column("float64", _FINITE),
     },
     checks=[pa.Check(_complete_grid, error="must hold exactly one row per (layer, head) of the full grid")],
@@ -232,4 +233,33 @@ PROJECTION_REPORT_SCHEMA = pa.DataFrameSchema(
     unique=["layer", "module", "group"],
     strict=True,
     name="projection report",
+)
+
+
+# --- Task-vector orthogonality: one row per layer × module × side (left: output space, right: input space) ---
+
+_UNIT = pa.Column("float64", pa.Check.in_range(0.0, 1.0 + 1e-6))
+
+ORTHOGONALITY_SCHEMA = pa.DataFrameSchema(
+    {
+        "layer": pa.Column("int64", pa.Check.ge(0)),
+        "module": pa.Column(str, pa.Check.isin(_MODULES)),
+        "side": pa.Column(str, pa.Check.isin(["left", "right"])),
+        "dim": pa.Column("int64", pa.Check.ge(1)),  # dimension of the space the subspaces live in
+        "rank": pa.Column("int64", pa.Check.ge(1)),
+        "cos_max": _UNIT,  # cosine of the smallest principal angle
+        "cos_mean": _UNIT,
+        "cos_rms": _UNIT,
+        "random_rms": _UNIT,  # √(rank/dim): the rms cosine of two random subspaces
+        "energy_r": _UNIT,  # share of ‖Δ_R‖²_F in its top-rank singular values
+        "energy_i": _UNIT,
+    },
+    checks=[
+        pa.Check(lambda df: df["rank"] <= df["dim"], error="rank cannot exceed dim"),
+        pa.Check(lambda df: (df["cos_mean"] <= df["cos_rms"] + 1e-9) & (df["cos_rms"] <= df["cos_max"] + 1e-9),
+                 error="cosines must satisfy mean <= rms <= max"),
+    ],
+    unique=["layer", "module", "side"],
+    strict=True,
+    name="task-vector orthogonality",
 )

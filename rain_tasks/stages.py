@@ -18,10 +18,12 @@ from rain_tasks.params import Params
 
 log = logging.getLogger(__name__)
 
-TV, FEAT, PROJ = "artifacts/task_vectors", "artifacts/features", "artifacts/projected"
+TV, FEAT, FEAT_HELDOUT, PROJ = "artifacts/task_vectors", "artifacts/features", "artifacts/features_heldout", "artifacts/projected"
 ATTN, ALPHA = "artifacts/attention", "artifacts/alpha"
 MERGED, BASELINES = "models/merged", "models/baselines"
+ORTHO_CSV = "plots/orthogonality.csv"
 EVAL_DIR = "data/eval"
+ALPHA_PNG = "plots/alpha_heatmap.png"
 
 
 @dataclass(frozen=True)
@@ -70,12 +72,14 @@ def _features(p: Params, r: Path) -> None:
     from rain_tasks.features import accumulate_features
 
     accumulate_features(r / p.models.lrm, r / p.calibration.reasoning, p.features, r / FEAT)
+    accumulate_features(r / p.models.lrm, r / p.calibration.reasoning_heldout, p.features, r / FEAT_HELDOUT)
 
 
 def _projection(p: Params, r: Path) -> None:
     from rain_tasks.projection import project
 
-    project(r / TV, r / FEAT, p.projection, r / PROJ, r / "reports/projection.parquet")
+    project(r / TV, r / FEAT, p.projection, r / PROJ, r / "reports/projection.parquet", r / FEAT_HELDOUT,
+            r / "metrics/projection.json")
 
 
 def _attention_stats(p: Params, r: Path) -> None:
@@ -91,30 +95,61 @@ def _alpha(p: Params, r: Path) -> None:
 
     solve_alpha(
         r / ATTN / "stats.parquet", r / p.models.lrm, p.alpha, p.attention.prior,
-        r / ALPHA / "alpha.parquet", r / ALPHA / "scales.safetensors", r / "plots/alpha_heatmap.csv",
+        r / ALPHA / "alpha.parquet", r / ALPHA / "scales.safetensors", r / "plots/alpha_heatmap.csv", r / ALPHA_PNG,
+        r / ALPHA / "summary.md", f"../{ALPHA_PNG}",
     )
 
 
-def _merge(p: Params, r: Path) -> None:
-    from rain_tasks.merge import DeltaPlan, TensorDir, merge_checkpoint
+def _rain_plan(p: Params, r: Path):
+    """The merge stage's inputs per tensor: Δ⊥ on the Linear modules, Δ_I elsewhere under scope 'all', α scales."""
+    from rain_tasks.merge import DeltaPlan, TensorDir
 
-    plan = DeltaPlan(
+    return DeltaPlan(
         linear=TensorDir(r / PROJ),
         other=TensorDir(r / TV) if p.merge.scope == "all" else None,
         scales=TensorDir(None, single_file=r / ALPHA / "scales.safetensors"),
     )
-    merge_checkpoint(r / p.models.lrm, r / MERGED, "rain", {"lam": p.merge.lam}, plan, p.merge.max_shard_size)
+
+
+def _merge(p: Params, r: Path, parts: Path | None = None) -> None:
+    """Stage 3 with its lineage (lineage.json written inside the atomic directory write, shards naming it);
+    `parts` holds layers already merged by `_merge_layer` tasks."""
+    from rain_tasks import lineage
+    from rain_tasks.merge import TensorDir, merge_checkpoint
+
+    method_params = {"lam": p.merge.lam}
+    inputs = lineage.record_inputs(r, lineage_inputs(p, "merge"))
+    core = lineage.build_core(inputs, "rain", method_params, param_values(p, upstream_param_keys("merge", p)))
+    merge_checkpoint(
+        r / p.models.lrm, r / MERGED, "rain", method_params, _rain_plan(p, r), p.merge.max_shard_size,
+        metadata=lineage.shard_metadata(core), parts=TensorDir(parts) if parts is not None else None,
+        finalize=lambda tmp: lineage.write_lineage(tmp, core, lineage.provenance(r)),
+    )
+
+
+def _merge_layer(p: Params, r: Path, layer: int, parts: Path) -> None:
+    from rain_tasks.merge import merge_layer
+    from rain_tasks.task_vectors import layer_file
+
+    merge_layer(r / p.models.lrm, layer, "rain", {"lam": p.merge.lam}, _rain_plan(p, r), layer_file(parts, layer))
 
 
 def _baselines(p: Params, r: Path) -> None:
-    from rain_tasks.checkpoint import atomic_path
+    from rain_tasks.checkpoint import Checkpoint, atomic_path
     from rain_tasks.merge import DeltaPlan, TensorDir, merge_checkpoint
 
     with atomic_path(r / BASELINES) as tmp:
         tmp.mkdir()
         for run in p.baselines.runs:
-            plan = DeltaPlan(linear=TensorDir(r / TV), other=TensorDir(r / TV) if run.scope == "all" else None)
-            merge_checkpoint(r / p.models.lrm, tmp / run.name, run.method, {"lam": run.lam}, plan, p.merge.max_shard_size)
+            plan = DeltaPlan(linear=TensorDir(r / TV), other=TensorDir(r / TV) if run.scope == "all" else None,
+                             base=Checkpoint(r / p.models.base))
+            merge_checkpoint(r / p.models.lrm, tmp / run.name, run.method, run.method_params(), plan, p.merge.max_shard_size)
+
+
+def _orthogonality(p: Params, r: Path) -> None:
+    from rain_tasks.orthogonality import write_orthogonality
+
+    write_orthogonality(r / p.models.base, r / p.models.itm, r / p.models.lrm, p.orthogonality, r / ORTHO_CSV)
 
 
 def _evaluate(p: Params, r: Path) -> None:
@@ -127,8 +162,9 @@ def _evaluate(p: Params, r: Path) -> None:
         r / p.models.lrm, models, r / EVAL_DIR / "instruction_eval.jsonl", r / EVAL_DIR / "reasoning_eval.jsonl",
         e.max_new_tokens, e.batch_size, e.neighbour_radius, e.max_eval,
     )
+    alpha = (r / ALPHA / "summary.md").read_text()
     write_outputs(results, r / "metrics/eval.json", r / "plots/eval.csv", r / "reports/report.md",
-                  {"merged": MERGED, "params": p.model_dump(exclude={"zoo"})})
+                  {"merged": MERGED, "params": p.model_dump(exclude={"zoo"})}, sections=(alpha,))
     print(format_table(results))
 
 
@@ -139,22 +175,26 @@ STAGES: tuple[Stage, ...] = (
     Stage("task_vectors", _task_vectors, deps=("${models.base}", "${models.itm}"),
           code=("rain_tasks/task_vectors.py",), outs=(TV,),
           desc="Δ_I = θ_ITM − θ_base per layer (fp32)"),
-    Stage("features", _features, deps=("${models.lrm}", "${calibration.reasoning}"),
+    Stage("orthogonality", _orthogonality, deps=("${models.base}", "${models.itm}", "${models.lrm}"),
+          code=("rain_tasks/orthogonality.py",), params=("orthogonality",), plots=(ORTHO_CSV,),
+          desc="principal-angle cosines between the top-r singular subspaces of Δ_R and Δ_I per module"),
+    Stage("features", _features, deps=("${models.lrm}", "${calibration.reasoning}", "${calibration.reasoning_heldout}"),
           code=("rain_tasks/features.py", "rain_tasks/capture.py", "rain_tasks/calibration.py"), params=("features",),
-          outs=(FEAT,), desc="Stage 1: LRM features at Ω_think, Gram accumulation"),
-    Stage("projection", _projection, deps=(TV, FEAT), code=("rain_tasks/projection.py",), params=("projection",),
-          outs=(PROJ, "reports/projection.parquet"), desc="Stage 1: null-space projection Δ⊥"),
+          outs=(FEAT, FEAT_HELDOUT), desc="Stage 1: LRM features at Ω_think (calibration and held-out), Gram accumulation"),
+    Stage("projection", _projection, deps=(TV, FEAT, FEAT_HELDOUT), code=("rain_tasks/projection.py",), params=("projection",),
+          outs=(PROJ, "reports/projection.parquet"), metrics=("metrics/projection.json",),
+          desc="Stage 1: null-space projection Δ⊥ and its invariance residuals"),
     Stage("attention_stats", _attention_stats, deps=("${models.lrm}", PROJ, "${calibration.instruction}"),
           code=("rain_tasks/attention.py", "rain_tasks/capture.py", "rain_tasks/calibration.py"),
           params=("attention",), outs=(ATTN,), desc="Stage 2: instruction-attention statistics, two passes"),
     Stage("alpha", _alpha, deps=(ATTN, "${models.lrm}/config.json"), code=("rain_tasks/alpha.py",), params=("alpha", "attention.prior"),
-          outs=(ALPHA,), plots=("plots/alpha_heatmap.csv",), desc="Stage 2: closed-form α per head, mapped to modules"),
-    Stage("merge", _merge, deps=("${models.lrm}", PROJ, ALPHA, TV), code=("rain_tasks/merge.py",), params=("merge",), outs=(MERGED,),
+          outs=(ALPHA,), plots=("plots/alpha_heatmap.csv", ALPHA_PNG), desc="Stage 2: closed-form α per head, mapped to modules"),
+    Stage("merge", _merge, deps=("${models.lrm}", PROJ, ALPHA, TV), code=("rain_tasks/merge.py", "rain_tasks/lineage.py"), params=("merge",), outs=(MERGED,),
           desc="Stage 3: θ_R + λ·α⊙Δ⊥, streamed into new shards"),
-    Stage("baselines", _baselines, deps=("${models.lrm}", TV), code=("rain_tasks/merge.py",),
+    Stage("baselines", _baselines, deps=("${models.lrm}", "${models.base}", TV), code=("rain_tasks/merge.py", "rain_tasks/baselines.py"),
           params=("baselines", "merge.max_shard_size"),
-          outs=(BASELINES,), desc="task-arithmetic baselines on the same engine"),
-    Stage("evaluate", _evaluate, deps=("${models.lrm}", "${models.itm}", MERGED, BASELINES, EVAL_DIR),
+          outs=(BASELINES,), desc="task arithmetic, TIES, DARE and SLERP baselines on the same engine"),
+    Stage("evaluate", _evaluate, deps=("${models.lrm}", "${models.itm}", MERGED, BASELINES, EVAL_DIR, ALPHA),
           code=("rain_tasks/evaluation.py", "rain_tasks/generation.py", "rain_tasks/instructions.py"),
           params=("evaluate",), outs=("reports/report.md",), metrics=("metrics/eval.json",), plots=("plots/eval.csv",),
           desc="behaviour, L_think and the comparison report"),
@@ -170,14 +210,100 @@ def get_stage(name: str) -> Stage:
         raise ValueError(f"unknown stage {name!r}; stages: {[s.name for s in STAGES]}") from None
 
 
-def run_stage(name: str, params: Params, root: str | Path = ".") -> None:
-    """Run one stage of the project at `root`."""
+def run_stage(name: str, params: Params, root: str | Path = ".", parts: Path | None = None) -> None:
+    """Run one stage of the project at `root`, after checking its inputs (a stage with deps reads the models).
+
+    With `parts`, the stage finishes from the per-layer work its LAYER_SPLITS entry already did there.
+    """
     stage, root = get_stage(name), Path(root)
+    if stage.deps:  # the zoo makes the inputs; every other stage refuses bad ones before any work
+        from rain_tasks.validation import preflight
+
+        preflight(stage, params, root)
     log.info("stage %s: %s", name, stage.desc)
-    stage.run(params, root)
+    if parts is None:
+        stage.run(params, root)
+    else:
+        LAYER_SPLITS[name].finish(params, root, parts)
     missing = [o for o in stage.outputs if not (root / resolve(o, params)).exists()]
     if missing:
         raise RuntimeError(f"stage {name} finished without writing {missing}")
+
+
+@dataclass(frozen=True)
+class LayerSplit:
+    """A stage whose per-layer work the Prefect flow can run as one task per layer (e.g. on a Dask cluster).
+
+    `run(params, root, layer, parts)` does one layer's share into `parts` (a scratch directory the
+    flow keys on the stage's inputs) or straight into the stage's own self-validating per-layer
+    outputs; `finish(params, root, parts)` then completes the stage from that work, computing any
+    layer left undone. Outputs are the same bytes as the stage's serial body (what `dvc repro` runs).
+    """
+
+    verb: str  # task names read "<verb> layer 3"
+    run: Callable[[Params, Path, int, Path], None]
+    finish: Callable[[Params, Path, Path], None]
+
+
+def _projection_layer(p: Params, r: Path, layer: int, parts: Path) -> None:
+    """One layer of Δ⊥, written in place: projection's layer files carry their inputs' digests, so the
+    serial body skips them (`parts` is not needed)."""
+    from rain_tasks.projection import project_layer_file
+
+    project_layer_file(r / TV, r / FEAT, p.projection, r / PROJ, layer, r / FEAT_HELDOUT)
+
+
+def _projection_finish(p: Params, r: Path, parts: Path) -> None:
+    """The serial body, which keeps the layer files already current and writes the report and manifest."""
+    _projection(p, r)
+
+
+LAYER_SPLITS: dict[str, LayerSplit] = {
+    "projection": LayerSplit("project", _projection_layer, _projection_finish),
+    "merge": LayerSplit("merge", _merge_layer, _merge),
+}
+
+
+def param_values(params: Params, keys: tuple[str, ...]) -> dict:
+    """The values of dotted params keys, e.g. {'alpha': {...}, 'attention.prior': 1.0}."""
+    dumped = params.model_dump(mode="json")
+    values = {}
+    for key in keys:
+        node = dumped
+        for part in key.split("."):
+            node = node[part]
+        values[key] = node
+    return values
+
+
+def _reads(path: str, output: str) -> bool:
+    """True if a dep path and an output path overlap (one is the other or inside it)."""
+    return path == output or path.startswith(output + "/") or output.startswith(path + "/")
+
+
+def upstream_param_keys(name: str, params: Params) -> tuple[str, ...]:
+    """The params keys that shaped a stage's outputs: its own, its `${...}` references, and every upstream stage's."""
+    seen: dict[str, Stage] = {}
+    todo = [get_stage(name)]
+    while todo:
+        stage = todo.pop()
+        if stage.name in seen:
+            continue
+        seen[stage.name] = stage
+        deps = [resolve(d, params) for d in stage.deps]
+        todo += [s for s in STAGES if any(_reads(d, resolve(o, params)) for d in deps for o in s.outputs)]
+    keys = {k for s in seen.values() for k in s.params}
+    keys |= {f"{sec}.{key}" for s in seen.values() for d in s.deps for sec, key in _REF.findall(d)}
+    return tuple(sorted(keys))
+
+
+def lineage_inputs(params: Params, name: str) -> dict[str, str]:
+    """Role -> path of what a merged model's lineage records: the three checkpoints, the calibration sets,
+    and the stage's own artifact deps."""
+    roles = {f"models.{k}": v for k, v in params.models.model_dump().items()}
+    roles |= {f"calibration.{k}": v for k, v in params.calibration.model_dump().items()}
+    roles |= {d: d for d in get_stage(name).deps if not _REF.search(d)}
+    return roles
 
 
 def dvc_yaml() -> dict:
@@ -199,6 +325,8 @@ def dvc_yaml() -> dict:
         "stages": {s.name: entry(s) for s in STAGES},
         "plots": [
             {"plots/eval.csv": {"x": "metric", "y": "value", "template": "bar_horizontal"}},
-            {"plots/alpha_heatmap.csv": {"x": "head", "y": "layer", "template": "confusion"}},
+            {"plots/alpha_heatmap.csv": {"x": "alpha", "y": "unit", "template": "bar_horizontal"}},
+            {ORTHO_CSV: {"x": "layer", "y": "cos_max", "template": "scatter"}},
+            ALPHA_PNG,
         ],
     }

@@ -33,6 +33,16 @@ def tiny_family(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def tiny_task_vectors(tiny_family, tmp_path_factory) -> Path:
+    """Δ_I = ITM − base of the tiny family, in the task_vectors stage's layout."""
+    from rain_tasks.task_vectors import compute_task_vectors
+
+    out = tmp_path_factory.mktemp("tiny_task_vectors")
+    compute_task_vectors(tiny_family["base"], tiny_family["itm"], out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def published() -> Path:
     """The published calibration sets beside the project; skip cleanly where absent."""
     if not SHARED.is_dir():

@@ -11,7 +11,7 @@ import pytest
 import torch
 from tiny import make_family
 
-from rain_tasks.alpha import closed_form_alpha, objective_terms, solve_alpha, solve_box_qp
+from rain_tasks.alpha import closed_form_alpha, objective_terms, solve_alpha, solve_box_qp, summary_markdown
 from rain_tasks.arch import MODULES, read_shape
 from rain_tasks.checkpoint import Checkpoint, load_tensors
 from rain_tasks.params import AlphaParams
@@ -95,12 +95,12 @@ def test_solve_alpha_tables_and_gqa_scales(family, tmp_path):
     params = AlphaParams(lambda_h=0.05, mu=0.05)  # weak curvature: α spreads across the box
     out = solve_alpha(tmp_path / "stats.parquet", family, params, 1.0, tmp_path / "alpha.parquet", tmp_path / "scales.safetensors", tmp_path / "plot.csv")
     table = pd.read_parquet(out)
-    assert list(table.columns) == ["layer", "head", "kv_group", "a0", "a1", "u0", "u1", "g", "H", "alpha"]
+    assert list(table.columns) == ["layer", "head", "kv_group", "a0", "a1", "u0", "u1", "g", "H", "alpha_solved", "alpha"]
     assert (table["kv_group"] == table["head"] // shape.n_rep).all()
     alpha = table["alpha"].to_numpy().reshape(shape.num_layers, shape.num_heads)
     assert alpha.std() > 0.05 and ((alpha >= 0) & (alpha <= 1.5)).all()
     plot = pd.read_csv(tmp_path / "plot.csv")
-    assert list(plot.columns) == ["layer", "head", "alpha"] and len(plot) == alpha.size
+    assert list(plot.columns) == ["layer", "head", "unit", "alpha"] and len(plot) == alpha.size
 
     scales, ckpt, hd = load_tensors(tmp_path / "scales.safetensors"), Checkpoint(family), shape.head_dim
     merged = {n for n in ckpt.names() if any(f".{m}." in n for m in MODULES)}
@@ -151,3 +151,47 @@ def test_stats_schema_refuses_duplicates_and_holes():
         STATS_SCHEMA.validate(pd.concat([stats, stats.iloc[:1]], ignore_index=True))
     with pytest.raises(pa.errors.SchemaError):
         STATS_SCHEMA.validate(stats.drop(index=3))
+
+
+def test_relative_scale_keeps_proportions_at_mean_prior(tiny_family, tmp_path):
+    """scale=relative: same ratios between heads as the solved α, mean = prior (before clipping), α_solved kept."""
+    shape = read_shape(tiny_family["lrm"])
+    _stats(shape.num_layers, shape.num_heads).to_parquet(tmp_path / "stats.parquet", index=False)
+    tables = {}
+    for scale in ("absolute", "relative"):
+        params = AlphaParams(scale=scale, box_hi=100.0)
+        out = solve_alpha(tmp_path / "stats.parquet", tiny_family["lrm"], params, 0.8, tmp_path / f"{scale}.parquet", tmp_path / f"{scale}.safetensors")
+        tables[scale] = pd.read_parquet(out)
+    solved = tables["absolute"]["alpha"].to_numpy()
+    np.testing.assert_array_equal(tables["relative"]["alpha_solved"].to_numpy(), solved)
+    rel = tables["relative"]["alpha"].to_numpy()
+    assert rel.mean() == pytest.approx(0.8) and solved.std() > 0
+    np.testing.assert_allclose(rel, solved * (0.8 / solved.mean()), rtol=1e-12)
+
+
+def test_relative_scale_refuses_all_zero_alpha(tiny_family, tmp_path):
+    stats = _stats(2, 4)
+    stats[["a1", "u0"]] = 0.0  # every head loses instruction attention: α clipped to 0 everywhere
+    stats.to_parquet(tmp_path / "stats.parquet", index=False)
+    with pytest.raises(ValueError, match="every solved α is at or below 0"):
+        solve_alpha(tmp_path / "stats.parquet", tiny_family["lrm"], AlphaParams(scale="relative", l2=1e-9), 1.0,
+                    tmp_path / "a.parquet", tmp_path / "s.safetensors")
+    assert not (tmp_path / "a.parquet").exists()
+
+
+def test_heatmap_png_and_report_section(tiny_family, tmp_path):
+    """The α heatmap is a real PNG, byte-identical on a rerun; the report section names every layer and embeds it."""
+    shape = read_shape(tiny_family["lrm"])
+    _stats(shape.num_layers, shape.num_heads).to_parquet(tmp_path / "stats.parquet", index=False)
+    params = AlphaParams()
+    pngs = []
+    for run in range(2):
+        out = solve_alpha(tmp_path / "stats.parquet", tiny_family["lrm"], params, 1.0, tmp_path / "a.parquet",
+                          tmp_path / "s.safetensors", tmp_path / "plot.csv", tmp_path / f"heat{run}.png")
+        pngs.append((tmp_path / f"heat{run}.png").read_bytes())
+    assert pngs[0][:8] == b"\x89PNG\r\n\x1a\n" and pngs[0] == pngs[1]
+    text = summary_markdown(pd.read_parquet(out), params, "heat0.png")
+    assert "![α heatmap](heat0.png)" in text
+    assert [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()] == [
+        str(l) for l in range(shape.num_layers)
+    ]

@@ -98,5 +98,5 @@ def test_failed_merge_leaves_no_output(tiny_family, tmp_path):
 
 
 def test_unknown_method_refused(tiny_family, tmp_path):
-    with pytest.raises(ValueError, match="unknown merge method 'ties'"):
-        merge_checkpoint(tiny_family["lrm"], tmp_path / "o", "ties", {}, DeltaPlan(linear=TensorDir(None)))
+    with pytest.raises(ValueError, match="unknown merge method 'tiez'"):
+        merge_checkpoint(tiny_family["lrm"], tmp_path / "o", "tiez", {}, DeltaPlan(linear=TensorDir(None)))

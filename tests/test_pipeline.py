@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -140,6 +141,27 @@ def test_evaluate_writes_metrics_plots_and_report(dvc_project):
     report = (root / "reports/report.md").read_text()
     for model in ("LRM", "ITM", "RAIN", "ta_all_1.0"):
         assert f"| {model} |" in report
+
+
+def test_energy_sweep_runs_experiments_and_restores_the_workspace(dvc_project):
+    """`rain sweep projection.energy`: one DVC experiment per value, a table/plot of RAIN's metrics
+    against the energy protected, and params.yaml plus every output back as they were."""
+    root, env, _ = dvc_project
+    params_before = (root / "params.yaml").read_text()
+    merged_before = path_digest(root / "models/merged")
+    _sh(["rain", "sweep", "projection.energy", "0.5", "1.0"], root, env)
+    table = pd.read_csv(root / "plots/sweeps/projection.energy.csv")
+    assert table["projection.energy"].tolist() == [0.5, 1.0]
+    assert table["energy_protected"].iloc[0] < table["energy_protected"].iloc[1]
+    assert table["norm_ratio"].iloc[0] > table["norm_ratio"].iloc[1]  # protecting more keeps less of Δ
+    assert table[["close_rate", "comply_rate", "l_think", "h_drift", "residual_heldout"]].notna().all().all()
+    assert (root / "plots/sweeps/projection.energy.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(_sh(["dvc", "exp", "list", "--name-only"], root, env).split()) == 2
+    assert (root / "params.yaml").read_text() == params_before
+    assert path_digest(root / "models/merged") == merged_before
+    assert "up to date" in _sh(["dvc", "status"], root, env)
+    with pytest.raises(AssertionError, match="not a params.yaml parameter"):
+        _sh(["rain", "sweep", "projection.energie", "0.5"], root, env)
 
 
 def test_prefect_flow_matches_dvc_and_second_run_is_all_cache_hits(dvc_project, tmp_path):

@@ -1,0 +1,282 @@
+"""Faults for real: a SIGKILLed merge, a write that runs out of space, an S3 remote that is down or drops mid-push.
+
+The merge runs as the real `rain stage merge` subprocess on a project whose earlier stages
+ran for real (a 4-layer, hidden-256 family, ~15 MB per model, small shards so the merge
+writes ~50 files). Out-of-space is a kernel-enforced file-size limit (RLIMIT_FSIZE, EFBIG)
+on that subprocess: the same failed write() a full disk gives, without root. The S3 remote
+is moto's server behind a TCP relay that the test slows down, cuts and restores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+import yaml
+
+from rain_tasks.checkpoint import atomic_path
+from rain_tasks.digest import tree_digests
+from rain_tasks.params import load_params
+from rain_tasks.remote import PushFailed, push
+from rain_tasks.s3server import DUMMY_CREDENTIALS, free_port
+from rain_tasks.stages import MERGED, run_stage
+from tiny import instruction_rows, make_family, reasoning_rows, write_jsonl
+
+RAIN = str(Path(sys.executable).parent / "rain")
+UPSTREAM = ("task_vectors", "features", "projection", "attention_stats", "alpha")
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1", **DUMMY_CREDENTIALS}
+
+
+@pytest.fixture(scope="module")
+def merge_project(tmp_path_factory) -> Path:
+    """A project with every stage before the merge done (in process, ~3 s)."""
+    root = tmp_path_factory.mktemp("faults") / "project"
+    make_family(root / "ckpt", hidden=256, ffn=1024, layers=4)
+    write_jsonl(root / "calib/reasoning.jsonl", reasoning_rows())
+    write_jsonl(root / "calib/heldout.jsonl", reasoning_rows(3))
+    write_jsonl(root / "calib/instruction.jsonl", instruction_rows())
+    params = {
+        "models": {"base": "ckpt/base", "itm": "ckpt/itm", "lrm": "ckpt/lrm"},
+        "calibration": {"reasoning": "calib/reasoning.jsonl", "instruction": "calib/instruction.jsonl",
+                        "reasoning_heldout": "calib/heldout.jsonl"},
+        "merge": {"max_shard_size": "64KB"},
+        "check": {"min_free_space": "0B"},
+    }
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    for stage in UPSTREAM:
+        run_stage(stage, load_params(root / "params.yaml"), root)
+    return root
+
+
+def _artifact(model_dir: Path) -> dict:
+    """What must be identical between runs: every file's sha256, and of lineage.json its `core` (its
+    `provenance` is volatile by design, see lineage.py)."""
+    files = tree_digests(model_dir)
+    files.pop("lineage.json", None)
+    lineage = model_dir / "lineage.json"
+    return {"files": files, "core": json.loads(lineage.read_text())["core"] if lineage.is_file() else None}
+
+
+@pytest.fixture(scope="module")
+def reference(merge_project) -> dict:
+    """The merged model of an uninterrupted `rain stage merge`."""
+    subprocess.run([RAIN, "stage", "merge"], cwd=merge_project, env=_env(), check=True, capture_output=True)
+    ref = _artifact(merge_project / MERGED)
+    assert len([f for f in ref["files"] if f.endswith(".safetensors")]) > 20
+    return ref
+
+
+def _temporaries(root: Path) -> list[Path]:
+    return sorted((root / MERGED).parent.glob(".merged.tmp-*"))
+
+
+def _kill_after_first_shard(proc: subprocess.Popen, root: Path, timeout_s: float = 120) -> Path:
+    """SIGKILL `proc` as soon as its temporary model directory holds a shard; return that directory."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for tmp in _temporaries(root):
+            if any(tmp.glob("*/part-*.safetensors")):
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                return tmp
+        if proc.poll() is not None:
+            pytest.fail(f"rain stage merge ended (rc {proc.returncode}) before a shard was seen; nothing to kill")
+        time.sleep(0.001)
+    proc.kill()
+    pytest.fail("no shard appeared in time")
+
+
+def test_sigkilled_merge_leaves_nothing_and_rerun_is_bit_identical(merge_project, reference):
+    root = merge_project
+    shutil.rmtree(root / MERGED)
+    proc = subprocess.Popen([RAIN, "stage", "merge"], cwd=root, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tmp = _kill_after_first_shard(proc, root)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (root / MERGED).exists(), "a killed merge must leave no model directory"
+    assert tmp.exists()  # what the killed writer left: hidden, beside the final path, never at it
+    rerun = subprocess.run([RAIN, "stage", "merge"], cwd=root, env=_env(), capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert _temporaries(root) == [], "the rerun removes the killed run's temporary"
+    assert _artifact(root / MERGED) == reference
+
+
+def _limit_file_size(limit: int):
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+def test_out_of_space_mid_merge_fails_cleanly_and_rerun_completes(merge_project, reference):
+    """A write refused by the kernel half-way (shards up to 64 KB fit, the 1 MB MLP shards do not)."""
+    root = merge_project
+    shutil.rmtree(root / MERGED)
+    proc = subprocess.run([RAIN, "stage", "merge"], cwd=root, env=_env(), capture_output=True, text=True,
+                          preexec_fn=_limit_file_size(500_000))
+    assert proc.returncode == 3, proc.stderr
+    assert "rain: error: out of space while writing" in proc.stderr and "models/merged (File too large)" in proc.stderr
+    assert "free disk space" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (root / MERGED).exists() and _temporaries(root) == []
+    subprocess.run([RAIN, "stage", "merge"], cwd=root, env=_env(), check=True, capture_output=True)
+    assert _artifact(root / MERGED) == reference
+
+
+def test_free_space_is_checked_against_the_merged_model_size(merge_project, reference):
+    """The up-front estimate of the merged model is its real size (so `rain check` refuses a disk that is too small)."""
+    from rain_tasks.checkpoint import Checkpoint
+    from rain_tasks.validation import output_estimates
+
+    params = load_params(merge_project / "params.yaml")
+    lrm = Checkpoint(merge_project / "ckpt/lrm")
+    merged = Checkpoint(merge_project / MERGED)
+    real = sum(merged.get(n).numel() * merged.get(n).element_size() for n in merged.names())
+    assert output_estimates(params, lrm, lrm)[MERGED] == real
+
+
+def test_stale_temporary_of_a_dead_writer_is_removed_and_a_live_ones_kept(tmp_path):
+    final = tmp_path / "out.bin"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f".out.bin.tmp-{dead.pid}-abc"
+    live = tmp_path / f".out.bin.tmp-{os.getppid()}-def"
+    stale.mkdir()
+    live.mkdir()
+    with atomic_path(final) as tmp:
+        tmp.write_bytes(b"x")
+    assert final.read_bytes() == b"x"
+    assert not stale.exists() and live.exists()
+
+
+# --- S3: a remote that is down, or drops the connection mid-push ----------------------------------
+
+
+class Relay:
+    """A TCP relay to the S3 server that delays each chunk (a slow link) and can be cut and restored."""
+
+    def __init__(self, target_port: int, delay_s: float = 0.02):
+        self.port, self.target, self.delay_s = free_port(), target_port, delay_s
+        self._socks: list[socket.socket] = []
+        self._listener: socket.socket | None = None
+
+    def start(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", self.port), reuse_port=True)
+        threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        """Close the listener and every open connection: in-flight requests fail, new ones are refused."""
+        for s in [self._listener, *self._socks]:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+        self._socks.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            self._socks += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(16384):
+                time.sleep(self.delay_s)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                s.close()
+
+
+def _objects(endpoint: str, bucket: str) -> int:
+    return boto3.client("s3", endpoint_url=endpoint).list_objects_v2(Bucket=bucket).get("KeyCount", 0)
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """moto's S3 server with a bucket; yields (endpoint, bucket)."""
+    from moto.server import ThreadedMotoServer
+
+    for k, v in DUMMY_CREDENTIALS.items():
+        monkeypatch.setenv(k, v)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="rain-faults")
+    yield endpoint, "rain-faults"
+    server.stop()
+
+
+def _dvc_repo(root: Path, endpoint: str, n_files: int = 200) -> Path:
+    """A git+DVC repository tracking `n_files` random files, its default remote at `endpoint`."""
+    env = _env()
+    root.mkdir(parents=True)
+    data = root / "artifacts"
+    data.mkdir()
+    for i in range(n_files):
+        (data / f"part_{i:03d}.bin").write_bytes(os.urandom(20_000))
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "add", "-q", "artifacts"],
+                ["dvc", "remote", "add", "-d", "storage", "s3://rain-faults/dvc"],
+                ["dvc", "remote", "modify", "storage", "endpointurl", endpoint]):
+        subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True)
+    return root
+
+
+def test_s3_down_or_dropping_mid_push_retries_then_fails_clearly_and_a_later_push_completes(s3, tmp_path, monkeypatch):
+    endpoint, bucket = s3
+    relay = Relay(int(endpoint.rsplit(":", 1)[1]))
+    root = _dvc_repo(tmp_path / "repo", f"http://127.0.0.1:{relay.port}")
+    monkeypatch.setenv("PATH", _env()["PATH"])
+    monkeypatch.setenv("DVC_SITE_CACHE_DIR", str(tmp_path / "site"))
+
+    # 1. remote down: every attempt fails, then one clear error; nothing reaches the bucket
+    with pytest.raises(PushFailed, match=r"failed 2 time\(s\); last error: .*Could not connect to the endpoint URL.*rerun `dvc push`"):
+        push(root, attempts=2, backoff_s=0.1)
+    assert _objects(endpoint, bucket) == 0
+
+    # 2. the link drops mid-push (after some objects arrived): fails clearly, some but not all objects pushed
+    relay.start()
+    total = len(list((root / "artifacts").iterdir())) + 1  # + the directory listing object
+
+    def cut_when_some_arrived() -> None:
+        while _objects(endpoint, bucket) < 10:
+            time.sleep(0.01)
+        relay.cut()
+
+    cutter = threading.Thread(target=cut_when_some_arrived, daemon=True)
+    cutter.start()
+    with pytest.raises(PushFailed, match="last error: ERROR"):
+        push(root, attempts=1)
+    cutter.join()
+    assert 10 <= _objects(endpoint, bucket) < total
+
+    # 3. link back: a later push uploads what is missing; a fresh clone pulls byte-identical files
+    relay.start()
+    push(root, attempts=1)
+    assert _objects(endpoint, bucket) == total
+    clone = tmp_path / "clone"
+    env = {**_env(), "DVC_SITE_CACHE_DIR": str(tmp_path / "site")}
+    subprocess.run(["git", "add", "-A"], cwd=root, env=env, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"], cwd=root, env=env, check=True)
+    subprocess.run(["git", "clone", "-q", str(root), str(clone)], env=env, check=True)
+    subprocess.run(["dvc", "pull", "-q"], cwd=clone, env=env, check=True, capture_output=True)
+    assert tree_digests(clone / "artifacts") == tree_digests(root / "artifacts")

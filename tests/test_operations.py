@@ -1,0 +1,165 @@
+"""Operations for real, on the mini family (2 layers, width 32: a whole flow run in well under a minute):
+
+- DVC artifacts round-trip through a real S3 API server (moto): push, clone, pull, up to date;
+- the flow's per-layer tasks on a local Dask cluster give the default runner's bytes;
+- a served, scheduled Prefect deployment on a real local Prefect server, triggered through the
+  API, with its task results in S3: the second triggered run is all cache hits.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from projects import MINI_OVERRIDES, MINI_ZOO, ROOT, comparable_digests, fresh_project, project_env, sh
+from rain_tasks.s3server import DUMMY_CREDENTIALS, free_port, local_s3
+from rain_tasks.stages import LAYER_SPLITS, STAGES
+
+pytestmark = pytest.mark.slow
+FLOW_STATES = str(ROOT / "tests" / "flow_states.py")
+OUTPUTS = sorted({o for s in STAGES for o in s.outputs})
+MINI_LAYERS = MINI_ZOO["num_layers"]
+
+
+@pytest.fixture(scope="module")
+def flow_project(tmp_path_factory) -> tuple[Path, dict]:
+    """A mini-family project (its own git repo) after one run of the flow on the default runner."""
+    tmp = tmp_path_factory.mktemp("ops")
+    env = {**project_env(tmp), **DUMMY_CREDENTIALS}
+    root = fresh_project(tmp / "project", env, MINI_ZOO, MINI_OVERRIDES)
+    log = sh([sys.executable, FLOW_STATES, str(root)], root, env)
+    assert f"completed={len(STAGES)}" in log and f"layers={{'Completed': {MINI_LAYERS * len(LAYER_SPLITS)}}}" in log, log
+    return root, env
+
+
+def test_dvc_artifacts_round_trip_through_s3(flow_project, tmp_path):
+    """Record the flow's outputs with DVC, push them to S3, clone the repo elsewhere and pull: up to date, same bytes."""
+    root, env = flow_project
+    sh(["dvc", "commit", "-f"], root, env)  # dvc.lock from the outputs on disk: no stage runs
+    sh(["git", "add", "-A"], root, env)
+    sh(["git", "commit", "-qm", "pipeline outputs"], root, env)
+    clone = tmp_path / "clone"
+    with local_s3("rain-artifacts") as endpoint:
+        sh(["dvc", "remote", "modify", "--local", "storage", "endpointurl", endpoint], root, env)
+        sh(["dvc", "push"], root, env)
+        sh(["git", "clone", "-q", str(root), str(clone)], tmp_path, env)
+        assert not (clone / "models/merged").exists()
+        sh(["dvc", "remote", "modify", "--local", "storage", "endpointurl", endpoint], clone, env)
+        sh(["dvc", "pull"], clone, env)
+        status = sh(["dvc", "status"], clone, env)
+    assert "Data and pipelines are up to date" in status, status
+    for out in OUTPUTS:
+        assert comparable_digests(clone / out) == comparable_digests(root / out), out
+        assert (clone / out).exists()
+    assert sh(["rain", "verify-lineage", "models/merged", "--project", "."], clone, env).startswith("models/merged: lineage verified")
+
+
+def test_dask_runner_gives_the_default_runners_artifacts(flow_project, tmp_path):
+    root, _ = flow_project
+    env = {**project_env(tmp_path), **DUMMY_CREDENTIALS}  # its own Prefect storage: nothing cached
+    other = fresh_project(tmp_path / "project", env, MINI_ZOO, MINI_OVERRIDES)
+    log = sh([sys.executable, FLOW_STATES, str(other), "dask"], other, env)
+    assert f"layers={{'Completed': {MINI_LAYERS * len(LAYER_SPLITS)}}}" in log, log
+    for out in OUTPUTS:
+        assert comparable_digests(other / out) == comparable_digests(root / out), out
+
+
+# --- the scheduled deployment ----------------------------------------------------------------
+
+
+def _start_prefect_server(tmp: Path, env: dict) -> tuple[subprocess.Popen, str]:
+    """`prefect server start` on a free port with its own database; return the process and its API URL."""
+    import httpx
+
+    port = free_port()
+    server_env = {**env, "PREFECT_HOME": str(tmp / "server"), "PREFECT_API_URL": ""}
+    log = open(tmp / "server.log", "w")
+    proc = subprocess.Popen(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                            env=server_env, stdout=log, stderr=subprocess.STDOUT)
+    api = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                return proc, api
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            break
+        time.sleep(0.5)
+    proc.terminate()
+    raise AssertionError(f"Prefect server did not start:\n{(tmp / 'server.log').read_text()[-3000:]}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def _wait_for_deployment(client, name: str, serve: subprocess.Popen, log: Path):
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            return client.read_deployment_by_name(name)
+        except Exception:  # not registered yet (ObjectNotFound)
+            if serve.poll() is not None:
+                raise AssertionError(f"`rain serve` exited:\n{log.read_text()[-3000:]}") from None
+            time.sleep(0.5)
+    raise AssertionError(f"deployment {name} never appeared:\n{log.read_text()[-3000:]}")
+
+
+def _task_states(client, flow_run_id) -> Counter:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return Counter(r.state.name for r in runs)
+
+
+def test_scheduled_deployment_runs_through_the_api_with_results_in_s3(tmp_path):
+    import boto3
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.filesystems import RemoteFileSystem
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    env = {**project_env(tmp_path), **DUMMY_CREDENTIALS}
+    root = fresh_project(tmp_path / "project", env, MINI_ZOO, MINI_OVERRIDES)
+    server, api = _start_prefect_server(tmp_path, env)
+    env["PREFECT_API_URL"] = api
+    serve_log = tmp_path / "serve.log"
+    try:
+        with local_s3("rain-results") as endpoint, temporary_settings({PREFECT_API_URL: api}):
+            RemoteFileSystem(basepath="s3://rain-results/prefect", settings={
+                "key": DUMMY_CREDENTIALS["AWS_ACCESS_KEY_ID"], "secret": DUMMY_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+                "client_kwargs": {"endpoint_url": endpoint}}).save("rain-results")
+            serve = subprocess.Popen(
+                ["rain", "serve", "--project", str(root), "--name", "test", "--cron", "0 3 * * *",
+                 "--result-storage", "remote-file-system/rain-results"],
+                cwd=root, env=env, stdout=open(serve_log, "w"), stderr=subprocess.STDOUT)
+            try:
+                with get_client(sync_client=True) as client:
+                    deployment = _wait_for_deployment(client, "rain_merge/test", serve, serve_log)
+                    assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
+                    assert deployment.parameters["project_dir"] == str(root)
+                    first = run_deployment("rain_merge/test", timeout=600)
+                    assert first.state.is_completed(), serve_log.read_text()[-3000:]
+                    states = _task_states(client, first.id)
+                    assert states["Completed"] == len(STAGES) + MINI_LAYERS * len(LAYER_SPLITS), states
+                    second = run_deployment("rain_merge/test", timeout=600)
+                    assert second.state.is_completed(), serve_log.read_text()[-3000:]
+                    assert _task_states(client, second.id) == Counter({"Cached": sum(states.values())})
+                objects = boto3.client("s3", endpoint_url=endpoint).list_objects_v2(Bucket="rain-results", Prefix="prefect/")
+                assert objects.get("KeyCount", 0) >= sum(states.values())  # one persisted result per task
+            finally:
+                _stop(serve)
+    finally:
+        _stop(server)
+    assert sh(["rain", "verify-lineage", "models/merged"], root, env).startswith("models/merged: lineage verified")
