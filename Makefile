@@ -17,11 +17,12 @@ export PREFECT_LOGGING_LEVEL := WARNING
 .PHONY: venv demo test flow clean
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-test.txt pyproject.toml
+$(VENV)/.installed: requirements.txt requirements-test.txt requirements-eval.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -r requirements-test.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -r requirements-eval.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $@
 

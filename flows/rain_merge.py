@@ -20,8 +20,7 @@ Operations:
   directory at the same path and have this package installed.
 """
 
-from __future__ import annotations
-
+# no `from __future__ import annotations`: Prefect validates the flow's parameter types at run time
 import logging
 import shutil
 from pathlib import Path
@@ -129,7 +128,7 @@ def resolve_result_storage(spec: str | None):
         return Block.load(spec)
     except ValueError as e:
         raise ValueError(f"result storage block {spec!r} not found on the Prefect server ({e}); save it first "
-                         "(see README, 'Prefect result storage') or pass a local path") from None
+                         "(README: Operations, Prefect result storage) or pass a local path") from None
 
 
 def _with_storage(t: Task, storage, name: str) -> Task:

@@ -1,36 +1,95 @@
 """Evaluation: behaviour on held-out instruction problems, think-format KL, and the comparison report.
 
-Behaviour (think / close / correct / comply rates) comes from greedy generation
-(`rain_tasks.generation`); L_think = mean KL(p_LRM ‖ p_model) of next-token distributions at
-Ω_think positions of held-out reasoning traces, teacher forced, and h_drift the relative change of
-the hidden states there (Stage 1's end-to-end invariance).
+Behaviour (think rate, IFEval prompt- and instruction-level strict accuracy, answer accuracy,
+`</think>` missing rate) comes from greedy generation (`rain_tasks.generation`); L_think =
+mean KL(p_LRM ‖ p_model) of next-token distributions at Ω_think positions of held-out reasoning
+traces, teacher forced, and h_drift the relative change of the hidden states there (Stage 1's
+end-to-end invariance). The held-out sets must share no prompt with a calibration set
+(`contaminated_prompts`), or the numbers would measure memorised calibration data.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
+import pandas as pd
 import torch
 from tqdm import tqdm
 
 from rain_tasks.calibration import load_tokenizer, render, think_positions
 from rain_tasks.checkpoint import atomic_path
 from rain_tasks.generation import behaviour_metrics, load_model
+from rain_tasks.plots import lines
 from rain_tasks.schemas import load_records
 
 log = logging.getLogger(__name__)
 
 #: metrics shown in the comparison table, in order, with their headers
 TABLE_COLUMNS = {
+    "comply_rate": "IF prompt",
+    "comply_instruction_rate": "IF instr.",
+    "correct_rate": "reasoning acc.",
     "think_rate": "think",
-    "close_rate": "close </think>",
-    "correct_rate": "correct",
-    "comply_rate": "comply",
+    "missing_close_rate": "`</think>` missing",
     "l_think": "L_think",
     "h_drift": "h drift",
+    "merge_time_s": "merge time (s)",
 }
+#: metrics drawn against λ for the task-arithmetic baselines
+LAMBDA_METRICS = ["comply_rate", "correct_rate", "missing_close_rate", "l_think"]
+
+
+class ContaminationError(ValueError):
+    """Held-out evaluation prompts also occur in a calibration set."""
+
+
+def normalize_prompt(text: str) -> str:
+    """The form prompts are compared in: whitespace runs collapsed, case folded."""
+    return " ".join(text.split()).casefold()
+
+
+def contaminated_prompts(eval_prompts: dict[str, list[str]], calibration_prompts: Iterable[str]) -> dict[str, list[str]]:
+    """Per held-out set, its prompts that also occur (normalized) in the calibration prompts."""
+    seen = {normalize_prompt(t) for t in calibration_prompts}
+    return {name: [t for t in prompts if normalize_prompt(t) in seen] for name, prompts in eval_prompts.items()}
+
+
+def require_uncontaminated(found: dict[str, list[str]]) -> dict[str, int]:
+    """The contamination counts per held-out set; raise ContaminationError naming the prompts if any is nonzero."""
+    counts = {name: len(prompts) for name, prompts in found.items()}
+    if any(counts.values()):
+        examples = "; ".join(f"{name}: {prompts[:3]}" for name, prompts in found.items() if prompts)
+        raise ContaminationError(
+            f"held-out evaluation prompts also occur in a calibration set ({counts}): {examples}. "
+            "Remove them from the evaluation files or from the calibration sets before evaluating."
+        )
+    return counts
+
+
+def read_merge_times(paths: Iterable[Path]) -> dict[str, float]:
+    """Model name -> merge wall seconds, from the merging stages' time files."""
+    times: dict[str, float] = {}
+    for path in paths:
+        times.update({name: entry["merge_time_s"] for name, entry in json.loads(Path(path).read_text()).items()})
+    return times
+
+
+def lambda_table(results: dict[str, dict], runs: list[dict]) -> pd.DataFrame:
+    """The task-arithmetic baselines' metrics against λ (one row per run), by scope."""
+    rows = [{"model": r["name"], "lam": r["lam"], "scope": r["scope"], **{k: results[r["name"]][k] for k in LAMBDA_METRICS}}
+            for r in runs if r["method"] == "task_arithmetic" and r["name"] in results]
+    return pd.DataFrame(rows, columns=["model", "lam", "scope", *LAMBDA_METRICS]).sort_values(["scope", "lam"], kind="stable")
+
+
+def write_lambda_sweep(table: pd.DataFrame, csv_path: Path, png_path: Path) -> bool:
+    """Write the λ table (`dvc plots` data) and its line plot; True if some scope has two λ values or more."""
+    with atomic_path(csv_path) as tmp:
+        table.to_csv(tmp, index=False)
+    lines(table, "lam", LAMBDA_METRICS, png_path, "task arithmetic θ_R + λ·Δ_I against λ", group="scope")
+    return bool(len(table)) and int(table.groupby("scope")["lam"].nunique().max()) >= 2
 
 
 @torch.no_grad()
@@ -88,12 +147,38 @@ def evaluate_models(
     return results
 
 
-def format_table(results: dict[str, dict]) -> str:
-    """Markdown table of the headline metrics, one row per model."""
-    head = "| model | " + " | ".join(TABLE_COLUMNS.values()) + " |"
-    rule = "|---|" + "---:|" * len(TABLE_COLUMNS)
+def lm_eval_scores(model_dirs: dict[str, Path], tasks: list[str], limit: int | None,
+                   include: str | Path | None = None) -> dict[str, dict[str, dict[str, float]]]:
+    """Per model, lm-eval harness scores (task -> metric -> value) through HFLM on the model directory.
+
+    For real checkpoints (`evaluate.lm_eval_tasks` in params.yaml): lm-eval reads task data through
+    `datasets`, so offline runs need it in the local datasets cache; `include` adds a folder of task
+    YAMLs. Needs lm-eval's [hf] extras (accelerate, peft) beside requirements-eval.txt. The tokenizer
+    is the pipeline's own (`load_tokenizer`: HFLM's AutoTokenizer would mangle a non-BPE tokenizer.json).
+    """
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(include) if include else None)
+    scores = {}
+    for name, path in model_dirs.items():
+        lm = HFLM(pretrained=str(path), tokenizer=load_tokenizer(path), device="cuda" if torch.cuda.is_available() else "cpu")
+        out = simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=manager, log_samples=False)
+        scores[name] = {task: {k: float(v) for k, v in res.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+                        for task, res in out["results"].items()}
+        log.info("lm-eval %s: %s", name, scores[name])
+    return scores
+
+
+def format_table(results: dict[str, dict], labels: dict[str, str] | None = None) -> str:
+    """Markdown table of the headline metrics, one row per model (with its method label where given)."""
+    labels = labels or {}
+    head = "| model | method | " + " | ".join(TABLE_COLUMNS.values()) + " |"
+    rule = "|---|---|" + "---:|" * len(TABLE_COLUMNS)
     rows = [
-        f"| {name} | " + " | ".join(_fmt(m.get(k)) for k in TABLE_COLUMNS) + " |" for name, m in results.items()
+        f"| {name} | {labels.get(name, '')} | " + " | ".join(_fmt(m.get(k)) for k in TABLE_COLUMNS) + " |"
+        for name, m in results.items()
     ]
     return "\n".join([head, rule, *rows])
 
@@ -108,28 +193,41 @@ def _fmt(v) -> str:
 
 
 def write_outputs(
-    results: dict[str, dict], metrics_path: Path, plots_path: Path, report_path: Path, context: dict, sections: tuple[str, ...] = ()
+    results: dict[str, dict], metrics_path: Path, plots_path: Path, report_path: Path, context: dict,
+    sections: tuple[str, ...] = (), figures: tuple[tuple[str, str], ...] = (),
 ) -> None:
-    """metrics JSON for `dvc metrics`, long CSV for `dvc plots`, and the markdown report (all atomic).
+    """metrics JSON for `dvc metrics`, long CSV for `dvc plots`, the markdown report and its JSON twin
+    (report_path with suffix .json), all atomic.
 
-    `sections` are further markdown blocks (e.g. the α summary) placed after the comparison table.
+    `context` holds 'merged' (the model's path), 'labels' (model -> method), 'contamination' (counts per
+    held-out set) and 'params'; `figures` are (title, path relative to the report) PNGs embedded after
+    the table, and `sections` further markdown blocks (e.g. the α summary) after them.
     """
+    metrics = {**results, "contamination": context["contamination"]}
     with atomic_path(metrics_path) as tmp:
-        tmp.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-    lines = ["model,metric,value"] + [f"{n},{k},{m[k]}" for n, m in results.items() for k in TABLE_COLUMNS]
+        tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    rows = ["model,metric,value"] + [f"{n},{k},{m[k]}" for n, m in results.items() for k in TABLE_COLUMNS if k in m]
     with atomic_path(plots_path) as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
+        tmp.write_text("\n".join(rows) + "\n")
+    table = {"columns": TABLE_COLUMNS, "labels": context["labels"], "contamination": context["contamination"],
+             "models": results}
+    with atomic_path(report_path.with_suffix(".json")) as tmp:
+        tmp.write_text(json.dumps(table, indent=2) + "\n")
     report = [
         "# RAIN-Merging evaluation report",
         "",
-        f"Merged model: `{context['merged']}`",
+        f"Merged model: `{context['merged']}`. Held-out prompts found in a calibration set: "
+        f"{sum(context['contamination'].values())} ({context['contamination']}).",
         "",
-        format_table(results),
+        format_table(results, context["labels"]),
         "",
-        "think: emits `<think>`; close: emits `</think>` within the token budget; correct: final answer right;",
-        "comply: the format instruction is followed; L_think: mean KL(p_LRM ‖ p_model) at Ω_think (teacher forced);",
-        "h drift: mean over layers of ‖h_model − h_LRM‖/‖h_LRM‖ of the hidden states at Ω_think (teacher forced).",
+        "IF prompt / IF instr.: IFEval strict accuracy, prompt level (every instruction followed) and instruction",
+        "level; reasoning acc.: the final answer after `</think>` is right; think: emits `<think>`; `</think>` missing:",
+        "no `</think>` within the token budget (truncated thinking counts); L_think: mean KL(p_LRM ‖ p_model) at",
+        "Ω_think (teacher forced); h drift: mean over layers of ‖h_model − h_LRM‖/‖h_LRM‖ at Ω_think; merge time: wall",
+        "seconds of the streamed merge that wrote the model (RAIN's Stage 1–2 statistics not included).",
         "",
+        *(f"![{title}]({path})\n" for title, path in figures),
         *sections,
         "Params: `" + json.dumps(context.get("params", {}), sort_keys=True) + "`",
         "",

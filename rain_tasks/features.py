@@ -201,8 +201,6 @@ def accumulate_features(
     `low_rank=False` forces Grams for every set (used to check both paths agree).
     """
     lrm_dir, out_dir = Path(lrm_dir), Path(out_dir)
-    if params.k_mode != "keys":
-        raise NotImplementedError(f"features.k_mode={params.k_mode!r} is not implemented; use 'keys'")
     shape = read_shape(lrm_dir)
     tokenizer = load_tokenizer(lrm_dir)
     records = load_records(reasoning_path, "reasoning")[: params.max_samples]

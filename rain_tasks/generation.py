@@ -82,14 +82,25 @@ def extract_answer_number(answer_text: str) -> str | None:
 
 def behaviour_metrics(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                       eval_rows: list[dict], max_new_tokens: int, batch_size: int = 64) -> dict:
-    """Think/close/correct/comply rates (and compliance per instruction id) on instruction-eval rows."""
+    """Behaviour on instruction-eval rows from greedy generations within `max_new_tokens`.
+
+    think/close: the reply opens `<think>` / closes it within the budget (a truncated thinking
+    block counts as missing `</think>`); correct: 'answer is N' after the block is right;
+    comply_rate: IFEval prompt-level strict accuracy (every instruction of the prompt followed);
+    comply_instruction_rate: instruction-level strict accuracy (over all instructions of all prompts).
+    """
     texts = generate(model, tokenizer, [r["prompt"] for r in eval_rows], max_new_tokens, batch_size)
+    return score_outputs(eval_rows, texts)
+
+
+def score_outputs(eval_rows: list[dict], texts: list[str]) -> dict:
+    """The behaviour metrics of generations `texts` (one per eval row); see `behaviour_metrics`."""
     per_id: dict[str, list[bool]] = defaultdict(list)
     think = close = correct = comply = 0
-    for row, text in zip(eval_rows, texts):
+    for row, text in zip(eval_rows, texts, strict=True):
         parsed = parse_output(text)
-        ok = [instructions.check(iid, parsed.answer, kw)
-              for iid, kw in zip(row["instruction_id_list"], row["kwargs"])]
+        ok = [instructions.check(iid, parsed.answer, kw, row["prompt"])
+              for iid, kw in zip(row["instruction_id_list"], row["kwargs"], strict=True)]
         for iid, passed in zip(row["instruction_id_list"], ok):
             per_id[iid].append(passed)
         think += parsed.opened_think
@@ -97,11 +108,14 @@ def behaviour_metrics(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
         correct += extract_answer_number(parsed.answer) == str(row["answer"])
         comply += all(ok)
     n = len(eval_rows)
+    followed = [passed for v in per_id.values() for passed in v]
     return {
         "n": n,
         "think_rate": think / n,
         "close_rate": close / n,
+        "missing_close_rate": (n - close) / n,
         "correct_rate": correct / n,
         "comply_rate": comply / n,
+        "comply_instruction_rate": sum(followed) / len(followed),
         "comply_by_instruction": {iid: sum(v) / len(v) for iid, v in sorted(per_id.items())},
     }

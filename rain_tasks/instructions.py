@@ -1,36 +1,34 @@
-"""Verifiable format instructions, registered by IFEval-style id.
+"""Verifiable format instructions: IFEval's checkers (from lm-eval) for the ids IFEval defines, ours for the rest.
 
-Each checker is a pure function of the final answer text (what follows `</think>`, or the
-whole reply when there is no thinking block) and the instruction's kwargs, so compliance
-can be scored without a model. Four types are used by the tiny family; the ids follow
-IFEval where IFEval has the same instruction.
+A checker is a function of the final answer text (what follows `</think>`, or the whole reply
+when there is no thinking block), the instruction's kwargs and the prompt, so compliance can
+be scored without a model. Scoring is IFEval's *strict* rule: an instruction is followed when
+the response is non-empty and the checker accepts it as it is.
+
+The 25 IFEval ids are checked by lm-eval's own implementation (`lm_eval.tasks.ifeval`, pinned in
+requirements-eval.txt) rather than a rewrite. Two of the tiny family's instructions have no IFEval
+counterpart and are checked here: `change_case:capital_letters` (IFEval's `english_capital` also
+requires langdetect to call the text English, which it does for 0 of 200 of the family's uppercase
+chains, "7 PLUS 3 IS 10 . …", since that vocabulary is not English) and `combination:repeat_answer`.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import re
-from typing import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 Checker = Callable[[str, dict], bool]
 
 ANSWER_STATEMENT = re.compile(r"answer\s+is\s+(-?\d+)", re.IGNORECASE)
+log = logging.getLogger(__name__)
 
 
-def english_capital(response: str, kwargs: dict) -> bool:
-    """`change_case:english_capital`: every letter is uppercase (and there is at least one)."""
+def capital_letters(response: str, kwargs: dict) -> bool:
+    """`change_case:capital_letters`: every letter is uppercase (and there is at least one)."""
     return any(ch.isalpha() for ch in response) and response == response.upper()
-
-
-def quotation(response: str, kwargs: dict) -> bool:
-    """`startend:quotation`: the whole response is wrapped in double quotes."""
-    text = response.strip()
-    return len(text) > 1 and text[0] == '"' and text[-1] == '"'
-
-
-def end_checker(response: str, kwargs: dict) -> bool:
-    """`startend:end_checker`: the response ends with kwargs['end_phrase'] (case-insensitive)."""
-    phrase = str(kwargs["end_phrase"]).strip().lower()
-    return bool(phrase) and response.strip().lower().endswith(phrase)
 
 
 def repeat_answer(response: str, kwargs: dict) -> bool:
@@ -39,20 +37,83 @@ def repeat_answer(response: str, kwargs: dict) -> bool:
     return len(numbers) == int(kwargs.get("times", 2)) and len(set(numbers)) == 1
 
 
+#: instructions IFEval does not define, checked here
 CHECKERS: dict[str, Checker] = {
-    "change_case:english_capital": english_capital,
-    "startend:quotation": quotation,
-    "startend:end_checker": end_checker,
+    "change_case:capital_letters": capital_letters,
     "combination:repeat_answer": repeat_answer,
 }
 
 
-def check(instruction_id: str, response: str, kwargs: dict) -> bool:
-    """Whether `response` follows the instruction `instruction_id` with `kwargs`."""
+@contextmanager
+def _no_nltk_download() -> Iterator[None]:
+    """Importing lm-eval's IFEval utilities calls `nltk.download('punkt_tab')` when the data is missing:
+    offline that is a failed (or hanging) network request, so it is turned into a log line instead."""
+    import nltk
+
+    download = nltk.download
+
+    def skip(resource: str, *args, **kwargs) -> bool:
+        log.info("NLTK data %r is not installed; not downloading it (checkers needing it will say so)", resource)
+        return False
+
+    nltk.download = skip
     try:
-        checker = CHECKERS[instruction_id]
-    except KeyError:
-        raise KeyError(
-            f"unknown instruction id {instruction_id!r}; known ids: {sorted(CHECKERS)}"
+        yield
+    finally:
+        nltk.download = download
+
+
+@functools.cache
+def ifeval_registry() -> dict[str, type]:
+    """lm-eval's IFEval instruction classes by id (langdetect seeded, so language checks are deterministic)."""
+    try:
+        import langdetect
+
+        with _no_nltk_download():
+            from lm_eval.tasks.ifeval.instructions_registry import INSTRUCTION_DICT
+    except ImportError as e:
+        raise ImportError(
+            f"IFEval instruction checkers need lm-eval and its light dependencies ({e}); install them with "
+            "`.venv/bin/pip install --no-deps -r requirements-eval.txt`"
+        ) from e
+    langdetect.DetectorFactory.seed = 0
+    return dict(INSTRUCTION_DICT)
+
+
+def _ifeval_check(instruction_id: str, response: str, kwargs: dict, prompt: str) -> bool:
+    """One instruction of lm-eval's `test_instruction_following_strict` (same description building)."""
+    instruction = ifeval_registry()[instruction_id](instruction_id)
+    instruction.build_description(**{k: v for k, v in kwargs.items() if v})
+    args = instruction.get_instruction_args()
+    if args and "prompt" in args:
+        instruction.build_description(prompt=prompt)
+    try:
+        return bool(instruction.check_following(response))
+    except LookupError as e:  # nltk's "Resource ... not found"
+        raise RuntimeError(
+            f"IFEval checker {instruction_id!r} needs NLTK data that is not installed here and cannot be "
+            f"downloaded offline: {str(e).strip().splitlines()[0] if str(e).strip() else e}. On a machine with "
+            "network access run `python -m nltk.downloader punkt punkt_tab` and point NLTK_DATA at the result."
         ) from None
-    return checker(response, kwargs or {})
+
+
+def known_ids() -> list[str]:
+    """Every instruction id that can be checked: ours and (where lm-eval is installed) IFEval's."""
+    try:
+        ifeval = list(ifeval_registry())
+    except ImportError:
+        ifeval = []
+    return sorted({*CHECKERS, *ifeval})
+
+
+def check(instruction_id: str, response: str, kwargs: dict | None, prompt: str = "") -> bool:
+    """Whether `response` follows the instruction `instruction_id` with `kwargs` (IFEval strict: non-empty and accepted).
+
+    `prompt` is the user prompt, which some IFEval checkers (`combination:repeat_prompt`) compare against.
+    """
+    kwargs = kwargs or {}
+    if instruction_id in CHECKERS:
+        return bool(response.strip()) and CHECKERS[instruction_id](response, kwargs)
+    if instruction_id not in ifeval_registry():
+        raise KeyError(f"unknown instruction id {instruction_id!r}; known ids: {known_ids()}")
+    return bool(response.strip()) and _ifeval_check(instruction_id, response, kwargs, prompt)

@@ -26,6 +26,7 @@ from rain_tasks.arch import MODULES, layer_of, module_of
 from rain_tasks.baselines import tensor_seed
 from rain_tasks.checkpoint import Checkpoint, atomic_path
 from rain_tasks.params import OrthogonalityParams
+from rain_tasks.plots import heatmap
 from rain_tasks.schemas import ORTHOGONALITY_SCHEMA
 from rain_tasks.task_vectors import check_compatible
 
@@ -96,11 +97,15 @@ def orthogonality_table(base_dir: str | Path, itm_dir: str | Path, lrm_dir: str 
 
 
 def write_orthogonality(base_dir: str | Path, itm_dir: str | Path, lrm_dir: str | Path, p: OrthogonalityParams,
-                        out_csv: str | Path) -> pd.DataFrame:
-    """Compute the table and write it atomically as CSV (usable as `dvc plots` data); return it."""
+                        out_csv: str | Path, out_png: str | Path) -> pd.DataFrame:
+    """Compute the table and write it atomically as CSV (`dvc plots` data) and as a heatmap PNG
+    (the report's figure: largest cosine per layer and module:side); return it."""
     table = orthogonality_table(base_dir, itm_dir, lrm_dir, p)
     with atomic_path(out_csv) as tmp:
         table.to_csv(tmp, index=False, float_format="%.6g")
+    cells = table.assign(module=table["module"] + ":" + table["side"])
+    heatmap(cells, "layer", "module", "cos_max", out_png,
+            f"max cos of principal angles, top-{p.rank} subspaces of Δ_R vs Δ_I", vmin=0.0, vmax=1.0)
     log.info("orthogonality: %d modules, median cos_max %.3f (chance rms %.3f)", len(table) // 2,
              table["cos_max"].median(), table["random_rms"].median())
     return table

@@ -51,7 +51,9 @@ class FeaturesParams(_Section):
 
     neighbour_radius: int = Field(5, ge=0)
     key_mass: float = Field(0.9, gt=0.0, le=1.0)
-    k_mode: Literal["keys", "bilinear"] = "keys"
+    #: k_proj rows are the keys Ω attends to (the exact bilinear constraints q_tᵀ ΔW_k x_s = 0 are not offered:
+    #: their space is d_out·d_in wide per KV group)
+    k_mode: Literal["keys"] = "keys"
     max_samples: int | None = Field(None, ge=1)
     max_tokens: int = Field(4096, ge=16)
 
@@ -113,6 +115,11 @@ class _BaselineRun(_Section):
     def method_params(self) -> dict:
         """The registered merge method's own params (everything but name, method and scope)."""
         return self.model_dump(mode="json", exclude={"name", "method", "scope"})
+
+    def describe(self) -> str:
+        """One line for the report, e.g. 'ties density=0.5 weights=[1.0, 1.0] lam=1.0 (scope all)'."""
+        args = " ".join(f"{k}={v}" for k, v in self.method_params().items())
+        return f"{self.method} {args} (scope {self.scope})"
 
 
 class TaskArithmeticRun(_BaselineRun):
@@ -190,6 +197,11 @@ class EvaluateParams(_Section):
     batch_size: int = Field(64, ge=1)
     max_eval: int | None = Field(None, ge=1)
     neighbour_radius: int = Field(5, ge=0)
+    # optional lm-eval harness tasks (e.g. [ifeval, gsm8k]) run through HFLM on every model: for real checkpoints
+    # with the task data available locally (HF_HUB_OFFLINE runs read the datasets cache); empty = not run
+    lm_eval_tasks: list[str] = Field(default_factory=list)
+    lm_eval_limit: int | None = Field(None, ge=1)  # examples per task (None: all)
+    lm_eval_include: str | None = None  # a folder of extra task YAMLs (lm-eval's --include_path)
 
 
 class CheckParams(_Section):

@@ -8,11 +8,15 @@ written `${models.lrm}` is resolved from params.yaml (DVC templating does the sa
 
 from __future__ import annotations
 
+import json
 import logging
 import re
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from rain_tasks.params import Params
 
@@ -20,10 +24,28 @@ log = logging.getLogger(__name__)
 
 TV, FEAT, FEAT_HELDOUT, PROJ = "artifacts/task_vectors", "artifacts/features", "artifacts/features_heldout", "artifacts/projected"
 ATTN, ALPHA = "artifacts/attention", "artifacts/alpha"
-MERGED, BASELINES = "models/merged", "models/baselines"
-ORTHO_CSV = "plots/orthogonality.csv"
+MERGED, BASELINES, ABLATIONS = "models/merged", "models/baselines", "models/ablations"
+ORTHO_CSV, ORTHO_PNG = "plots/orthogonality.csv", "plots/orthogonality.png"
 EVAL_DIR = "data/eval"
 ALPHA_PNG = "plots/alpha_heatmap.png"
+LAMBDA_CSV, LAMBDA_PNG = "plots/baselines_lambda.csv", "plots/baselines_lambda.png"
+#: each merging stage's wall time per model it writes (outside the model directories, whose bytes stay deterministic)
+MERGE_TIMES = {"merge": "metrics/merge_time.json", "ablations": "metrics/ablations_time.json",
+               "baselines": "metrics/baselines_time.json"}
+
+
+class Ablation(NamedTuple):
+    """One of the paper's ablations: RAIN's merge keeping Stage 1 (Δ⊥ instead of Δ_I) and/or Stage 2 (α, else 1)."""
+
+    projected: bool
+    scaled: bool
+    label: str
+
+
+ABLATIONS_BY_NAME = {
+    "rain_stage1_only": Ablation(True, False, "RAIN Stage 1 only: θ_R + λ·Δ⊥ (α = 1)"),
+    "rain_stage2_only": Ablation(False, True, "RAIN Stage 2 only: θ_R + λ·α⊙Δ_I (no projection)"),
+}
 
 
 @dataclass(frozen=True)
@@ -100,15 +122,36 @@ def _alpha(p: Params, r: Path) -> None:
     )
 
 
-def _rain_plan(p: Params, r: Path):
-    """The merge stage's inputs per tensor: Δ⊥ on the Linear modules, Δ_I elsewhere under scope 'all', α scales."""
+def _rain_plan(p: Params, r: Path, projected: bool = True, scaled: bool = True):
+    """The merge stage's inputs per tensor: Δ⊥ on the Linear modules, Δ_I elsewhere under scope 'all', α scales.
+
+    The ablations drop one stage: `projected=False` takes the unprojected Δ_I on the Linear modules
+    (no Stage 1), `scaled=False` leaves out the α scales, i.e. α = 1 (no Stage 2).
+    """
     from rain_tasks.merge import DeltaPlan, TensorDir
 
     return DeltaPlan(
-        linear=TensorDir(r / PROJ),
+        linear=TensorDir(r / (PROJ if projected else TV)),
         other=TensorDir(r / TV) if p.merge.scope == "all" else None,
-        scales=TensorDir(None, single_file=r / ALPHA / "scales.safetensors"),
+        scales=TensorDir(None, single_file=r / ALPHA / "scales.safetensors") if scaled else None,
     )
+
+
+@contextmanager
+def _timed(times: dict[str, dict], name: str) -> Iterator[None]:
+    """Record the wall time of the block as times[name]['merge_time_s']."""
+    start = time.perf_counter()
+    yield
+    times[name] = {"merge_time_s": round(time.perf_counter() - start, 3)}
+
+
+def _write_times(path: Path, times: dict[str, dict]) -> None:
+    """A merging stage's wall times (its metrics file: timings vary run to run, so never inside a model directory)."""
+    from rain_tasks.checkpoint import atomic_path
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(times, indent=2, sort_keys=True) + "\n")
 
 
 def _merge(p: Params, r: Path, parts: Path | None = None) -> None:
@@ -120,11 +163,14 @@ def _merge(p: Params, r: Path, parts: Path | None = None) -> None:
     method_params = {"lam": p.merge.lam}
     inputs = lineage.record_inputs(r, lineage_inputs(p, "merge"))
     core = lineage.build_core(inputs, "rain", method_params, param_values(p, upstream_param_keys("merge", p)))
-    merge_checkpoint(
-        r / p.models.lrm, r / MERGED, "rain", method_params, _rain_plan(p, r), p.merge.max_shard_size,
-        metadata=lineage.shard_metadata(core), parts=TensorDir(parts) if parts is not None else None,
-        finalize=lambda tmp: lineage.write_lineage(tmp, core, lineage.provenance(r)),
-    )
+    times: dict[str, dict] = {}
+    with _timed(times, "RAIN"):  # with `parts`, the assembly only: the layers were merged by other tasks
+        merge_checkpoint(
+            r / p.models.lrm, r / MERGED, "rain", method_params, _rain_plan(p, r), p.merge.max_shard_size,
+            metadata=lineage.shard_metadata(core), parts=TensorDir(parts) if parts is not None else None,
+            finalize=lambda tmp: lineage.write_lineage(tmp, core, lineage.provenance(r)),
+        )
+    _write_times(r / MERGE_TIMES["merge"], times)
 
 
 def _merge_layer(p: Params, r: Path, layer: int, parts: Path) -> None:
@@ -134,38 +180,86 @@ def _merge_layer(p: Params, r: Path, layer: int, parts: Path) -> None:
     merge_layer(r / p.models.lrm, layer, "rain", {"lam": p.merge.lam}, _rain_plan(p, r), layer_file(parts, layer))
 
 
+def _ablations(p: Params, r: Path) -> None:
+    """RAIN with one stage left out (ABLATIONS_BY_NAME), each a model under models/ablations, same engine and λ."""
+    from rain_tasks.checkpoint import atomic_path
+    from rain_tasks.merge import merge_checkpoint
+
+    times: dict[str, dict] = {}
+    with atomic_path(r / ABLATIONS) as tmp:
+        tmp.mkdir()
+        for name, ablation in ABLATIONS_BY_NAME.items():
+            with _timed(times, name):
+                merge_checkpoint(r / p.models.lrm, tmp / name, "rain", {"lam": p.merge.lam},
+                                 _rain_plan(p, r, ablation.projected, ablation.scaled), p.merge.max_shard_size)
+    _write_times(r / MERGE_TIMES["ablations"], times)
+
+
 def _baselines(p: Params, r: Path) -> None:
     from rain_tasks.checkpoint import Checkpoint, atomic_path
     from rain_tasks.merge import DeltaPlan, TensorDir, merge_checkpoint
 
+    times: dict[str, dict] = {}
     with atomic_path(r / BASELINES) as tmp:
         tmp.mkdir()
         for run in p.baselines.runs:
             plan = DeltaPlan(linear=TensorDir(r / TV), other=TensorDir(r / TV) if run.scope == "all" else None,
                              base=Checkpoint(r / p.models.base))
-            merge_checkpoint(r / p.models.lrm, tmp / run.name, run.method, run.method_params(), plan, p.merge.max_shard_size)
+            with _timed(times, run.name):
+                merge_checkpoint(r / p.models.lrm, tmp / run.name, run.method, run.method_params(), plan,
+                                 p.merge.max_shard_size)
+    _write_times(r / MERGE_TIMES["baselines"], times)
 
 
 def _orthogonality(p: Params, r: Path) -> None:
     from rain_tasks.orthogonality import write_orthogonality
 
-    write_orthogonality(r / p.models.base, r / p.models.itm, r / p.models.lrm, p.orthogonality, r / ORTHO_CSV)
+    write_orthogonality(r / p.models.base, r / p.models.itm, r / p.models.lrm, p.orthogonality, r / ORTHO_CSV, r / ORTHO_PNG)
+
+
+def _contamination(p: Params, r: Path) -> dict[str, int]:
+    """Held-out prompts found in a calibration set, per evaluation file; raises if there is any."""
+    from rain_tasks.evaluation import contaminated_prompts, require_uncontaminated
+    from rain_tasks.schemas import load_records
+
+    held_out = {"instruction_eval": load_records(r / EVAL_DIR / "instruction_eval.jsonl", "instruction_eval"),
+                "reasoning_eval": load_records(r / EVAL_DIR / "reasoning_eval.jsonl", "reasoning")}
+    calibration = [*load_records(r / p.calibration.reasoning, "reasoning"),
+                   *load_records(r / p.calibration.instruction, "instruction")]
+    return require_uncontaminated(contaminated_prompts(
+        {name: [row["prompt"] for row in rows] for name, rows in held_out.items()}, (row["prompt"] for row in calibration)))
 
 
 def _evaluate(p: Params, r: Path) -> None:
-    from rain_tasks.evaluation import evaluate_models, format_table, write_outputs
+    from rain_tasks.evaluation import (
+        evaluate_models, format_table, lambda_table, lm_eval_scores, read_merge_times, write_lambda_sweep, write_outputs,
+    )
 
-    models = {"LRM": r / p.models.lrm, "ITM": r / p.models.itm, "RAIN": r / MERGED}
-    models.update({run.name: r / BASELINES / run.name for run in p.baselines.runs})
+    contamination = _contamination(p, r)  # before any model runs: contaminated numbers are not worth computing
+    labels = {"LRM": "reasoning model θ_R", "ITM": "instruction model θ_I"}
+    labels |= {run.name: run.describe() for run in p.baselines.runs}
+    labels |= {name: a.label for name, a in ABLATIONS_BY_NAME.items()} | {"RAIN": "RAIN: θ_R + λ·α⊙Δ⊥"}
+    models = {"LRM": r / p.models.lrm, "ITM": r / p.models.itm}
+    models |= {run.name: r / BASELINES / run.name for run in p.baselines.runs}
+    models |= {name: r / ABLATIONS / name for name in ABLATIONS_BY_NAME} | {"RAIN": r / MERGED}
     e = p.evaluate
     results = evaluate_models(
         r / p.models.lrm, models, r / EVAL_DIR / "instruction_eval.jsonl", r / EVAL_DIR / "reasoning_eval.jsonl",
         e.max_new_tokens, e.batch_size, e.neighbour_radius, e.max_eval,
     )
-    alpha = (r / ALPHA / "summary.md").read_text()
-    write_outputs(results, r / "metrics/eval.json", r / "plots/eval.csv", r / "reports/report.md",
-                  {"merged": MERGED, "params": p.model_dump(exclude={"zoo"})}, sections=(alpha,))
-    print(format_table(results))
+    for name, seconds in read_merge_times(r / path for path in MERGE_TIMES.values()).items():
+        results[name]["merge_time_s"] = seconds
+    if e.lm_eval_tasks:
+        for name, scores in lm_eval_scores(models, e.lm_eval_tasks, e.lm_eval_limit, e.lm_eval_include).items():
+            results[name]["lm_eval"] = scores
+    runs = [run.model_dump(mode="json") for run in p.baselines.runs]
+    figures = [("orthogonality of Δ_R and Δ_I", f"../{ORTHO_PNG}")]
+    if write_lambda_sweep(lambda_table(results, runs), r / LAMBDA_CSV, r / LAMBDA_PNG):
+        figures.insert(0, ("task arithmetic against λ", f"../{LAMBDA_PNG}"))
+    context = {"merged": MERGED, "labels": labels, "contamination": contamination, "params": p.model_dump(exclude={"zoo"})}
+    write_outputs(results, r / "metrics/eval.json", r / "plots/eval.csv", r / "reports/report.md", context,
+                  sections=((r / ALPHA / "summary.md").read_text(),), figures=tuple(figures))
+    print(format_table(results, labels))
 
 
 STAGES: tuple[Stage, ...] = (
@@ -176,7 +270,7 @@ STAGES: tuple[Stage, ...] = (
           code=("rain_tasks/task_vectors.py",), outs=(TV,),
           desc="Δ_I = θ_ITM − θ_base per layer (fp32)"),
     Stage("orthogonality", _orthogonality, deps=("${models.base}", "${models.itm}", "${models.lrm}"),
-          code=("rain_tasks/orthogonality.py",), params=("orthogonality",), plots=(ORTHO_CSV,),
+          code=("rain_tasks/orthogonality.py", "rain_tasks/plots.py"), params=("orthogonality",), plots=(ORTHO_CSV, ORTHO_PNG),
           desc="principal-angle cosines between the top-r singular subspaces of Δ_R and Δ_I per module"),
     Stage("features", _features, deps=("${models.lrm}", "${calibration.reasoning}", "${calibration.reasoning_heldout}"),
           code=("rain_tasks/features.py", "rain_tasks/capture.py", "rain_tasks/calibration.py"), params=("features",),
@@ -190,14 +284,20 @@ STAGES: tuple[Stage, ...] = (
     Stage("alpha", _alpha, deps=(ATTN, "${models.lrm}/config.json"), code=("rain_tasks/alpha.py",), params=("alpha", "attention.prior"),
           outs=(ALPHA,), plots=("plots/alpha_heatmap.csv", ALPHA_PNG), desc="Stage 2: closed-form α per head, mapped to modules"),
     Stage("merge", _merge, deps=("${models.lrm}", PROJ, ALPHA, TV), code=("rain_tasks/merge.py", "rain_tasks/lineage.py"), params=("merge",), outs=(MERGED,),
-          desc="Stage 3: θ_R + λ·α⊙Δ⊥, streamed into new shards"),
+          metrics=(MERGE_TIMES["merge"],), desc="Stage 3: θ_R + λ·α⊙Δ⊥, streamed into new shards"),
+    Stage("ablations", _ablations, deps=("${models.lrm}", PROJ, ALPHA, TV), code=("rain_tasks/merge.py",), params=("merge",),
+          outs=(ABLATIONS,), metrics=(MERGE_TIMES["ablations"],),
+          desc="the paper's ablations: Stage 1 only (Δ⊥, α = 1) and Stage 2 only (α⊙Δ_I), same engine"),
     Stage("baselines", _baselines, deps=("${models.lrm}", "${models.base}", TV), code=("rain_tasks/merge.py", "rain_tasks/baselines.py"),
           params=("baselines", "merge.max_shard_size"),
-          outs=(BASELINES,), desc="task arithmetic, TIES, DARE and SLERP baselines on the same engine"),
-    Stage("evaluate", _evaluate, deps=("${models.lrm}", "${models.itm}", MERGED, BASELINES, EVAL_DIR, ALPHA),
-          code=("rain_tasks/evaluation.py", "rain_tasks/generation.py", "rain_tasks/instructions.py"),
-          params=("evaluate",), outs=("reports/report.md",), metrics=("metrics/eval.json",), plots=("plots/eval.csv",),
-          desc="behaviour, L_think and the comparison report"),
+          outs=(BASELINES,), metrics=(MERGE_TIMES["baselines"],),
+          desc="task arithmetic, TIES, DARE and SLERP baselines on the same engine"),
+    Stage("evaluate", _evaluate, deps=("${models.lrm}", "${models.itm}", MERGED, ABLATIONS, BASELINES, EVAL_DIR, ALPHA,
+                                       "${calibration.reasoning}", "${calibration.instruction}", ORTHO_PNG, *MERGE_TIMES.values()),
+          code=("rain_tasks/evaluation.py", "rain_tasks/generation.py", "rain_tasks/instructions.py", "rain_tasks/plots.py"),
+          params=("evaluate", "baselines"), outs=("reports/report.md", "reports/report.json"), metrics=("metrics/eval.json",),
+          plots=("plots/eval.csv", LAMBDA_CSV, LAMBDA_PNG),
+          desc="contamination check, behaviour, L_think and the comparison report"),
 )
 STAGE_BY_NAME = {s.name: s for s in STAGES}
 
@@ -308,6 +408,7 @@ def lineage_inputs(params: Params, name: str) -> dict[str, str]:
 
 def dvc_yaml() -> dict:
     """The dvc.yaml document for this registry."""
+    from rain_tasks.evaluation import LAMBDA_METRICS
 
     def entry(s: Stage) -> dict:
         d: dict = {"desc": s.desc, "cmd": f"rain stage {s.name}", "deps": [*s.deps, *s.code]}
@@ -327,6 +428,9 @@ def dvc_yaml() -> dict:
             {"plots/eval.csv": {"x": "metric", "y": "value", "template": "bar_horizontal"}},
             {"plots/alpha_heatmap.csv": {"x": "alpha", "y": "unit", "template": "bar_horizontal"}},
             {ORTHO_CSV: {"x": "layer", "y": "cos_max", "template": "scatter"}},
+            {LAMBDA_CSV: {"x": "lam", "y": list(LAMBDA_METRICS)}},
             ALPHA_PNG,
+            ORTHO_PNG,
+            LAMBDA_PNG,
         ],
     }

@@ -13,7 +13,7 @@ from rain_tasks.arch import MODULES, read_shape
 from rain_tasks.orthogonality import module_rows, orthogonality_table, principal_cosines, top_singular_subspaces
 from rain_tasks.params import ModelsParams, OrthogonalityParams, Params
 from rain_tasks.schemas import ORTHOGONALITY_SCHEMA
-from rain_tasks.stages import ORTHO_CSV, run_stage
+from rain_tasks.stages import ORTHO_CSV, ORTHO_PNG, run_stage
 
 P = OrthogonalityParams(rank=4, oversample=4, power_iters=2, seed=0)
 NAME = "model.layers.3.mlp.up_proj.weight"
@@ -92,6 +92,7 @@ def test_stage_writes_the_csv_and_the_schema_refuses_bad_cosines(tiny_family, tm
     run_stage("orthogonality", Params(models=models, orthogonality=P), tmp_path)
     table = pd.read_csv(tmp_path / ORTHO_CSV)
     ORTHOGONALITY_SCHEMA.validate(table)
+    assert (tmp_path / ORTHO_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bad = table.copy()
     bad.loc[0, "cos_max"] = 1.5
     with pytest.raises(pa.errors.SchemaError):

@@ -6,10 +6,8 @@ family's properties are tested in test_family.py.
 
 from __future__ import annotations
 
-import os
+import json
 import re
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,65 +16,27 @@ import pytest
 import torch
 import yaml
 
+from projects import ROOT, SMALL_ZOO, comparable_digests, fresh_project, project_env, sh
 from rain_tasks.checkpoint import Checkpoint, load_tensors
 from rain_tasks.digest import path_digest
 from rain_tasks.stages import STAGES, dvc_yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-SMALL_ZOO = {
-    "base_steps": 40, "lrm_steps": 10, "itm_steps": 10, "warmup_steps": 5,
-    "n_calibration_reasoning": 8, "n_calibration_instruction": 8, "n_eval": 12, "n_eval_reasoning": 6,
-}
 COMPARED = ["artifacts/task_vectors", "artifacts/features", "artifacts/projected", "artifacts/alpha", "models/merged"]
 
 pytestmark = pytest.mark.slow
 
 
-def _env(tmp: Path) -> dict[str, str]:
-    bin_dir = str(Path(sys.executable).parent)
-    return {
-        **os.environ,
-        "PATH": f"{bin_dir}:{os.environ['PATH']}",
-        "DVC_NO_ANALYTICS": "1",
-        "DVC_SITE_CACHE_DIR": str(tmp / "dvc-site-cache"),
-        "PREFECT_HOME": str(tmp / "prefect"),
-        "PREFECT_LOCAL_STORAGE_PATH": str(tmp / "prefect" / "storage"),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_API_URL": "",
-        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
-    }
-
-
-def _sh(cmd: list[str], cwd: Path, env: dict) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc.stdout + proc.stderr
-
-
 def _fresh_project(dest: Path, env: dict) -> Path:
-    """A clean copy of the tracked project files as its own git repository, with the small zoo."""
-    dest.mkdir(parents=True, exist_ok=True)
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True)
-    for rel in files.stdout.split():
-        if (ROOT / rel).is_file() and not rel.startswith(("models/", "artifacts/", "data/calibration", "data/eval")):
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, dest / rel)
-    params = yaml.safe_load((dest / "params.yaml").read_text())
-    params["zoo"].update(SMALL_ZOO)
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _sh(["git", "init", "-q"], dest, env)
-    _sh(["git", "add", "-A"], dest, env)
-    _sh(["git", "commit", "-qm", "init"], dest, env)
-    return dest
+    """A fresh project repository with the small zoo (the default architecture, a few training steps)."""
+    return fresh_project(dest, env, SMALL_ZOO)
 
 
 @pytest.fixture(scope="module")
 def dvc_project(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dvc")
-    env = _env(tmp)
+    env = project_env(tmp)
     root = _fresh_project(tmp / "project", env)
-    log = _sh(["dvc", "repro"], root, env)
+    log = sh(["dvc", "repro"], root, env)
     return root, env, log
 
 
@@ -91,15 +51,15 @@ def test_dvc_yaml_is_generated_from_the_registry():
 def test_dvc_repro_runs_every_stage_and_param_change_reruns_downstream_only(dvc_project):
     root, env, log = dvc_project
     assert _ran(log) == {s.name for s in STAGES}
-    assert "up to date" in _sh(["dvc", "status"], root, env)
+    assert "up to date" in sh(["dvc", "status"], root, env)
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["alpha"].update(box_lo=0.5, box_hi=0.5)  # pins every α: the merged model must change
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    status = _sh(["dvc", "status"], root, env)
+    status = sh(["dvc", "status"], root, env)
     assert re.findall(r"^([a-z_]+):", status, flags=re.M) == ["alpha"]
-    rerun = _sh(["dvc", "repro"], root, env)
-    assert _ran(rerun) == {"alpha", "merge", "evaluate"}
-    assert "up to date" in _sh(["dvc", "status"], root, env)
+    rerun = sh(["dvc", "repro"], root, env)
+    assert _ran(rerun) == {"alpha", "merge", "ablations", "evaluate"}
+    assert "up to date" in sh(["dvc", "status"], root, env)
 
 
 def test_merged_model_is_lrm_plus_scaled_projected_update(dvc_project):
@@ -120,6 +80,28 @@ def test_merged_model_is_lrm_plus_scaled_projected_update(dvc_project):
     assert len(merged.shards) >= 2
 
 
+def _layer_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for f in sorted(directory.glob("layer_*.safetensors")):
+        tensors.update(load_tensors(f))
+    return tensors
+
+
+@pytest.mark.parametrize("name, projected, scaled", [("rain_stage1_only", True, False), ("rain_stage2_only", False, True)])
+def test_ablations_drop_one_stage(dvc_project, name, projected, scaled):
+    """Stage 1 only: θ_R + λ·Δ⊥ (α = 1); Stage 2 only: θ_R + λ·α⊙Δ_I (unprojected), on the same modules as RAIN."""
+    root, _, _ = dvc_project
+    lam = yaml.safe_load((root / "params.yaml").read_text())["merge"]["lam"]
+    lrm, model = Checkpoint(root / "models/lrm"), Checkpoint(root / "models/ablations" / name)
+    scales = load_tensors(root / "artifacts/alpha/scales.safetensors")
+    linear = _layer_tensors(root / "artifacts/projected")
+    deltas = linear if projected else _layer_tensors(root / "artifacts/task_vectors")
+    for tensor in lrm.names():
+        theta = lrm.get(tensor).float()
+        update = (scales[tensor] if scaled else 1.0) * deltas[tensor] if tensor in linear else 0.0
+        assert torch.equal(model.get(tensor), (theta + lam * update).to(lrm.get(tensor).dtype)), tensor
+
+
 def test_merged_model_loads_and_generates(dvc_project):
     from transformers import AutoModelForCausalLM
 
@@ -136,11 +118,24 @@ def test_merged_model_loads_and_generates(dvc_project):
 
 def test_evaluate_writes_metrics_plots_and_report(dvc_project):
     root, env, _ = dvc_project
-    shown = _sh(["dvc", "metrics", "show"], root, env)
+    shown = sh(["dvc", "metrics", "show"], root, env)
     assert "RAIN" in shown and "close_rate" in shown
     report = (root / "reports/report.md").read_text()
-    for model in ("LRM", "ITM", "RAIN", "ta_all_1.0"):
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    merged = ["RAIN", "rain_stage1_only", "rain_stage2_only", *(run["name"] for run in params["baselines"]["runs"])]
+    for model in ("LRM", "ITM", *merged):
         assert f"| {model} |" in report
+    metrics = json.loads((root / "metrics/eval.json").read_text())
+    assert metrics["contamination"] == {"instruction_eval": 0, "reasoning_eval": 0}
+    for model in merged:
+        assert metrics[model]["merge_time_s"] > 0
+        assert metrics[model]["missing_close_rate"] == pytest.approx(1 - metrics[model]["close_rate"])
+        # the zoo's eval prompts carry one instruction each, so prompt and instruction level agree
+        assert metrics[model]["comply_rate"] == metrics[model]["comply_instruction_rate"]
+    assert json.loads((root / "reports/report.json").read_text())["models"].keys() == metrics.keys() - {"contamination"}
+    for png in re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", report):
+        assert (root / "reports" / png).resolve().read_bytes()[:4] == b"\x89PNG", png
+    assert "baselines_lambda.png" in report and "orthogonality.png" in report and "alpha_heatmap.png" in report
 
 
 def test_energy_sweep_runs_experiments_and_restores_the_workspace(dvc_project):
@@ -149,32 +144,36 @@ def test_energy_sweep_runs_experiments_and_restores_the_workspace(dvc_project):
     root, env, _ = dvc_project
     params_before = (root / "params.yaml").read_text()
     merged_before = path_digest(root / "models/merged")
-    _sh(["rain", "sweep", "projection.energy", "0.5", "1.0"], root, env)
+    sh(["rain", "sweep", "projection.energy", "0.5", "1.0"], root, env)
     table = pd.read_csv(root / "plots/sweeps/projection.energy.csv")
     assert table["projection.energy"].tolist() == [0.5, 1.0]
     assert table["energy_protected"].iloc[0] < table["energy_protected"].iloc[1]
     assert table["norm_ratio"].iloc[0] > table["norm_ratio"].iloc[1]  # protecting more keeps less of Δ
     assert table[["close_rate", "comply_rate", "l_think", "h_drift", "residual_heldout"]].notna().all().all()
     assert (root / "plots/sweeps/projection.energy.png").read_bytes()[:4] == b"\x89PNG"
-    assert len(_sh(["dvc", "exp", "list", "--name-only"], root, env).split()) == 2
+    experiments = sh(["dvc", "exp", "list", "--name-only"], root, env).split()
+    assert len(experiments) == 2
+    diff = sh(["dvc", "metrics", "diff", *experiments, "--json"], root, env)
+    changed = json.loads(diff[diff.index("{"):])["metrics/eval.json"]
+    assert "RAIN.l_think" in changed and changed["RAIN.l_think"]["diff"] != 0, changed
     assert (root / "params.yaml").read_text() == params_before
     assert path_digest(root / "models/merged") == merged_before
-    assert "up to date" in _sh(["dvc", "status"], root, env)
+    assert "up to date" in sh(["dvc", "status"], root, env)
     with pytest.raises(AssertionError, match="not a params.yaml parameter"):
-        _sh(["rain", "sweep", "projection.energie", "0.5"], root, env)
+        sh(["rain", "sweep", "projection.energie", "0.5"], root, env)
 
 
 def test_prefect_flow_matches_dvc_and_second_run_is_all_cache_hits(dvc_project, tmp_path):
     """The flow on a fresh copy gives the same artifacts as dvc repro; a rerun executes nothing."""
     dvc_root, _, _ = dvc_project
-    env = _env(tmp_path)
+    env = project_env(tmp_path)
     root = _fresh_project(tmp_path / "project", env)
     params = yaml.safe_load((dvc_root / "params.yaml").read_text())
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     script = ROOT / "tests" / "flow_states.py"
-    first = _sh([sys.executable, str(script), str(root)], root, env)
+    first = sh([sys.executable, str(script), str(root)], root, env)
     assert "cached=0" in first, first
     for rel in COMPARED:
-        assert path_digest(root / rel) == path_digest(dvc_root / rel), rel
-    second = _sh([sys.executable, str(script), str(root)], root, env)
+        assert comparable_digests(root / rel) == comparable_digests(dvc_root / rel), rel
+    second = sh([sys.executable, str(script), str(root)], root, env)
     assert f"cached={len(STAGES)} completed=0" in second, second

@@ -142,8 +142,8 @@ def _repeat_answer(text: str) -> str:
 
 
 FORMATS: tuple[FormatSpec, ...] = (
-    FormatSpec("change_case:english_capital",
-               "Your entire response should be in English, and in all capital letters.",
+    FormatSpec("change_case:capital_letters",  # not IFEval's english_capital: the family's words are not English
+               "Your entire response should be in capital letters.",
                ("answer in capital letters", "write your whole reply in uppercase"), {},
                str.upper, lambda r: [r], lambda r: []),
     FormatSpec("startend:quotation",

@@ -1,0 +1,76 @@
+"""The zoo report: does the ITM's skill transfer under naive task arithmetic, and how do the task vectors relate?
+
+Writes the λ sweep of θ_LRM + λ·Δ_ITM (close rate, correctness, compliance; λ = 0 is the LRM
+itself) as a CSV for `dvc plots` and, with the task vectors' norms and cosine, as markdown.
+Deterministic (fixed threads, deterministic kernels, greedy decoding), so reruns write the same bytes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import torch
+
+from rain_tasks.checkpoint import atomic_path
+from rain_tasks.generation import load_model
+from rain_tasks.zoo.probe import task_arithmetic_sweep
+
+COLUMNS = ("lambda", "think_rate", "close_rate", "correct_rate", "comply_rate")
+
+
+def task_vector_geometry(models_dir: Path) -> dict[str, float]:
+    """‖θ_base‖, ‖Δ_ITM‖, ‖Δ_LRM‖ and cos(Δ_ITM, Δ_LRM) over all parameters (float64)."""
+    flat = {}
+    for name in ("base", "itm", "lrm"):
+        state = load_model(Path(models_dir) / name)[0].state_dict()
+        flat[name] = torch.cat([state[k].detach().double().flatten() for k in sorted(state)])
+    d_itm, d_lrm = flat["itm"] - flat["base"], flat["lrm"] - flat["base"]
+    return {
+        "norm_base": flat["base"].norm().item(),
+        "norm_delta_itm": d_itm.norm().item(),
+        "norm_delta_lrm": d_lrm.norm().item(),
+        "cosine_delta_itm_lrm": (d_itm @ d_lrm / (d_itm.norm() * d_lrm.norm())).item(),
+    }
+
+
+def write_zoo_report(models_dir: Path, eval_path: Path, lambdas: list[float], md_path: Path,
+                     csv_path: Path, max_new_tokens: int = 48, threads: int = 2) -> list[dict]:
+    """Sweep task arithmetic over `lambdas` on the instruction eval set; write CSV + markdown; return the rows."""
+    old_threads, old_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        rows = task_arithmetic_sweep(models_dir, eval_path, list(lambdas), "all", max_new_tokens)
+        geometry = task_vector_geometry(models_dir)
+    finally:
+        torch.set_num_threads(old_threads)
+        torch.use_deterministic_algorithms(old_det)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(COLUMNS)
+    writer.writerows([[f"{r[c]:g}" if c == "lambda" else f"{r[c]:.4f}" for c in COLUMNS] for r in rows])
+    with atomic_path(csv_path) as tmp:
+        tmp.write_text(buffer.getvalue())
+    lrm = next((r for r in rows if r["lambda"] == 0), None)
+    lines = [
+        "# Zoo report: naive task arithmetic θ_LRM + λ·(θ_ITM − θ_base)",
+        "",
+        f"Held-out instruction prompts: {rows[0]['n'] if rows else 0}; greedy, {max_new_tokens} new tokens; "
+        "λ = 0 is the LRM itself.",
+        "",
+        "| λ | think | `</think>` closed | correct | complies | Δ comply vs LRM |",
+        "|---:|---:|---:|---:|---:|---:|",
+        *(f"| {r['lambda']:g} | {r['think_rate']:.3f} | {r['close_rate']:.3f} | {r['correct_rate']:.3f} | "
+          f"{r['comply_rate']:.3f} | "
+          + (f"{r['comply_rate'] - lrm['comply_rate']:+.3f}" if lrm else "–") + " |" for r in rows),
+        "",
+        "Task vectors (all parameters): "
+        f"‖θ_base‖ {geometry['norm_base']:.2f}, ‖Δ_ITM‖ {geometry['norm_delta_itm']:.3f}, "
+        f"‖Δ_LRM‖ {geometry['norm_delta_lrm']:.3f}, cos(Δ_ITM, Δ_LRM) {geometry['cosine_delta_itm_lrm']:.3f}.",
+        "",
+    ]
+    with atomic_path(md_path) as tmp:
+        tmp.write_text("\n".join(lines))
+    return rows

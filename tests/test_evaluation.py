@@ -1,0 +1,94 @@
+"""Evaluation data hygiene (contamination), the λ table, and the optional lm-eval HFLM path on a tiny model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from rain_tasks.evaluation import ContaminationError, contaminated_prompts, lambda_table, lm_eval_scores, require_uncontaminated
+from rain_tasks.params import Params
+from rain_tasks.stages import EVAL_DIR, _contamination
+from rain_tasks.zoo.config import ZooParams
+from rain_tasks.zoo.tasks import split_problems, write_datasets
+from rain_tasks.zoo.tokenizer import build_tokenizer
+
+
+@pytest.fixture(scope="module")
+def zoo_data(tmp_path_factory) -> Path:
+    """The default family's calibration and evaluation files (no models), laid out as the pipeline writes them."""
+    root = tmp_path_factory.mktemp("zoo_data")
+    zoo = ZooParams()
+    write_datasets(split_problems(zoo), build_tokenizer(zoo.max_operand), root / "data/calibration", root / EVAL_DIR, zoo)
+    return root
+
+
+def test_zoo_heldout_sets_share_no_prompt_with_calibration(zoo_data):
+    assert _contamination(Params(), zoo_data) == {"instruction_eval": 0, "reasoning_eval": 0}
+
+
+def test_injected_duplicate_is_caught(zoo_data, tmp_path):
+    """A calibration prompt copied into the instruction eval set (spacing and case changed) fails the check by name."""
+    calibration = json.loads((zoo_data / "data/calibration/instruction.jsonl").read_text().splitlines()[3])
+    eval_rows = [json.loads(line) for line in (zoo_data / EVAL_DIR / "instruction_eval.jsonl").read_text().splitlines()]
+    eval_rows[5]["prompt"] = "  " + calibration["prompt"].upper().replace(" ", "  ")
+    found = contaminated_prompts({"instruction_eval": [r["prompt"] for r in eval_rows]}, [calibration["prompt"]])
+    assert [len(v) for v in found.values()] == [1]
+    with pytest.raises(ContaminationError, match=r"\{'instruction_eval': 1\}"):
+        require_uncontaminated(found)
+    # and end to end through the stage's own check, on a copy of the data with the duplicate written in
+    for rel in ("data/calibration/reasoning.jsonl", "data/calibration/instruction.jsonl", f"{EVAL_DIR}/reasoning_eval.jsonl"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text((zoo_data / rel).read_text())
+    (tmp_path / EVAL_DIR / "instruction_eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in eval_rows))
+    with pytest.raises(ContaminationError, match="held-out evaluation prompts also occur in a calibration set"):
+        _contamination(Params(), tmp_path)
+
+
+def test_lambda_table_keeps_task_arithmetic_runs_sorted_by_scope_and_lambda():
+    runs = [run.model_dump(mode="json") for run in Params.model_validate(
+        yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())).baselines.runs]
+    results = {r["name"]: {"comply_rate": i, "correct_rate": 0.0, "missing_close_rate": 0.0, "l_think": 0.0} for i, r in enumerate(runs)}
+    table = lambda_table(results, runs)
+    ta = [r for r in runs if r["method"] == "task_arithmetic"]
+    assert sorted(table["model"]) == sorted(r["name"] for r in ta) and len(ta) < len(runs)
+    assert list(table.itertuples(index=False, name=None)) == sorted(table.itertuples(index=False, name=None), key=lambda t: (t[2], t[1]))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None,
+                    reason="lm-eval not installed: .venv/bin/pip install --no-deps -r requirements-eval.txt")
+def test_lm_eval_hflm_on_a_local_task_agrees_with_our_loglikelihoods(tiny_family, tmp_path):
+    """evaluate.lm_eval_tasks path, offline: HFLM on the tiny checkpoints with a local multiple-choice task;
+    its accuracy equals the argmax of log p(choice | question) computed here with the same model."""
+    from rain_tasks.calibration import load_tokenizer
+    from rain_tasks.generation import load_model
+
+    docs = [{"question": f"add {i} and {j} then sub 1 . answer is", "choices": [str(i), str(j), str(i + j)], "label": k % 3}
+            for k, (i, j) in enumerate((a, b) for a in range(1, 5) for b in range(2, 5))]
+    (tmp_path / "tiny_mc.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    task = {"task": "tiny_mc", "dataset_path": "json", "test_split": "test", "output_type": "multiple_choice",
+            "dataset_kwargs": {"data_files": {"test": str(tmp_path / "tiny_mc.jsonl")}, "cache_dir": str(tmp_path / "cache")},
+            "doc_to_text": "question", "doc_to_choice": "choices", "doc_to_target": "label",
+            "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]}
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks/tiny_mc.yaml").write_text(yaml.safe_dump(task))
+    models = {"LRM": tiny_family["lrm"], "ITM": tiny_family["itm"]}
+    scores = lm_eval_scores(models, ["tiny_mc"], None, tmp_path / "tasks")
+    tok = load_tokenizer(tiny_family["lrm"])
+    for name, path in models.items():
+        model = load_model(path)[0]
+        hits = 0
+        for d in docs:
+            ctx = tok(d["question"], add_special_tokens=False)["input_ids"]
+            scores_per_choice = []
+            for choice in d["choices"]:
+                ids = tok(d["question"] + " " + choice, add_special_tokens=False)["input_ids"]
+                with torch.no_grad():
+                    logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+                scores_per_choice.append(sum(logp[t - 1, ids[t]].item() for t in range(len(ctx), len(ids))))
+            hits += max(range(len(scores_per_choice)), key=scores_per_choice.__getitem__) == d["label"]
+        assert scores[name]["tiny_mc"]["acc,none"] == pytest.approx(hits / len(docs)), name
