@@ -53,12 +53,24 @@ def _serve(args: argparse.Namespace) -> None:
     serve_deployment(params, args.name, args.cron)
 
 
-def _verify_lineage(args: argparse.Namespace) -> int:
-    from rain_tasks.lineage import verify_lineage
+def _verify(args: argparse.Namespace) -> int:
+    from rain_tasks.lineage import verify
 
-    report = verify_lineage(args.model_dir, args.project)
+    report = verify(args.target, args.project)
     print(report.format())
     return 0 if report.ok else 1
+
+
+def _lineage(args: argparse.Namespace) -> None:
+    from rain_tasks.lineage import describe
+
+    print(describe(args.model_dir))
+
+
+def _release(args: argparse.Namespace) -> None:
+    from rain_tasks.release import release
+
+    print(release(args.model_dir, args.uri, args.project, args.part_size).format())
 
 
 def _sweep(args: argparse.Namespace) -> None:
@@ -107,10 +119,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cron", default="0 3 * * *", help="schedule (cron syntax, UTC); default: 03:00 daily")
     _execution_options(p)
     p.set_defaults(fn=_serve)
-    p = sub.add_parser("verify-lineage", help="re-hash a merged model against its lineage.json; exit 1 on any mismatch")
+    p = sub.add_parser("verify", help="audit a merged model (directory or released s3:// URI) against its lineage.json; "
+                                      "exit 1 on any mismatch")
+    p.add_argument("target", metavar="MODEL_DIR_OR_S3_URI")
+    p.add_argument("--project", "--inputs", dest="project", default=None,
+                   help="project root: also re-hash the recorded inputs found there and compare its params.yaml")
+    p.set_defaults(fn=_verify)
+    p = sub.add_parser("lineage", help="print a merged model's chain: inputs → stages → output")
     p.add_argument("model_dir")
-    p.add_argument("--project", default=None, help="project root: also re-hash the recorded inputs and compare params.yaml")
-    p.set_defaults(fn=_verify_lineage)
+    p.set_defaults(fn=_lineage)
+    p = sub.add_parser("release", help="upload a merged model to s3://BUCKET/PREFIX/NAME/VERSION (never overwriting a version)")
+    p.add_argument("model_dir")
+    p.add_argument("uri", metavar="S3_URI")
+    p.add_argument("--project", default=".", help="project root whose reports/report.json fills the card's evaluation table")
+    p.add_argument("--part-size", default=None, help="files from this size up go as multipart uploads of parts this size "
+                                                      "(default 64MB; S3's floor is 5 MiB)")
+    p.set_defaults(fn=_release)
     p = sub.add_parser("sweep", help="one `dvc exp run -S PARAM=VALUE` per value; RAIN's metrics to plots/sweeps/PARAM.csv")
     p.add_argument("param", help="SECTION.KEY in params.yaml, e.g. projection.energy")
     p.add_argument("values", nargs="+")

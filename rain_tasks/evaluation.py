@@ -143,7 +143,7 @@ def evaluate_models(
         model, tok = load_model(path)
         m = behaviour_metrics(model, tok, problems, max_new_tokens=max_new_tokens, batch_size=batch_size)
         results[name] = {**m, **invariance[name]}
-        log.info("%s: %s", name, {k: results[name][k] for k in TABLE_COLUMNS})
+        log.info("%s: %s", name, {k: results[name][k] for k in TABLE_COLUMNS if k in results[name]})
     return results
 
 

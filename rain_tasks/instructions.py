@@ -15,10 +15,11 @@ chains, "7 PLUS 3 IS 10 . …", since that vocabulary is not English) and `combi
 from __future__ import annotations
 
 import functools
+import io
 import logging
 import re
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 
 Checker = Callable[[str, dict], bool]
 
@@ -47,7 +48,8 @@ CHECKERS: dict[str, Checker] = {
 @contextmanager
 def _no_nltk_download() -> Iterator[None]:
     """Importing lm-eval's IFEval utilities calls `nltk.download('punkt_tab')` when the data is missing:
-    offline that is a failed (or hanging) network request, so it is turned into a log line instead."""
+    offline that is a failed (or hanging) network request, so it is turned into a log line instead (and
+    lm-eval's unconditional "Downloaded punkt_tab" print is swallowed)."""
     import nltk
 
     download = nltk.download
@@ -58,7 +60,8 @@ def _no_nltk_download() -> Iterator[None]:
 
     nltk.download = skip
     try:
-        yield
+        with redirect_stdout(io.StringIO()):
+            yield
     finally:
         nltk.download = download
 
@@ -89,11 +92,12 @@ def _ifeval_check(instruction_id: str, response: str, kwargs: dict, prompt: str)
         instruction.build_description(prompt=prompt)
     try:
         return bool(instruction.check_following(response))
-    except LookupError as e:  # nltk's "Resource ... not found"
+    except LookupError as e:  # nltk's banner-framed "Resource punkt_tab not found."
+        missing = next((line.strip() for line in str(e).splitlines() if "Resource" in line), "an NLTK resource is missing")
         raise RuntimeError(
             f"IFEval checker {instruction_id!r} needs NLTK data that is not installed here and cannot be "
-            f"downloaded offline: {str(e).strip().splitlines()[0] if str(e).strip() else e}. On a machine with "
-            "network access run `python -m nltk.downloader punkt punkt_tab` and point NLTK_DATA at the result."
+            f"downloaded offline ({missing}). On a machine with network access run "
+            "`python -m nltk.downloader punkt punkt_tab` and point NLTK_DATA at the result."
         ) from None
 
 

@@ -1,7 +1,8 @@
-"""Lineage of a merged model: what went into it, recorded inside the model directory, and its audit.
+"""Lineage of a merged model: what went into it, recorded inside the model directory, its audit and its chain.
 
-`lineage.json` is written into the merge's temporary directory before the atomic rename, so a
-merged model directory exists complete with its lineage or not at all. Its parts:
+`lineage.json` (after the model card, rain_tasks.card) is written into the merging stage's
+temporary directory before the atomic rename, so a merged model directory exists complete with
+its lineage or not at all. Its parts:
 
   core         everything that determines the tensors: per-file sha256 of every input (the three
                checkpoints shard by shard, the calibration sets, the intermediate artifacts), the
@@ -12,24 +13,29 @@ merged model directory exists complete with its lineage or not at all. Its parts
   provenance   how it was made: git commit and dirty flag, a digest of the package sources, the
                dvc.lock stage digests as found, the Prefect flow-run id (null under `dvc repro`)
                and library versions.
-  outputs      sha256 of every other file in the directory.
+  outputs      sha256 of every other file in the directory (the model card included).
 
 Determinism: shard bytes depend only on `core`, so identical inputs give bit-identical shards
 whichever orchestrator ran them (DVC and Prefect caches and the determinism tests rely on it).
 Volatile facts (flow-run id, commit, versions) live only in `provenance`, outside the digest the
 shards carry, and no timestamp is recorded (the Prefect flow run and git have theirs). Compare
 two runs by their shards and `core_digest`, not by lineage.json's bytes.
+
+`audit` checks a model wherever its files are (`ModelFiles`: a local directory here, a released
+S3 version in rain_tasks.release) and reports every difference; `describe` prints the chain
+inputs → stages → output.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 
@@ -37,6 +43,9 @@ from rain_tasks.checkpoint import atomic_path, read_metadata
 from rain_tasks.digest import file_digest, json_digest, tree_digests
 
 LINEAGE = "lineage.json"
+RELEASE_MANIFEST = "release.json"  # beside a released model (rain_tasks.release)
+#: files that record a model rather than belong to it: never among the `outputs`
+RECORDS = (LINEAGE, RELEASE_MANIFEST)
 SCHEMA = 1
 LIBRARIES = ("torch", "transformers", "safetensors", "numpy", "prefect", "dvc", "rain-merging")
 _PACKAGES = ("rain_tasks", "flows")
@@ -51,9 +60,12 @@ def record_inputs(root: str | Path, inputs: dict[str, str]) -> dict[str, dict]:
     return {role: {"path": rel, "files": tree_digests(root / rel)} for role, rel in sorted(inputs.items())}
 
 
-def build_core(inputs: dict[str, dict], method: str, method_params: dict, params: dict[str, Any]) -> dict:
-    """The deterministic part of a lineage: recorded inputs, the method, its params and the upstream params."""
-    return {"schema": SCHEMA, "method": method, "method_params": method_params, "inputs": inputs, "params": params}
+def build_core(inputs: dict[str, dict], method: str, method_params: dict, params: dict[str, Any],
+               stages: tuple[str, ...] = ()) -> dict:
+    """The deterministic part of a lineage: recorded inputs, the method, its params, the upstream params and
+    the registry stages that produced the model (upstream first, its own stage last; empty outside the pipeline)."""
+    return {"schema": SCHEMA, "method": method, "method_params": method_params, "inputs": inputs, "params": params,
+            "stages": list(stages)}
 
 
 def run_name(core: dict) -> str:
@@ -87,6 +99,16 @@ def write_lineage(model_dir: str | Path, core: dict, prov: dict) -> Path:
     with atomic_path(model_dir / LINEAGE) as tmp:
         tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
     return model_dir / LINEAGE
+
+
+def write_records(model_dir: str | Path, core: dict, root: str | Path, evaluation_row: str) -> None:
+    """The `finalize` of every merging stage: the model card, then lineage.json (which records the card's digest).
+
+    `evaluation_row` names the model's row in the evaluation report (see rain_tasks.card)."""
+    from rain_tasks.card import write_card
+
+    write_card(Path(model_dir), core, Path(root), evaluation_row)
+    write_lineage(model_dir, core, provenance(root))
 
 
 def _git(root: Path) -> dict:
@@ -134,11 +156,27 @@ def _version(dist: str) -> str | None:
 # --- auditing -----------------------------------------------------------------------------------
 
 
+class ModelFiles(Protocol):
+    """Where a merged model's files are, read as cheaply as the place allows: a local directory
+    (LocalFiles) or a released S3 version (rain_tasks.release.S3Files)."""
+
+    location: str
+
+    def read_bytes(self, name: str) -> bytes | None:
+        """A small file's bytes (lineage.json, the card); None when absent."""
+
+    def digests(self, report: LineageReport) -> dict[str, str]:
+        """sha256 of every file but the RECORDS (noting in `report` any file it had to read in full to get one)."""
+
+    def shard_metadata(self, name: str) -> dict[str, str]:
+        """The safetensors `__metadata__` of a shard (its header only)."""
+
+
 @dataclass
 class LineageReport:
     """The outcome of an audit: what was checked and every mismatch found (empty means verified)."""
 
-    model_dir: Path
+    location: str
     checked: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
@@ -147,42 +185,96 @@ class LineageReport:
         return not self.problems
 
     def format(self) -> str:
-        head = f"{self.model_dir}: " + ("lineage verified" if self.ok else f"{len(self.problems)} mismatch(es)")
+        head = f"{self.location}: " + ("lineage verified" if self.ok else f"{len(self.problems)} mismatch(es)")
         return "\n".join([head, *(f"  checked: {c}" for c in self.checked), *(f"  MISMATCH: {p}" for p in self.problems)])
 
 
+@dataclass
+class LocalFiles:
+    """A merged model directory on this machine."""
+
+    model_dir: Path
+
+    @property
+    def location(self) -> str:
+        return str(self.model_dir)
+
+    def read_bytes(self, name: str) -> bytes | None:
+        path = self.model_dir / name
+        return path.read_bytes() if path.is_file() else None
+
+    def digests(self, report: LineageReport) -> dict[str, str]:
+        return {name: sha for name, sha in tree_digests(self.model_dir).items() if name not in RECORDS}
+
+    def shard_metadata(self, name: str) -> dict[str, str]:
+        return read_metadata(self.model_dir / name)
+
+
+def verify(target: str, project: str | Path | None = None) -> LineageReport:
+    """Audit a merged model directory, or a released model given as s3://bucket/prefix/NAME/VERSION, in place."""
+    if target.startswith("s3://"):
+        from rain_tasks.release import S3Files
+
+        return audit(S3Files.open(target), project)
+    return verify_lineage(target, project)
+
+
 def verify_lineage(model_dir: str | Path, project: str | Path | None = None) -> LineageReport:
-    """Re-hash a merged model directory against its lineage.json; with `project` (a project root), also
-    re-hash the recorded inputs found there and compare the recorded params with its params.yaml."""
-    model_dir = Path(model_dir)
-    report = LineageReport(model_dir)
-    doc = _load(model_dir / LINEAGE, report)
+    """Re-hash a merged model directory against its lineage.json (see `audit`)."""
+    return audit(LocalFiles(Path(model_dir)), project)
+
+
+def audit(files: ModelFiles, project: str | Path | None = None) -> LineageReport:
+    """Check a model's files against its lineage.json: every file's digest, the shard headers' lineage, the record
+    itself; with `project` (a project root), also re-hash the recorded inputs found there and compare the recorded
+    params with its params.yaml."""
+    report = LineageReport(files.location)
+    doc = _load(files, report)
     if doc is None:
         return report
     core = doc["core"]
     if json_digest(core) != doc.get("core_digest"):
         report.problems.append(f"{LINEAGE}: core_digest does not match its core section (the record was edited)")
-    _check_outputs(model_dir, doc["outputs"], report)
-    _check_shard_metadata(model_dir, core, report)
+    found = _output_digests(files, report)
+    _compare_files("output", doc["outputs"], found, report)
+    report.checked.append(f"{len(found)} output files' digests compared")
+    _check_shard_metadata(files, sorted(n for n in found if n.endswith(".safetensors")), core, report)
     if project is not None:
         _check_inputs(Path(project), core["inputs"], report)
         _check_params(core["params"], _current_params(Path(project), tuple(core["params"])), report)
     return report
 
 
-def _load(path: Path, report: LineageReport) -> dict | None:
-    if not path.is_file():
-        report.problems.append(f"{path}: no {LINEAGE}; this directory was not written by the merge stage (rerun it)")
+def _load(files: ModelFiles, report: LineageReport) -> dict | None:
+    where = f"{files.location}/{LINEAGE}"
+    raw = files.read_bytes(LINEAGE)
+    if raw is None:
+        report.problems.append(f"{where}: no {LINEAGE}; not a model written by a merging stage (rerun it) nor a complete release")
         return None
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads(raw)
     except json.JSONDecodeError as e:
-        report.problems.append(f"{path}: not valid JSON ({e}); restore it from the release or rerun the merge")
+        report.problems.append(f"{where}: not valid JSON ({e}); restore it from the release or rerun the merge")
         return None
     if not isinstance(doc, dict) or not {"core", "core_digest", "outputs"} <= doc.keys():
-        report.problems.append(f"{path}: lacks the core/core_digest/outputs sections; restore it or rerun the merge")
+        report.problems.append(f"{where}: lacks the core/core_digest/outputs sections; restore it or rerun the merge")
         return None
     return doc
+
+
+def _output_digests(files: ModelFiles, report: LineageReport) -> dict[str, str]:
+    """The files' digests, the model card's taken as the merge wrote it (a release fills its evaluation section)."""
+    from rain_tasks.card import CARD, unfilled
+
+    found = files.digests(report)
+    if CARD in found:
+        text = files.read_bytes(CARD).decode("utf-8")
+        try:
+            found[CARD] = hashlib.sha256(unfilled(text).encode("utf-8")).hexdigest()
+            report.checked.append(f"{CARD} compared as the merge wrote it (evaluation section back to its placeholder)")
+        except ValueError as e:  # no evaluation markers: compare the bytes as they are
+            report.checked.append(f"{CARD}: {e}")
+    return found
 
 
 def _compare_files(label: str, recorded: dict[str, str], found: dict[str, str], report: LineageReport) -> None:
@@ -199,24 +291,17 @@ def _compare_files(label: str, recorded: dict[str, str], found: dict[str, str], 
             report.problems.append(f"{label}: {name} differs: recorded sha256 {was[:12]}…, now {now[:12]}…")
 
 
-def _check_outputs(model_dir: Path, recorded: dict[str, str], report: LineageReport) -> None:
-    found = {name: sha for name, sha in tree_digests(model_dir).items() if name != LINEAGE}
-    _compare_files("output", recorded, found, report)
-    report.checked.append(f"{len(found)} output files re-hashed")
-
-
-def _check_shard_metadata(model_dir: Path, core: dict, report: LineageReport) -> None:
+def _check_shard_metadata(files: ModelFiles, shards: list[str], core: dict, report: LineageReport) -> None:
     expected = shard_metadata(core)
-    shards = sorted(model_dir.glob("*.safetensors"))
     for shard in shards:
         try:
-            meta = read_metadata(shard)
+            meta = files.shard_metadata(shard)
         except Exception as e:  # a truncated or foreign file: report it, keep auditing the rest
-            report.problems.append(f"output: {shard.name} is not a readable safetensors file ({e})")
+            report.problems.append(f"output: {shard} is not a readable safetensors file ({e})")
             continue
         for key, value in expected.items():
             if meta.get(key) != value:
-                report.problems.append(f"output: {shard.name} __metadata__ {key} is {meta.get(key)!r}, lineage says {value!r}")
+                report.problems.append(f"output: {shard} __metadata__ {key} is {meta.get(key)!r}, lineage says {value!r}")
     report.checked.append(f"{len(shards)} shard headers name lineage {expected['rain_lineage'][:12]}…")
 
 
@@ -255,3 +340,58 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
         out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
     return out
 
+
+# --- the readable chain -------------------------------------------------------------------------
+
+
+def describe(model_dir: str | Path) -> str:
+    """The chain inputs → stages → output of a merged model, from its lineage.json (with the dvc.lock
+    digests recorded when it ran)."""
+    model_dir = Path(model_dir)
+    report = LineageReport(str(model_dir))
+    doc = _load(LocalFiles(model_dir), report)
+    if doc is None:
+        raise FileNotFoundError(report.problems[0])
+    core, prov = doc["core"], doc.get("provenance", {})
+    return "\n".join([
+        f"{model_dir}: run {run_name(core)}, lineage {doc['core_digest'][:12]}…",
+        "inputs",
+        *_describe_inputs(core["inputs"]),
+        "stages (outputs' md5 as dvc.lock recorded them when the merge ran)",
+        *_describe_stages(core.get("stages", []), prov.get("dvc_lock", {})),
+        "output",
+        f"  {model_dir}  {core['method']} {json.dumps(core['method_params'], sort_keys=True)}",
+        *(f"    {name:<44} sha256 {sha[:16]}" for name, sha in sorted(doc["outputs"].items())),
+        _describe_provenance(prov),
+    ])
+
+
+def _describe_inputs(inputs: dict[str, dict]) -> list[str]:
+    width = max((len(role) for role in inputs), default=0)
+    return [f"  {role:<{width}}  {rec['path']}  ({len(rec['files'])} file{'s' * (len(rec['files']) != 1)}, "
+            f"sha256 of digests {json_digest(rec['files'])[:16]})" for role, rec in sorted(inputs.items())]
+
+
+def _describe_stages(stages: list[str], dvc_lock: dict[str, dict[str, str]]) -> list[str]:
+    from rain_tasks.stages import STAGE_BY_NAME
+
+    if not stages:
+        return ["  (merged outside the pipeline: no stages recorded)"]
+    lines = []
+    for i, name in enumerate(stages):
+        desc = STAGE_BY_NAME[name].desc if name in STAGE_BY_NAME else "(no longer in the registry)"
+        if i == len(stages) - 1:
+            outs = "this run"
+        elif name in dvc_lock:
+            outs = ", ".join(f"{path} {md5[:12]}" for path, md5 in sorted(dvc_lock[name].items()))
+        else:
+            outs = "not in dvc.lock (run outside DVC, e.g. by the Prefect flow)"
+        lines.append(f"  {'→ ' if i else ''}{name}: {desc} [{outs}]")
+    return lines
+
+
+def _describe_provenance(prov: dict) -> str:
+    git = prov.get("git", {})
+    commit = f"git {git.get('commit') or 'none'}" + (" (dirty)" if git.get("dirty") else "")
+    flow = f"Prefect flow run {prov['prefect_flow_run_id']}" if prov.get("prefect_flow_run_id") else "no Prefect flow run"
+    return f"provenance: {commit}, code {str(prov.get('code_digest'))[:12]}, {flow}, python {prov.get('python')}"

@@ -154,22 +154,34 @@ def _write_times(path: Path, times: dict[str, dict]) -> None:
         tmp.write_text(json.dumps(times, indent=2, sort_keys=True) + "\n")
 
 
-def _merge(p: Params, r: Path, parts: Path | None = None) -> None:
-    """Stage 3 with its lineage (lineage.json written inside the atomic directory write, shards naming it);
-    `parts` holds layers already merged by `_merge_layer` tasks."""
+def _lineage_cores(p: Params, r: Path, name: str) -> Callable[[str, dict], dict]:
+    """(method, method_params) -> lineage core of a model that stage `name` merges; its inputs are hashed once
+    here, however many models the stage writes."""
+    from rain_tasks import lineage
+
+    inputs = lineage.record_inputs(r, lineage_inputs(p, name))
+    params = param_values(p, upstream_param_keys(name, p))
+    stages = tuple(s.name for s in upstream_stages(name, p))
+    return lambda method, method_params: lineage.build_core(inputs, method, method_params, params, stages)
+
+
+def _merge_recorded(p: Params, r: Path, out: Path, core: dict, plan, row: str, parts: Path | None = None) -> None:
+    """Merge the LRM into `out` as `core` says, with its records: shards naming the lineage, and the model card and
+    lineage.json written inside the atomic directory write (`row`: the model's row in the evaluation report)."""
     from rain_tasks import lineage
     from rain_tasks.merge import TensorDir, merge_checkpoint
 
-    method_params = {"lam": p.merge.lam}
-    inputs = lineage.record_inputs(r, lineage_inputs(p, "merge"))
-    core = lineage.build_core(inputs, "rain", method_params, param_values(p, upstream_param_keys("merge", p)))
+    merge_checkpoint(r / p.models.lrm, out, core["method"], core["method_params"], plan, p.merge.max_shard_size,
+                     metadata=lineage.shard_metadata(core), parts=TensorDir(parts) if parts is not None else None,
+                     finalize=lambda tmp: lineage.write_records(tmp, core, r, row))
+
+
+def _merge(p: Params, r: Path, parts: Path | None = None) -> None:
+    """Stage 3 with its lineage and model card; `parts` holds layers already merged by `_merge_layer` tasks."""
+    core, row = _lineage_cores(p, r, "merge")("rain", {"lam": p.merge.lam}), "RAIN"
     times: dict[str, dict] = {}
-    with _timed(times, "RAIN"):  # with `parts`, the assembly only: the layers were merged by other tasks
-        merge_checkpoint(
-            r / p.models.lrm, r / MERGED, "rain", method_params, _rain_plan(p, r), p.merge.max_shard_size,
-            metadata=lineage.shard_metadata(core), parts=TensorDir(parts) if parts is not None else None,
-            finalize=lambda tmp: lineage.write_lineage(tmp, core, lineage.provenance(r)),
-        )
+    with _timed(times, row):  # with `parts`, the assembly only: the layers were merged by other tasks
+        _merge_recorded(p, r, r / MERGED, core, _rain_plan(p, r), row, parts)
     _write_times(r / MERGE_TIMES["merge"], times)
 
 
@@ -196,9 +208,11 @@ def _ablations(p: Params, r: Path) -> None:
 
 
 def _baselines(p: Params, r: Path) -> None:
+    """One model per configured run under models/baselines, each with its lineage and model card like the merge's."""
     from rain_tasks.checkpoint import Checkpoint, atomic_path
-    from rain_tasks.merge import DeltaPlan, TensorDir, merge_checkpoint
+    from rain_tasks.merge import DeltaPlan, TensorDir
 
+    cores = _lineage_cores(p, r, "baselines")
     times: dict[str, dict] = {}
     with atomic_path(r / BASELINES) as tmp:
         tmp.mkdir()
@@ -206,8 +220,7 @@ def _baselines(p: Params, r: Path) -> None:
             plan = DeltaPlan(linear=TensorDir(r / TV), other=TensorDir(r / TV) if run.scope == "all" else None,
                              base=Checkpoint(r / p.models.base))
             with _timed(times, run.name):
-                merge_checkpoint(r / p.models.lrm, tmp / run.name, run.method, run.method_params(), plan,
-                                 p.merge.max_shard_size)
+                _merge_recorded(p, r, tmp / run.name, cores(run.method, run.method_params()), plan, run.name)
     _write_times(r / MERGE_TIMES["baselines"], times)
 
 
@@ -283,12 +296,13 @@ STAGES: tuple[Stage, ...] = (
           params=("attention",), outs=(ATTN,), desc="Stage 2: instruction-attention statistics, two passes"),
     Stage("alpha", _alpha, deps=(ATTN, "${models.lrm}/config.json"), code=("rain_tasks/alpha.py",), params=("alpha", "attention.prior"),
           outs=(ALPHA,), plots=("plots/alpha_heatmap.csv", ALPHA_PNG), desc="Stage 2: closed-form α per head, mapped to modules"),
-    Stage("merge", _merge, deps=("${models.lrm}", PROJ, ALPHA, TV), code=("rain_tasks/merge.py", "rain_tasks/lineage.py"), params=("merge",), outs=(MERGED,),
+    Stage("merge", _merge, deps=("${models.lrm}", PROJ, ALPHA, TV), code=("rain_tasks/merge.py", "rain_tasks/lineage.py", "rain_tasks/card.py"), params=("merge",), outs=(MERGED,),
           metrics=(MERGE_TIMES["merge"],), desc="Stage 3: θ_R + λ·α⊙Δ⊥, streamed into new shards"),
     Stage("ablations", _ablations, deps=("${models.lrm}", PROJ, ALPHA, TV), code=("rain_tasks/merge.py",), params=("merge",),
           outs=(ABLATIONS,), metrics=(MERGE_TIMES["ablations"],),
           desc="the paper's ablations: Stage 1 only (Δ⊥, α = 1) and Stage 2 only (α⊙Δ_I), same engine"),
-    Stage("baselines", _baselines, deps=("${models.lrm}", "${models.base}", TV), code=("rain_tasks/merge.py", "rain_tasks/baselines.py"),
+    Stage("baselines", _baselines, deps=("${models.lrm}", "${models.base}", TV),
+          code=("rain_tasks/merge.py", "rain_tasks/baselines.py", "rain_tasks/lineage.py", "rain_tasks/card.py"),
           params=("baselines", "merge.max_shard_size"),
           outs=(BASELINES,), metrics=(MERGE_TIMES["baselines"],),
           desc="task arithmetic, TIES, DARE and SLERP baselines on the same engine"),
@@ -381,8 +395,8 @@ def _reads(path: str, output: str) -> bool:
     return path == output or path.startswith(output + "/") or output.startswith(path + "/")
 
 
-def upstream_param_keys(name: str, params: Params) -> tuple[str, ...]:
-    """The params keys that shaped a stage's outputs: its own, its `${...}` references, and every upstream stage's."""
+def upstream_stages(name: str, params: Params) -> tuple[Stage, ...]:
+    """Stage `name` and every stage whose outputs it reads, directly or not, in registry (execution) order."""
     seen: dict[str, Stage] = {}
     todo = [get_stage(name)]
     while todo:
@@ -392,16 +406,27 @@ def upstream_param_keys(name: str, params: Params) -> tuple[str, ...]:
         seen[stage.name] = stage
         deps = [resolve(d, params) for d in stage.deps]
         todo += [s for s in STAGES if any(_reads(d, resolve(o, params)) for d in deps for o in s.outputs)]
-    keys = {k for s in seen.values() for k in s.params}
-    keys |= {f"{sec}.{key}" for s in seen.values() for d in s.deps for sec, key in _REF.findall(d)}
+    return tuple(s for s in STAGES if s.name in seen)
+
+
+def _upstream_refs(name: str, params: Params) -> set[tuple[str, str]]:
+    """The (section, key) of every `${...}` dep of the stage and its upstream stages."""
+    return {ref for s in upstream_stages(name, params) for d in s.deps for ref in _REF.findall(d)}
+
+
+def upstream_param_keys(name: str, params: Params) -> tuple[str, ...]:
+    """The params keys that shaped a stage's outputs: its own, its `${...}` references, and every upstream stage's."""
+    keys = {k for s in upstream_stages(name, params) for k in s.params}
+    keys |= {f"{sec}.{key}" for sec, key in _upstream_refs(name, params)}
     return tuple(sorted(keys))
 
 
 def lineage_inputs(params: Params, name: str) -> dict[str, str]:
-    """Role -> path of what a merged model's lineage records: the three checkpoints, the calibration sets,
-    and the stage's own artifact deps."""
+    """Role -> path of what a merged model's lineage records: the three checkpoints, the calibration sets the
+    stage's upstream read (none for the baselines), and the stage's own artifact deps."""
     roles = {f"models.{k}": v for k, v in params.models.model_dump().items()}
-    roles |= {f"calibration.{k}": v for k, v in params.calibration.model_dump().items()}
+    roles |= {f"calibration.{key}": getattr(params.calibration, key)
+              for sec, key in _upstream_refs(name, params) if sec == "calibration"}
     roles |= {d: d for d in get_stage(name).deps if not _REF.search(d)}
     return roles
 

@@ -31,7 +31,9 @@ from rain_tasks.calibration import load_tokenizer, think_token_ids
 from rain_tasks.checkpoint import INDEX_NAME, Checkpoint, parse_size
 from rain_tasks.params import Params, ParamsError, load_params
 from rain_tasks.schemas import load_records
-from rain_tasks.stages import BASELINES, MERGED, PROJ, STAGES, TV, Stage, resolve
+from rain_tasks.stages import (ABLATIONS, ABLATIONS_BY_NAME, BASELINES, FEAT, FEAT_HELDOUT, MERGED, PROJ, STAGES, TV, Stage,
+                               resolve)
+from rain_tasks.task_vectors import MANIFEST
 
 ROLES = ("base", "itm", "lrm")
 #: config.json keys that must agree across the three checkpoints (one architecture, one size)
@@ -228,7 +230,7 @@ def _nbytes(ckpt: Checkpoint, name: str, itemsize: int | None = None) -> int:
 
 
 def output_estimates(params: Params, lrm: Checkpoint | None, base: Checkpoint | None) -> dict[str, int]:
-    """Estimated bytes of the model-sized outputs: Δ and Δ⊥ (fp32), the merged model and the baselines."""
+    """Estimated bytes of the model-sized outputs: Δ and Δ⊥ (fp32), the merged model, ablations and baselines."""
     estimates = {}
     if base is not None:
         estimates[TV] = sum(_nbytes(base, n, 4) for n in base.names())
@@ -236,11 +238,13 @@ def output_estimates(params: Params, lrm: Checkpoint | None, base: Checkpoint | 
     if lrm is not None:
         model = sum(_nbytes(lrm, n) for n in lrm.names())
         estimates[MERGED] = model
+        estimates[ABLATIONS] = model * len(ABLATIONS_BY_NAME)
         estimates[BASELINES] = model * len(params.baselines.runs)
     return estimates
 
 
 def _existing_ancestor(path: Path) -> Path:
+    """The nearest existing directory (or file) at or above `path`: where an output would be created."""
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
@@ -342,9 +346,29 @@ def validate(root: str | Path = ".", params_file: str | Path = "params.yaml", *,
     return params
 
 
+#: per-layer stage directories whose manifest.json is written last: without it the stage was interrupted
+LAYERED = (TV, FEAT, FEAT_HELDOUT, PROJ)
+
+
+def upstream_problems(stage: Stage, params: Params, root: Path) -> list[Problem]:
+    """A stage's inputs made by earlier stages must exist and be complete (a killed per-layer stage has no manifest)."""
+    producers = {resolve(o, params): s.name for s in STAGES for o in s.outputs}
+    problems = []
+    for dep in (resolve(d, params) for d in stage.deps):
+        producer = producers.get(dep)
+        if producer is None:
+            continue
+        if not (root / dep).exists():
+            problems.append(Problem(dep, f"missing (stage {producer} makes it)", f"run `rain stage {producer}` first, or `dvc repro`"))
+        elif dep in LAYERED and not (root / dep / MANIFEST).is_file():
+            problems.append(Problem(dep, f"incomplete: no {MANIFEST}, so stage {producer} was interrupted",
+                                    f"rerun `rain stage {producer}` (or `dvc repro`); it keeps the layers already finished"))
+    return problems
+
+
 def preflight(stage: Stage, params: Params, root: Path) -> None:
-    """The cheap checks (all but the value scan) before one stage; raise InputProblems if any fails."""
-    problems = input_problems(params, root, stage.outputs, scan_values=False)
+    """Before one stage: its upstream artifacts, then the cheap checks (all but the value scan); raise InputProblems."""
+    problems = upstream_problems(stage, params, root) + input_problems(params, root, stage.outputs, scan_values=False)
     if problems:
         raise InputProblems(problems)
 

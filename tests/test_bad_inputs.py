@@ -249,6 +249,18 @@ def test_stage_refuses_bad_inputs_before_writing(project, capsys, monkeypatch):
     assert _snapshot(project) == before and not (project / "artifacts").exists()
 
 
+def test_stage_refuses_missing_upstream_artifacts(project, capsys, monkeypatch):
+    """`rain stage merge` before projection and alpha ran: named, with the stage to run first; nothing written."""
+    before = _snapshot(project)
+    monkeypatch.chdir(project)
+    capsys.readouterr()
+    assert main(["stage", "merge"]) == 2
+    err = capsys.readouterr().err
+    assert "artifacts/projected: missing (stage projection makes it). Fix: run `rain stage projection` first" in err
+    assert "artifacts/alpha: missing (stage alpha makes it)" in err
+    assert _snapshot(project) == before
+
+
 def test_rain_check_command_end_to_end(project):
     """The installed `rain` entry point in a real subprocess: exit status 2 and the problem on stderr."""
     _edit_json(project / "ckpt/lrm/config.json", lambda c: c.update(model_type="gpt2"))

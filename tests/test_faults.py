@@ -1,8 +1,8 @@
 """Faults for real: a SIGKILLed merge, a write that runs out of space, an S3 remote that is down or drops mid-push.
 
 The merge runs as the real `rain stage merge` subprocess on a project whose earlier stages
-ran for real (a 4-layer, hidden-256 family, ~15 MB per model, small shards so the merge
-writes ~50 files). Out-of-space is a kernel-enforced file-size limit (RLIMIT_FSIZE, EFBIG)
+ran for real (an 8-layer, hidden-256 family, ~25 MB per model, small shards so the merge
+writes ~100 files). Out-of-space is a kernel-enforced file-size limit (RLIMIT_FSIZE, EFBIG)
 on that subprocess: the same failed write() a full disk gives, without root. The S3 remote
 is moto's server behind a TCP relay that the test slows down, cuts and restores.
 """
@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import boto3
@@ -30,22 +31,29 @@ from rain_tasks.digest import tree_digests
 from rain_tasks.params import load_params
 from rain_tasks.remote import PushFailed, push
 from rain_tasks.s3server import DUMMY_CREDENTIALS, free_port
-from rain_tasks.stages import MERGED, run_stage
+from rain_tasks.stages import MERGED, PROJ
+from rain_tasks.task_vectors import MANIFEST
 from tiny import instruction_rows, make_family, reasoning_rows, write_jsonl
 
 RAIN = str(Path(sys.executable).parent / "rain")
 UPSTREAM = ("task_vectors", "features", "projection", "attention_stats", "alpha")
+LAYERS = 8
 
 
 def _env() -> dict[str, str]:
     return {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1", **DUMMY_CREDENTIALS}
 
 
+#: the S3 SDK's own per-request retries off, so the test exercises push()'s retries and stays fast (with its
+#: default five attempts and backoff, a push of 100 objects to a dead link takes minutes before failing)
+NO_SDK_RETRIES = {"AWS_MAX_ATTEMPTS": "1", "AWS_RETRY_MODE": "standard"}
+
+
 @pytest.fixture(scope="module")
 def merge_project(tmp_path_factory) -> Path:
-    """A project with every stage before the merge done (in process, ~3 s)."""
+    """A project with every stage before the merge done."""
     root = tmp_path_factory.mktemp("faults") / "project"
-    make_family(root / "ckpt", hidden=256, ffn=1024, layers=4)
+    make_family(root / "ckpt", hidden=256, ffn=1024, layers=LAYERS)
     write_jsonl(root / "calib/reasoning.jsonl", reasoning_rows())
     write_jsonl(root / "calib/heldout.jsonl", reasoning_rows(3))
     write_jsonl(root / "calib/instruction.jsonl", instruction_rows())
@@ -57,8 +65,12 @@ def merge_project(tmp_path_factory) -> Path:
         "check": {"min_free_space": "0B"},
     }
     (root / "params.yaml").write_text(yaml.safe_dump(params))
-    for stage in UPSTREAM:
-        run_stage(stage, load_params(root / "params.yaml"), root)
+    # one subprocess configured as `rain stage` is (runtime.configure: thread count, deterministic kernels), so
+    # its artifacts are the bytes a `rain stage projection` rerun makes
+    script = ("from rain_tasks.params import load_params; from rain_tasks.runtime import configure; "
+              "from rain_tasks.stages import run_stage; configure(); "
+              f"[run_stage(s, load_params('params.yaml')) for s in {UPSTREAM!r}]")
+    subprocess.run([sys.executable, "-c", script], cwd=root, env=_env(), check=True, capture_output=True)
     return root
 
 
@@ -84,34 +96,48 @@ def _temporaries(root: Path) -> list[Path]:
     return sorted((root / MERGED).parent.glob(".merged.tmp-*"))
 
 
-def _kill_after_first_shard(proc: subprocess.Popen, root: Path, timeout_s: float = 120) -> Path:
-    """SIGKILL `proc` as soon as its temporary model directory holds a shard; return that directory."""
+def _kill_when(root: Path, stage: str, ready: Callable[[], bool], timeout_s: float = 120) -> None:
+    """Start `rain stage STAGE` and SIGKILL it the moment `ready()` (polled every millisecond) holds."""
+    proc = subprocess.Popen([RAIN, "stage", stage], cwd=root, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for tmp in _temporaries(root):
-            if any(tmp.glob("*/part-*.safetensors")):
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
-                return tmp
-        if proc.poll() is not None:
-            pytest.fail(f"rain stage merge ended (rc {proc.returncode}) before a shard was seen; nothing to kill")
+    while not ready():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"rain stage {stage} ended (rc {proc.returncode}) before the moment to kill it")
         time.sleep(0.001)
-    proc.kill()
-    pytest.fail("no shard appeared in time")
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
 
 
 def test_sigkilled_merge_leaves_nothing_and_rerun_is_bit_identical(merge_project, reference):
     root = merge_project
     shutil.rmtree(root / MERGED)
-    proc = subprocess.Popen([RAIN, "stage", "merge"], cwd=root, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    tmp = _kill_after_first_shard(proc, root)
-    assert proc.returncode == -signal.SIGKILL
+    _kill_when(root, "merge", lambda: any(tmp.glob("*/part-*.safetensors") for tmp in _temporaries(root)))
+    [tmp] = _temporaries(root)
     assert not (root / MERGED).exists(), "a killed merge must leave no model directory"
     assert tmp.exists()  # what the killed writer left: hidden, beside the final path, never at it
     rerun = subprocess.run([RAIN, "stage", "merge"], cwd=root, env=_env(), capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
     assert _temporaries(root) == [], "the rerun removes the killed run's temporary"
     assert _artifact(root / MERGED) == reference
+
+
+def test_sigkilled_projection_is_refused_downstream_and_resumes_to_identical_output(merge_project, reference):
+    """A projection killed after some layers: the merge refuses the incomplete Δ⊥; the rerun keeps the finished
+    layers and ends with the same bytes as an uninterrupted run."""
+    root, proj = merge_project, merge_project / PROJ
+    expected = tree_digests(proj)
+    shutil.rmtree(proj)
+    _kill_when(root, "projection", lambda: any(proj.glob("layer_*.safetensors")))
+    finished = {p.name: p.stat().st_mtime_ns for p in proj.glob("layer_*.safetensors")}
+    assert not (proj / MANIFEST).exists() and 0 < len(finished) < LAYERS
+    refused = subprocess.run([RAIN, "stage", "merge"], cwd=root, env=_env(), capture_output=True, text=True)
+    assert refused.returncode == 2
+    assert "artifacts/projected: incomplete: no manifest.json, so stage projection was interrupted" in refused.stderr
+    assert _artifact(root / MERGED) == reference, "the refused merge must not touch the merged model"
+    subprocess.run([RAIN, "stage", "projection"], cwd=root, env=_env(), check=True, capture_output=True)
+    assert tree_digests(proj) == expected
+    assert {n: (proj / n).stat().st_mtime_ns for n in finished} == finished, "finished layers are reused, not redone"
 
 
 def _limit_file_size(limit: int):
@@ -226,7 +252,7 @@ def s3(monkeypatch):
     server.stop()
 
 
-def _dvc_repo(root: Path, endpoint: str, n_files: int = 200) -> Path:
+def _dvc_repo(root: Path, endpoint: str, n_files: int = 100) -> Path:
     """A git+DVC repository tracking `n_files` random files, its default remote at `endpoint`."""
     env = _env()
     root.mkdir(parents=True)
@@ -247,6 +273,8 @@ def test_s3_down_or_dropping_mid_push_retries_then_fails_clearly_and_a_later_pus
     root = _dvc_repo(tmp_path / "repo", f"http://127.0.0.1:{relay.port}")
     monkeypatch.setenv("PATH", _env()["PATH"])
     monkeypatch.setenv("DVC_SITE_CACHE_DIR", str(tmp_path / "site"))
+    for k, v in NO_SDK_RETRIES.items():
+        monkeypatch.setenv(k, v)
 
     # 1. remote down: every attempt fails, then one clear error; nothing reaches the bucket
     with pytest.raises(PushFailed, match=r"failed 2 time\(s\); last error: .*Could not connect to the endpoint URL.*rerun `dvc push`"):

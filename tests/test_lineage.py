@@ -1,8 +1,5 @@
-"""Lineage of a merged model: recorded inside the atomic write, bit-stable, and audited by `rain verify-lineage`.
-
-A small project on the tiny random family: the three checkpoints, a calibration set, task
-vectors and a task-arithmetic merge whose lineage records all of them and its params.
-"""
+"""Lineage of a merged model: recorded inside the atomic write with its model card, bit-stable, audited by
+`rain verify` and printed by `rain lineage` (the baselines' models carry the same records)."""
 
 from __future__ import annotations
 
@@ -13,47 +10,21 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rain_tasks import lineage
+from merged_project import make_project, merge_with_lineage
+from rain_tasks import card, lineage
 from rain_tasks.checkpoint import read_metadata
 from rain_tasks.cli import main as rain
 from rain_tasks.digest import tree_digests
 from rain_tasks.merge import DeltaPlan, TensorDir, merge_checkpoint
-from rain_tasks.params import load_params
-from rain_tasks.stages import param_values
-from rain_tasks.task_vectors import compute_task_vectors
+from rain_tasks.params import ModelsParams, load_params
+from rain_tasks.stages import BASELINES, run_stage
 
-INPUTS = {"models.base": "models/base", "models.itm": "models/itm", "models.lrm": "models/lrm",
-          "calibration.reasoning": "data/reasoning.jsonl", "task_vectors": "artifacts/tv"}
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def project(tiny_family, tmp_path) -> Path:
-    """A project root holding the tiny family, a calibration set, task vectors and params.yaml (merge.lam 0.5)."""
-    root = tmp_path / "project"
-    for role in ("base", "itm", "lrm"):
-        shutil.copytree(tiny_family[role], root / "models" / role)
-    (root / "data").mkdir()
-    shutil.copy(tiny_family["reasoning"], root / "data/reasoning.jsonl")
-    compute_task_vectors(root / "models/base", root / "models/itm", root / "artifacts/tv")
-    (root / "params.yaml").write_text(yaml.safe_dump({"merge": {"lam": 0.5}}))
-    return root
-
-
-def merge_with_lineage(root: Path, out: Path, finalize_extra=None) -> Path:
-    """A task-arithmetic merge of the project, its lineage written as the merge stage writes it."""
-    params = load_params(root / "params.yaml")
-    core = lineage.build_core(lineage.record_inputs(root, INPUTS), "task_arithmetic", {"lam": params.merge.lam},
-                              param_values(params, ("merge",)))
-
-    def finalize(tmp: Path) -> None:
-        lineage.write_lineage(tmp, core, lineage.provenance(root))
-        if finalize_extra is not None:
-            finalize_extra(tmp)
-
-    plan = DeltaPlan(linear=TensorDir(root / "artifacts/tv"))
-    merge_checkpoint(root / "models/lrm", out, "task_arithmetic", {"lam": params.merge.lam}, plan, 20_000,
-                     metadata=lineage.shard_metadata(core), finalize=finalize)
-    return out
+    return make_project(tiny_family, tmp_path / "project")
 
 
 def _flip_last_byte(path: Path) -> None:
@@ -74,7 +45,7 @@ def test_fresh_merge_verifies_and_records_its_inputs(project, capsys):
     assert len(shards) >= 2
     for shard in shards:
         assert read_metadata(shard)["rain_lineage"] == doc["core_digest"]
-    assert rain(["verify-lineage", str(out), "--project", str(project)]) == 0
+    assert rain(["verify", str(out), "--project", str(project)]) == 0
     assert "lineage verified" in capsys.readouterr().out
 
 
@@ -85,7 +56,7 @@ def test_one_byte_of_a_shard_changed_is_reported(project, capsys):
     report = lineage.verify_lineage(out)
     assert not report.ok
     assert len(report.problems) == 1 and report.problems[0].startswith(f"output: {shard.name} differs: recorded sha256 ")
-    assert rain(["verify-lineage", str(out)]) == 1
+    assert rain(["verify", str(out)]) == 1
     assert f"MISMATCH: output: {shard.name} differs" in capsys.readouterr().out
 
 
@@ -131,5 +102,67 @@ def test_missing_lineage_tells_what_to_do(project, tmp_path):
     plan = DeltaPlan(linear=TensorDir(project / "artifacts/tv"))
     merge_checkpoint(project / "models/lrm", tmp_path / "bare", "task_arithmetic", {"lam": 1.0}, plan)
     assert lineage.verify_lineage(tmp_path / "bare").problems == [
-        f"{tmp_path / 'bare' / lineage.LINEAGE}: no {lineage.LINEAGE}; this directory was not written by the merge stage (rerun it)"
+        f"{tmp_path / 'bare'}/{lineage.LINEAGE}: no {lineage.LINEAGE}; not a model written by a merging stage (rerun it) nor a complete release"
     ]
+
+
+def test_model_card_names_the_three_checkpoints_method_and_params(project):
+    out = merge_with_lineage(project, project / "models/merged")
+    text = (out / card.CARD).read_text()
+    meta = card.front_matter(text)
+    assert meta["base_model"] == ["models/base", "models/itm", "models/lrm"]
+    assert meta["base_model_relation"] == "merge" and meta["tags"] == ["merge", "rain-merging"]
+    assert meta["merge_method"] == "task_arithmetic" and meta["merge_params"] == {"lam": 0.5}
+    assert meta["params"] == {"merge": load_params(project / "params.yaml").merge.model_dump(mode="json")}
+    assert meta["rain_evaluation"] == {"report": "reports/report.json", "row": "RAIN"}
+    assert card.PLACEHOLDER in text
+    assert json.loads((out / lineage.LINEAGE).read_text())["outputs"][card.CARD] == tree_digests(out)[card.CARD]
+
+
+def test_card_names_a_hub_id_its_config_gives(project):
+    config = project / "models/itm/config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "_name_or_path": "Qwen/Qwen2.5-7B-Instruct"}))
+    assert card.checkpoint_name(project, "models/itm") == "Qwen/Qwen2.5-7B-Instruct"
+    assert card.checkpoint_name(project, "models/base") == "models/base"
+
+
+def test_filled_evaluation_still_verifies_but_an_edited_card_does_not(project):
+    out = merge_with_lineage(project, project / "models/merged")
+    path = out / card.CARD
+    path.write_text(card.fill_evaluation(path.read_text(), "| model | IF prompt |\n|---|---:|\n| RAIN | 0.5 |"))
+    assert lineage.verify_lineage(out).ok
+    path.write_text(path.read_text().replace("base_model_relation: merge", "base_model_relation: finetune"))
+    assert [p.split(":")[1].strip() for p in lineage.verify_lineage(out).problems] == [f"{card.CARD} differs"]
+
+
+def test_lineage_prints_inputs_stages_output(project, capsys):
+    out = merge_with_lineage(project, project / "models/merged")
+    assert rain(["lineage", str(out)]) == 0
+    text = capsys.readouterr().out
+    inputs, stages, output = text.index("\ninputs\n"), text.index("\nstages "), text.index("\noutput\n")
+    assert inputs < stages < output
+    lines = text.splitlines()
+    assert any(line.split()[:2] == ["models.lrm", "models/lrm"] for line in lines)
+    assert any(line.split()[:2] == ["calibration.reasoning", "data/reasoning.jsonl"] for line in lines)
+    assert "  task_vectors: Δ_I = θ_ITM − θ_base per layer (fp32) [not in dvc.lock" in text
+    assert "  → merge: Stage 3" in text and "[this run]" in text
+    for name, sha in tree_digests(out).items():
+        if name != lineage.LINEAGE:
+            assert f"{name}" in text[output:] and sha[:16] in text[output:]
+
+
+def test_baseline_models_carry_lineage_and_card(tiny_family, tmp_path, capsys):
+    """The baselines stage records every run like the merge: lineage.json with its own method and params, a card
+    naming its report row, shards naming the lineage; and only the inputs the baselines read (no calibration set)."""
+    models = ModelsParams(**{k: str(tiny_family[k]) for k in ("base", "itm", "lrm")})
+    params = load_params(ROOT / "params.yaml").model_copy(update={"models": models})
+    run_stage("task_vectors", params, tmp_path)
+    run_stage("baselines", params, tmp_path)
+    for run in params.baselines.runs:
+        out = tmp_path / BASELINES / run.name
+        doc = json.loads((out / lineage.LINEAGE).read_text())
+        assert (doc["core"]["method"], doc["core"]["method_params"]) == (run.method, run.method_params())
+        assert set(doc["core"]["inputs"]) == {"models.base", "models.itm", "models.lrm", "artifacts/task_vectors"}
+        assert doc["core"]["stages"] == ["task_vectors", "baselines"]
+        assert card.front_matter((out / card.CARD).read_text())["rain_evaluation"]["row"] == run.name
+        assert rain(["verify", str(out)]) == 0, capsys.readouterr().out

@@ -56,7 +56,7 @@ def test_dvc_artifacts_round_trip_through_s3(flow_project, tmp_path):
     for out in OUTPUTS:
         assert comparable_digests(clone / out) == comparable_digests(root / out), out
         assert (clone / out).exists()
-    assert sh(["rain", "verify-lineage", "models/merged", "--project", "."], clone, env).startswith("models/merged: lineage verified")
+    assert sh(["rain", "verify", "models/merged", "--project", "."], clone, env).startswith("models/merged: lineage verified")
 
 
 def test_dask_runner_gives_the_default_runners_artifacts(flow_project, tmp_path):
@@ -162,4 +162,4 @@ def test_scheduled_deployment_runs_through_the_api_with_results_in_s3(tmp_path):
                 _stop(serve)
     finally:
         _stop(server)
-    assert sh(["rain", "verify-lineage", "models/merged"], root, env).startswith("models/merged: lineage verified")
+    assert sh(["rain", "verify", "models/merged"], root, env).startswith("models/merged: lineage verified")
