@@ -27,6 +27,7 @@ ATTN, ALPHA = "artifacts/attention", "artifacts/alpha"
 MERGED, BASELINES, ABLATIONS = "models/merged", "models/baselines", "models/ablations"
 ORTHO_CSV, ORTHO_PNG = "plots/orthogonality.csv", "plots/orthogonality.png"
 EVAL_DIR = "data/eval"
+ZOO_MD, ZOO_CSV = "reports/zoo.md", "plots/zoo_sweep.csv"
 ALPHA_PNG = "plots/alpha_heatmap.png"
 LAMBDA_CSV, LAMBDA_PNG = "plots/baselines_lambda.csv", "plots/baselines_lambda.png"
 #: each merging stage's wall time per model it writes (outside the model directories, whose bytes stay deterministic)
@@ -80,8 +81,11 @@ def resolve(path: str, params: Params) -> str:
 
 def _zoo(p: Params, r: Path) -> None:
     from rain_tasks.zoo import build_zoo
+    from rain_tasks.zoo.report import REPORT_LAMBDAS, write_zoo_report
 
     build_zoo(p.zoo, r / "models", r / "data")
+    write_zoo_report(r / "models", r / EVAL_DIR / "instruction_eval.jsonl", REPORT_LAMBDAS, r / ZOO_MD, r / ZOO_CSV,
+                     threads=p.zoo.threads)
 
 
 def _task_vectors(p: Params, r: Path) -> None:
@@ -276,9 +280,9 @@ def _evaluate(p: Params, r: Path) -> None:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("zoo", _zoo, deps=(), code=("rain_tasks/zoo", "rain_tasks/instructions.py"), params=("zoo",),
-          outs=("models/base", "models/itm", "models/lrm", "data/calibration", EVAL_DIR),
-          desc="build the tiny model family and its calibration/evaluation data"),
+    Stage("zoo", _zoo, deps=(), code=("rain_tasks/zoo", "rain_tasks/instructions.py", "rain_tasks/generation.py"), params=("zoo",),
+          outs=("models/base", "models/itm", "models/lrm", "data/calibration", EVAL_DIR, ZOO_MD), plots=(ZOO_CSV,),
+          desc="build the tiny model family and its calibration/evaluation data; report task arithmetic's λ sweep on it"),
     Stage("task_vectors", _task_vectors, deps=("${models.base}", "${models.itm}"),
           code=("rain_tasks/task_vectors.py",), outs=(TV,),
           desc="Δ_I = θ_ITM − θ_base per layer (fp32)"),
@@ -454,6 +458,7 @@ def dvc_yaml() -> dict:
             {"plots/alpha_heatmap.csv": {"x": "alpha", "y": "unit", "template": "bar_horizontal"}},
             {ORTHO_CSV: {"x": "layer", "y": "cos_max", "template": "scatter"}},
             {LAMBDA_CSV: {"x": "lam", "y": list(LAMBDA_METRICS)}},
+            {ZOO_CSV: {"x": "lambda", "y": ["close_rate", "correct_rate", "comply_rate"]}},
             ALPHA_PNG,
             ORTHO_PNG,
             LAMBDA_PNG,

@@ -12,7 +12,6 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import yaml
 
 from rain_tasks.checkpoint import INDEX_NAME, Checkpoint, load_tensors, read_metadata, save_tensors
 from rain_tasks.cli import main
+from projects import project_env
 from tiny import instruction_rows, make_family, reasoning_rows, write_jsonl
 
 Q0 = "model.layers.0.self_attn.q_proj.weight"
@@ -261,10 +261,20 @@ def test_stage_refuses_missing_upstream_artifacts(project, capsys, monkeypatch):
     assert _snapshot(project) == before
 
 
-def test_rain_check_command_end_to_end(project):
+def test_flow_validates_before_any_stage(project, tmp_path):
+    """`rain flow` (the Prefect flow, a real subprocess) refuses a bad input as its first step: no stage runs."""
+    (project / "calib/reasoning.jsonl").write_text("")
+    before = _snapshot(project)
+    env = {**project_env(tmp_path), "PREFECT_LOGGING_LEVEL": "ERROR"}
+    proc = subprocess.run(["rain", "flow", "--project", str(project)], cwd=project, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "reasoning calibration set is empty" in proc.stderr
+    assert _snapshot(project) == before
+
+
+def test_rain_check_command_end_to_end(project, tmp_path):
     """The installed `rain` entry point in a real subprocess: exit status 2 and the problem on stderr."""
     _edit_json(project / "ckpt/lrm/config.json", lambda c: c.update(model_type="gpt2"))
-    rain = Path(sys.executable).parent / "rain"
-    proc = subprocess.run([str(rain), "check", "--no-scan"], cwd=project, capture_output=True, text=True)
+    proc = subprocess.run(["rain", "check", "--no-scan"], cwd=project, env=project_env(tmp_path), capture_output=True, text=True)
     assert proc.returncode == 2
     assert "unsupported architecture model_type='gpt2'" in proc.stderr

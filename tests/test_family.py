@@ -11,6 +11,7 @@ from rain_tasks.generation import behaviour_metrics, load_model
 from rain_tasks.schemas import load_records
 from rain_tasks.zoo import ZooParams, build_zoo
 from rain_tasks.zoo.probe import task_arithmetic_sweep
+from rain_tasks.zoo.report import REPORT_LAMBDAS
 
 pytestmark = pytest.mark.slow
 
@@ -42,11 +43,15 @@ def test_itm_complies_and_never_thinks(family, eval_rows):
     assert m["comply_rate"] >= 0.90 and m["think_rate"] == 0.0, m
 
 
-def test_naive_task_arithmetic_breaks_thinking_at_larger_lambda(family):
-    """θ_R + λ(θ_I − θ_B) keeps `</think>` at small λ and loses it (close rate < 80 %) at a larger λ."""
-    sweep = task_arithmetic_sweep(family / "models", family / "data/eval/instruction_eval.jsonl", [0.3, 2.0])
-    assert sweep[0]["close_rate"] >= 0.95, sweep
-    assert sweep[1]["close_rate"] < 0.80, sweep
+def test_task_arithmetic_transfers_the_skill_then_breaks_thinking(family):
+    """θ_R + λ(θ_I − θ_B) raises compliance ≥ 20 points above the LRM at some λ, and a larger λ loses
+    `</think>` (close rate < 80 %); λ = 0 is the LRM under the same decoding budget."""
+    sweep = task_arithmetic_sweep(family / "models", family / "data/eval/instruction_eval.jsonl", list(REPORT_LAMBDAS))
+    lrm = sweep[0]
+    assert lrm["lambda"] == 0.0, sweep
+    gains = [i for i, r in enumerate(sweep) if r["comply_rate"] - lrm["comply_rate"] >= 0.20]
+    assert gains, sweep
+    assert any(r["close_rate"] < 0.80 for r in sweep[gains[0] + 1:]), sweep
 
 
 def test_generated_sets_validate_and_do_not_overlap(family):

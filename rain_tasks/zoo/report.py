@@ -17,15 +17,17 @@ from rain_tasks.checkpoint import atomic_path
 from rain_tasks.generation import load_model
 from rain_tasks.zoo.probe import task_arithmetic_sweep
 
+#: λ values the zoo stage reports (λ = 0: the LRM itself); seven sweeps of the eval set, about a minute on 2 cores
+REPORT_LAMBDAS: tuple[float, ...] = (0.0, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0)
 COLUMNS = ("lambda", "think_rate", "close_rate", "correct_rate", "comply_rate")
 
 
 def task_vector_geometry(models_dir: Path) -> dict[str, float]:
-    """‖θ_base‖, ‖Δ_ITM‖, ‖Δ_LRM‖ and cos(Δ_ITM, Δ_LRM) over all parameters (float64)."""
+    """‖θ_base‖, ‖Δ_ITM‖, ‖Δ_LRM‖ and cos(Δ_ITM, Δ_LRM) over all parameters (float64; tied embeddings counted once)."""
     flat = {}
     for name in ("base", "itm", "lrm"):
-        state = load_model(Path(models_dir) / name)[0].state_dict()
-        flat[name] = torch.cat([state[k].detach().double().flatten() for k in sorted(state)])
+        params = dict(load_model(Path(models_dir) / name)[0].named_parameters())  # tied weights once
+        flat[name] = torch.cat([params[k].detach().double().flatten() for k in sorted(params)])
     d_itm, d_lrm = flat["itm"] - flat["base"], flat["lrm"] - flat["base"]
     return {
         "norm_base": flat["base"].norm().item(),
