@@ -99,11 +99,11 @@ def orthogonality_table(base_dir: str | Path, itm_dir: str | Path, lrm_dir: str 
 def write_orthogonality(base_dir: str | Path, itm_dir: str | Path, lrm_dir: str | Path, p: OrthogonalityParams,
                         out_csv: str | Path, out_png: str | Path) -> pd.DataFrame:
     """Compute the table and write it atomically as CSV (`dvc plots` data) and as a heatmap PNG
-    (the report's figure: largest cosine per layer and module:side); return it."""
+    (the report's figure: largest cosine per layer and module:side, e.g. 'q:L' for q_proj's left subspace); return it."""
     table = orthogonality_table(base_dir, itm_dir, lrm_dir, p)
     with atomic_path(out_csv) as tmp:
         table.to_csv(tmp, index=False, float_format="%.6g")
-    cells = table.assign(module=table["module"] + ":" + table["side"])
+    cells = table.assign(module=table["module"].str.removesuffix("_proj") + ":" + table["side"].str[0].str.upper())
     heatmap(cells, "layer", "module", "cos_max", out_png,
             f"max cos of principal angles, top-{p.rank} subspaces of Δ_R vs Δ_I", vmin=0.0, vmax=1.0)
     log.info("orthogonality: %d modules, median cos_max %.3f (chance rms %.3f)", len(table) // 2,
