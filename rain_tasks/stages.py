@@ -33,6 +33,8 @@ LAMBDA_CSV, LAMBDA_PNG = "plots/baselines_lambda.csv", "plots/baselines_lambda.p
 #: each merging stage's wall time per model it writes (outside the model directories, whose bytes stay deterministic)
 MERGE_TIMES = {"merge": "metrics/merge_time.json", "ablations": "metrics/ablations_time.json",
                "baselines": "metrics/baselines_time.json"}
+#: outputs that record wall-clock times: identical inputs give identical bytes everywhere else
+TIMED_OUTPUTS = frozenset({*MERGE_TIMES.values(), "metrics/eval.json", "plots/eval.csv", "reports/report.md", "reports/report.json"})
 
 
 class Ablation(NamedTuple):

@@ -80,7 +80,7 @@ def comparable_digests(path: Path) -> dict[str, str]:
     """File digests of an artifact, with lineage.json reduced to what identical runs share (core_digest and
     outputs): its provenance (flow-run id, commit, dvc.lock) legitimately differs between runs."""
     digests = tree_digests(path)
-    if LINEAGE in digests:
-        doc = json.loads((path / LINEAGE).read_text())
-        digests[LINEAGE] = json_digest({"core_digest": doc["core_digest"], "outputs": doc["outputs"]})
+    for rel in [r for r in digests if Path(r).name == LINEAGE]:  # the model's own, or one per baseline model
+        doc = json.loads((path / rel).read_text())
+        digests[rel] = json_digest({"core_digest": doc["core_digest"], "outputs": doc["outputs"]})
     return digests
