@@ -104,24 +104,38 @@ def _at_omega(model, encoded: list[tuple[list[int], list[int]]]) -> tuple[list[t
     return log_probs, hidden
 
 
-def think_invariance(lrm_dir: str | Path, model_dirs: dict[str, Path], traces: list[dict], radius: int) -> dict[str, dict]:
-    """Per model, teacher forced on the traces, at Ω_think: L_think = mean KL(p_LRM ‖ p_model), and
-    h_drift = mean over layers of ‖h_model − h_LRM‖ / ‖h_LRM‖ (both 0 for the LRM itself)."""
+def _encode_traces(lrm_dir: str | Path, traces: list[dict], radius: int) -> list[tuple[list[int], list[int]]]:
+    """(token ids, Ω_think positions) of each trace, rendered with the LRM's tokenizer and template."""
     tok = load_tokenizer(lrm_dir)
     encoded = []
     for row in traces:
         r = render(tok, row["prompt"], row["reasoning"], row["response"])
         encoded.append((r.input_ids, think_positions(r, radius)))
+    return encoded
+
+
+def _invariance(reference: tuple[list[torch.Tensor], torch.Tensor], model, encoded) -> dict[str, float]:
+    """L_think and h_drift of one model against the LRM's (log-probs, stacked hidden states) at Ω."""
+    ref_p, ref_hidden = reference
+    logq, hidden = _at_omega(model, encoded)
+    kls = [(p.exp() * (p - q)).sum(-1) for p, q in zip(ref_p, logq)]
+    diff = torch.linalg.vector_norm(torch.cat(hidden, dim=1) - ref_hidden, dim=(1, 2))
+    drift = diff / torch.linalg.vector_norm(ref_hidden, dim=(1, 2))
+    return {"l_think": float(torch.cat(kls).mean()), "h_drift": float(drift.mean())}
+
+
+def _reference(lrm_dir: str | Path, encoded) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The LRM's log-probs and hidden states at Ω, computed once for every model compared with it."""
     ref_p, ref_h = _at_omega(load_model(lrm_dir)[0], encoded)
-    ref_hidden = torch.cat(ref_h, dim=1)
-    result = {}
-    for name, path in model_dirs.items():
-        logq, hidden = _at_omega(load_model(path)[0], encoded)
-        kls = [(p.exp() * (p - q)).sum(-1) for p, q in zip(ref_p, logq)]
-        diff = torch.linalg.vector_norm(torch.cat(hidden, dim=1) - ref_hidden, dim=(1, 2))
-        drift = diff / torch.linalg.vector_norm(ref_hidden, dim=(1, 2))
-        result[name] = {"l_think": float(torch.cat(kls).mean()), "h_drift": float(drift.mean())}
-    return result
+    return ref_p, torch.cat(ref_h, dim=1)
+
+
+def think_invariance(lrm_dir: str | Path, model_dirs: dict[str, Path], traces: list[dict], radius: int) -> dict[str, dict]:
+    """Per model, teacher forced on the traces, at Ω_think: L_think = mean KL(p_LRM ‖ p_model), and
+    h_drift = mean over layers of ‖h_model − h_LRM‖ / ‖h_LRM‖ (both 0 for the LRM itself)."""
+    encoded = _encode_traces(lrm_dir, traces, radius)
+    reference = _reference(lrm_dir, encoded)
+    return {name: _invariance(reference, load_model(path)[0], encoded) for name, path in model_dirs.items()}
 
 
 def evaluate_models(
@@ -134,15 +148,15 @@ def evaluate_models(
     radius: int,
     max_eval: int | None = None,
 ) -> dict[str, dict]:
-    """Metrics for every model (model_dirs includes the LRM itself under some name)."""
+    """Metrics for every model (model_dirs includes the LRM itself under some name); each model is loaded once."""
     problems = load_records(instruction_eval, "instruction_eval")[:max_eval]
-    traces = load_records(reasoning_eval, "reasoning")[:max_eval]
-    invariance = think_invariance(lrm_dir, model_dirs, traces, radius)
+    encoded = _encode_traces(lrm_dir, load_records(reasoning_eval, "reasoning")[:max_eval], radius)
+    reference = _reference(lrm_dir, encoded)
     results = {}
     for name, path in tqdm(model_dirs.items(), desc="evaluate", unit="model"):
         model, tok = load_model(path)
         m = behaviour_metrics(model, tok, problems, max_new_tokens=max_new_tokens, batch_size=batch_size)
-        results[name] = {**m, **invariance[name]}
+        results[name] = {**m, **_invariance(reference, model, encoded)}
         log.info("%s: %s", name, {k: results[name][k] for k in TABLE_COLUMNS if k in results[name]})
     return results
 
