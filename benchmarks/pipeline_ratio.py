@@ -1,7 +1,7 @@
 """Full RAIN pipeline time against task arithmetic on the same models, measured in one run, with the per-stage split.
 
 Usage: python benchmarks/pipeline_ratio.py [--workdir DIR] [--hidden 128 --ffn 256 --layers 4 --heads 4 --kv-heads 2]
-       [--dtype float32|bfloat16] [--samples 50]
+       [--dtype float32|bfloat16] [--samples 50] [--phases]
 Both sides run through the same stage machinery (`run_stage`: up-front checks, lineage, atomic
 writes) on one random base/ITM/LRM family (tests/tiny.py): RAIN = task_vectors, features,
 projection, attention_stats, alpha, merge; task arithmetic = task_vectors and the baselines
@@ -12,6 +12,7 @@ is also timed alone. Prints a table and one JSON line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -21,7 +22,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 RAIN_STAGES = ("task_vectors", "features", "projection", "attention_stats", "alpha", "merge")
 TA_STAGES = ("task_vectors", "baselines")
@@ -48,16 +49,21 @@ def build(work: Path, args: argparse.Namespace) -> None:
     (work / "params.yaml").write_text(yaml.safe_dump(params))
 
 
-def timed_stages(work: Path, stages: tuple[str, ...]) -> dict[str, float]:
-    """Wall seconds of each stage, run in order in this process."""
+def timed_stages(work: Path, stages: tuple[str, ...], phases: dict[str, dict] | None = None) -> dict[str, float]:
+    """Wall seconds of each stage, run in order in this process; with `phases`, also each stage's phase split."""
+    from phases import PhaseClock
     from rain_tasks.params import load_params
     from rain_tasks.stages import run_stage
 
     params, seconds = load_params(work / "params.yaml"), {}
     for name in stages:
-        t0 = time.perf_counter()
-        run_stage(name, params, work)
-        seconds[name] = time.perf_counter() - t0
+        clock = PhaseClock()
+        with clock.running() if phases is not None else contextlib.nullcontext():
+            t0 = time.perf_counter()
+            run_stage(name, params, work)
+            seconds[name] = time.perf_counter() - t0
+        if phases is not None:
+            phases[name] = clock.split(seconds[name])
     return seconds
 
 
@@ -82,6 +88,8 @@ def main() -> None:
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--samples", type=int, default=50)
+    p.add_argument("--phases", action="store_true",
+                   help="also split each RAIN stage into phases (wraps library functions: a little overhead)")
     args = p.parse_args()
 
     from rain_tasks.runtime import configure
@@ -93,18 +101,22 @@ def main() -> None:
         build(d, args)
     preflight_seconds(ta_dir)  # warm-up: imports and first-call costs are paid before either side is timed
     ta = timed_stages(ta_dir, TA_STAGES)
-    rain = timed_stages(rain_dir, RAIN_STAGES)
+    split: dict[str, dict] | None = {} if args.phases else None
+    rain = timed_stages(rain_dir, RAIN_STAGES, split)
     check = preflight_seconds(rain_dir)
     result = {
         "model": {k: getattr(args, k) for k in ("hidden", "ffn", "layers", "heads", "kv_heads", "dtype")},
         "samples": args.samples, "rain_s": rain, "ta_s": ta, "preflight_s": check,
-        "ratio": sum(rain.values()) / sum(ta.values()),
+        "ratio": sum(rain.values()) / sum(ta.values()), "phases_s": split,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, RAIN_THREADS="
                    f"{os.environ.get('RAIN_THREADS', '2')}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
                    f"load average {os.getloadavg()[0]:.1f}",
     }
     for side, stages in (("RAIN", rain), ("task arithmetic", ta)):
         print(f"{side}: {sum(stages.values()):.2f} s = " + " + ".join(f"{n} {s:.2f}" for n, s in stages.items()))
+    for stage, phase_s in (split or {}).items():
+        slowest = max(phase_s, key=phase_s.get)
+        print(f"  {stage}: " + ", ".join(f"{p} {s:.2f}" for p, s in phase_s.items()) + f"  [slowest: {slowest}]")
     print(f"up-front check per stage: {check:.2f} s; RAIN / task arithmetic = {result['ratio']:.2f}x (paper: 22.5x)")
     print(json.dumps(result))
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -195,10 +195,12 @@ def accumulate_features(
     *,
     low_rank: bool = True,
     memory_budget_bytes: int = 8 * 2**30,
+    load_model: Callable[[], torch.nn.Module] | None = None,
 ) -> Path:
     """Collect Stage 1 constraint statistics of the LRM at Ω_think into `out_dir`; return the manifest path.
 
-    `low_rank=False` forces Grams for every set (used to check both paths agree).
+    `low_rank=False` forces Grams for every set (used to check both paths agree). `load_model` returns
+    the LRM when there is work to do (pass a cached loader to share one load between calibration sets).
     """
     lrm_dir, out_dir = Path(lrm_dir), Path(out_dir)
     shape = read_shape(lrm_dir)
@@ -225,7 +227,7 @@ def accumulate_features(
         ckpt = Checkpoint(lrm_dir)
         biases = {layer: set_biases(ckpt, shape, layer) for layer in todo}
         per_layer = max(layer_bytes(set_dims(shape, b), samples, shape, low_rank) for b in biases.values())
-        model = load_causal_lm(lrm_dir)
+        model = load_model() if load_model is not None else load_causal_lm(lrm_dir)
         for chunk in layer_chunks(todo, per_layer, memory_budget_bytes):
             _accumulate_chunk(model, samples, shape, params, chunk, biases, low_rank, out_dir, meta)
     manifest = {**meta, "num_layers": shape.num_layers, "shape": asdict(shape), "params_json": params.model_dump()}

@@ -3,8 +3,8 @@
 For every layer and module, [W | b] of the task vector (bias column where the module has one)
 is projected on the right by the protected basis of the module's row set (features.row_sets);
 k/v rows of KV group g use group g's basis. The basis comes from the eigendecomposition of the
-Gram (float64), or, on the low-rank path, from the thin SVD of the rows (via QR of Xᵀ, O(n²·d)):
-G = XᵀX = V Σ² Vᵀ, so both give the same projector. Directions with eigenvalue ≤ 1e-12·λ_max count as numerically zero.
+Gram (float64), or, on the low-rank path, from the QR of the rows' transpose and the n × n eigenproblem
+of R Rᵀ (O(n²·d + n³)): G = XᵀX = Q R Rᵀ Qᵀ, so both give the same projector. Directions with eigenvalue ≤ 1e-12·λ_max count as numerically zero.
 
 Selection (ProjectionParams):
   rank            the top `rank` directions;
@@ -60,12 +60,12 @@ class RowStats:
         """Eigenvalues (descending, ≥ 0) and eigenvectors [d, r] of G, numerical zeros dropped."""
         t = self.tensor.to(torch.float64)
         if self.kind == ROWS and t.shape[0] < t.shape[1]:
-            q, r = torch.linalg.qr(t.T)  # Xᵀ = QR, so X = Rᵀ Qᵀ = A Σ (Q B)ᵀ with Rᵀ = A Σ Bᵀ (n × n)
-            _, s, bh = torch.linalg.svd(r.T)
-            vals, vecs = s.square(), q @ bh.T
+            q, r = torch.linalg.qr(t.T)  # Xᵀ = QR, so G = XᵀX = Q (R Rᵀ) Qᵀ: an n × n eigenproblem, not d × d
+            vals, b = torch.linalg.eigh(r @ r.T)
+            vecs = q @ b
         else:
             vals, vecs = torch.linalg.eigh(t if self.kind == GRAM else t.T @ t)
-            vals, vecs = vals.flip(0).clamp_min(0.0), vecs.flip(1)
+        vals, vecs = vals.flip(0).clamp_min(0.0), vecs.flip(1)
         if vals.numel() == 0 or vals[0] <= 0:
             return vals[:0], vecs[:, :0]
         keep = vals > _ZERO_RTOL * vals[0]
@@ -80,6 +80,22 @@ class RowStats:
         """tr(M G Mᵀ) = ‖M Xᵀ‖²: the squared response of M on the rows."""
         t = self.tensor.to(torch.float64)
         return float(((m @ t) * m).sum() if self.kind == GRAM else (m @ t.T).square().sum())
+
+    def quad_before_after(self, m: torch.Tensor, a: torch.Tensor, u: torch.Tensor) -> tuple[float, float]:
+        """(quad(M), quad(M − A Uᵀ)) with one product of M against the statistics, not two.
+
+        A = (M U) diag(w) is what the projection already computed; the second term then costs
+        out·r·n (rows) or out·d·r (Gram) instead of another out·d·n or out·d² product.
+        """
+        t = self.tensor.to(torch.float64)
+        if self.kind == GRAM:
+            mg = m @ t
+            before = (mg * m).sum()
+            after = before - 2 * (a * (mg @ u)).sum() + ((a @ (u.T @ t @ u)) * a).sum()
+        else:
+            y = m @ t.T
+            before, after = y.square().sum(), (y - a @ (u.T @ t.T)).square().sum()
+        return float(before), max(float(after), 0.0)
 
 
 def load_stats(path: str | Path) -> dict[str, RowStats]:
@@ -136,7 +152,13 @@ def protected_basis(stats: RowStats, params: ProjectionParams) -> Basis:
 
 def project_block(m: torch.Tensor, basis: Basis) -> torch.Tensor:
     """M − (M U) diag(w) Uᵀ: remove the protected directions from the rows of M."""
-    return m - ((m @ basis.u) * basis.w) @ basis.u.T
+    return project_block_with_coefficients(m, basis)[0]
+
+
+def project_block_with_coefficients(m: torch.Tensor, basis: Basis) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M − A Uᵀ, A) with A = (M U) diag(w), the coefficients the residual diagnostics reuse."""
+    a = (m @ basis.u) * basis.w
+    return m - a @ basis.u.T, a
 
 
 def _ratio(num: float, den: float) -> float:
@@ -177,8 +199,9 @@ def project_layer(
                 bases[set_name] = protected_basis(s, params)
             sel = slice(max(group, 0) * block_rows, (max(group, 0) + 1) * block_rows)
             block, basis = m[sel], bases[set_name]
-            projected[sel] = project_block(block, basis)
-            h = heldout[set_name] if heldout is not None else None
+            projected[sel], coeffs = project_block_with_coefficients(block, basis)
+            calib = s.quad_before_after(block, coeffs, basis.u)
+            held = heldout[set_name].quad_before_after(block, coeffs, basis.u) if heldout is not None else None
             report.append(
                 {
                     "layer": layer,
@@ -190,8 +213,8 @@ def project_layer(
                     "rank_kept": basis.rank,
                     "energy_protected": basis.energy_protected,
                     "norm_ratio": _ratio(projected[sel].square().sum().item(), block.square().sum().item()),
-                    "residual_calib": _ratio(s.quad(projected[sel]), s.quad(block)),
-                    "residual_heldout": _ratio(h.quad(projected[sel]), h.quad(block)) if h is not None else math.nan,
+                    "residual_calib": _ratio(calib[1], calib[0]),
+                    "residual_heldout": _ratio(held[1], held[0]) if held is not None else math.nan,
                 }
             )
         out[w_name] = projected[:, : delta[w_name].shape[1]].to(torch.float32)

@@ -8,6 +8,7 @@ written `${models.lrm}` is resolved from params.yaml (DVC templating does the sa
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -97,10 +98,12 @@ def _task_vectors(p: Params, r: Path) -> None:
 
 
 def _features(p: Params, r: Path) -> None:
+    from rain_tasks.checkpoint import load_causal_lm
     from rain_tasks.features import accumulate_features
 
-    accumulate_features(r / p.models.lrm, r / p.calibration.reasoning, p.features, r / FEAT)
-    accumulate_features(r / p.models.lrm, r / p.calibration.reasoning_heldout, p.features, r / FEAT_HELDOUT)
+    load_lrm = functools.cache(functools.partial(load_causal_lm, r / p.models.lrm))  # one load for both sets
+    accumulate_features(r / p.models.lrm, r / p.calibration.reasoning, p.features, r / FEAT, load_model=load_lrm)
+    accumulate_features(r / p.models.lrm, r / p.calibration.reasoning_heldout, p.features, r / FEAT_HELDOUT, load_model=load_lrm)
 
 
 def _projection(p: Params, r: Path) -> None:

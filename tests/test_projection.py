@@ -13,7 +13,8 @@ from rain_tasks.arch import MODULES, module_of, read_shape
 from rain_tasks.checkpoint import Checkpoint, load_tensors
 from rain_tasks.features import accumulate_features
 from rain_tasks.params import FeaturesParams, ProjectionParams
-from rain_tasks.projection import RowStats, project, project_block, project_layer, protected_basis
+from rain_tasks.projection import (RowStats, project, project_block, project_block_with_coefficients, project_layer,
+                                   protected_basis)
 from rain_tasks.schemas import PROJECTION_REPORT_SCHEMA
 from rain_tasks.task_vectors import compute_task_vectors, layer_file
 
@@ -58,6 +59,21 @@ def test_projection_annihilates_the_protected_directions():
         assert (projected @ basis.u).abs().max() < 1e-12 * delta.abs().max()
         assert (projected @ x.T).norm() < 1e-10 * (delta @ x.T).norm()
         torch.testing.assert_close(project_block(projected, basis), projected)  # idempotent
+
+
+@pytest.mark.parametrize("params", SELECTIONS, ids=lambda p: str(p))
+def test_residual_terms_reuse_the_projection_exactly(params):
+    """quad_before_after (one product with the statistics) equals quad of the block and of its projection."""
+    x, heldout = _rows(15, 40), _rows(9, 40, seed=3)
+    delta = torch.randn(25, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    for stats in _both(x):
+        basis = protected_basis(stats, params)
+        projected, coeffs = project_block_with_coefficients(delta, basis)
+        torch.testing.assert_close(projected, project_block(delta, basis), rtol=0, atol=0)
+        for target in (stats, *_both(heldout)):
+            before, after = target.quad_before_after(delta, coeffs, basis.u)
+            assert before == pytest.approx(target.quad(delta), rel=1e-12)
+            assert after == pytest.approx(target.quad(projected), rel=1e-9, abs=1e-12 * before)
 
 
 def test_energy_rank_and_threshold_select_what_they_say():
