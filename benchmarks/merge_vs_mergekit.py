@@ -3,10 +3,9 @@
 Usage: python benchmarks/merge_vs_mergekit.py [--workdir DIR] [--hidden 3584 --ffn 18944 --layers 2
        --heads 28 --kv-heads 4] [--dtype bfloat16] [--shard-size 1GB]
 Both sides compute θ_R + 1·(θ_I − θ_B) over every tensor and write sharded safetensors of the LRM's dtype;
-each runs in its own process (peak RSS is that process's, from wait4; the working set is the peak minus
-the RSS once both libraries are imported, the same for both sides). Ours is reported as the merge alone
-(task vectors already extracted, as in the pipeline) and with the task-vector extraction included, which is
-what mergekit does in one go. mergekit (a test dependency: `pip install --no-deps -r requirements-test.txt`)
+each runs in its own process (peak RSS is that process's VmHWM; the working set is the peak minus
+the RSS once both libraries are imported, the same for every side). Ours is two processes as in the pipeline:
+the task-vector extraction (Δ = θ_I − θ_B, fp32 per layer), then the merge; mergekit does both in one go. mergekit (a test dependency: `pip install --no-deps -r requirements-test.txt`)
 runs on CPU with lazy unpickling.
 Goal (issue 7): time ≤ mergekit's; peak RSS ≤ 2 × the largest tensor + one output shard.
 """
@@ -37,7 +36,7 @@ def build(work: Path, args: argparse.Namespace) -> None:
 
 
 def child(side: str, work: Path, shard_size: str) -> dict:
-    """Run one side in this process; return its wall times and its RSS once imports are done (GiB)."""
+    """Run one side in this process; return its wall time and its RSS once imports are done (GiB)."""
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
@@ -47,16 +46,14 @@ def child(side: str, work: Path, shard_size: str) -> dict:
     from rain_tasks.task_vectors import compute_task_vectors
 
     ckpt = work / "ckpt"
-    seconds: dict[str, float] = {"baseline_rss_gib": _rss_gib()}
+    seconds: dict[str, float] = {"baseline_rss_gib": _status_gib("VmRSS")}  # once every library is imported
     t0 = time.perf_counter()
-    if side == "ours":
+    if side == "task_vectors":
         compute_task_vectors(ckpt / "base", ckpt / "itm", work / "tv")
-        seconds["task_vectors"] = time.perf_counter() - t0
-        t1 = time.perf_counter()
+    elif side == "ours":
         tv = TensorDir(work / "tv")
         plan = DeltaPlan(linear=tv, other=tv, base=Checkpoint(ckpt / "base"))
         merge_checkpoint(ckpt / "lrm", work / "out_ours", "task_arithmetic", {"lam": 1.0}, plan, max_shard_size=shard_size)
-        seconds["merge"] = time.perf_counter() - t1
     else:
         config = {"merge_method": "task_arithmetic", "base_model": str(ckpt / "base"),
                   "models": [{"model": str(ckpt / m), "parameters": {"weight": 1.0}} for m in ("lrm", "itm")],
@@ -64,14 +61,17 @@ def child(side: str, work: Path, shard_size: str) -> dict:
         options = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, lazy_unpickle=True,
                                out_shard_size=_bytes(shard_size))
         run_merge(MergeConfiguration.model_validate(config), str(work / "out_mergekit"), options)
-        seconds["merge"] = time.perf_counter() - t0
+    seconds["seconds"] = time.perf_counter() - t0
+    seconds["peak_rss_gib"] = _status_gib("VmHWM")
     return seconds
 
 
-def _rss_gib() -> float:
-    """This process's resident set now (Linux)."""
+def _status_gib(field: str) -> float:
+    """VmRSS (resident now) or VmHWM (peak since exec) of this process, from /proc (Linux).
+
+    Not wait4's ru_maxrss: that keeps the forking parent's RSS from before the exec."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 2**20
     return float("nan")
 
@@ -91,14 +91,11 @@ def _bytes(size: str) -> int:
 def run_child(side: str, work: Path, shard_size: str) -> dict:
     """Run `side` in a fresh process; its wall times and peak RSS (GiB)."""
     cmd = [sys.executable, __file__, "--child", side, "--workdir", str(work), "--shard-size", shard_size]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
-        raise SystemExit(f"{side} failed (status {status})")
-    result = json.loads(out.strip().splitlines()[-1])
-    peak = usage.ru_maxrss / 2**20
-    return {**result, "peak_rss_gib": peak, "working_rss_gib": peak - result["baseline_rss_gib"]}
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{side} failed (status {proc.returncode})")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {**result, "working_rss_gib": result["peak_rss_gib"] - result["baseline_rss_gib"]}
 
 
 def largest_tensor_gib(model_dir: Path) -> float:
@@ -118,7 +115,7 @@ def main() -> None:
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     p.add_argument("--shard-size", default="1GB")
-    p.add_argument("--child", choices=["ours", "mergekit"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["task_vectors", "ours", "mergekit"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.workdir, args.shard_size)))
@@ -127,21 +124,20 @@ def main() -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="rain-merge-bench-"))
     build(work, args)
     mergekit = run_child("mergekit", work, args.shard_size)
+    tv = run_child("task_vectors", work, args.shard_size)
     ours = run_child("ours", work, args.shard_size)
     largest, shard = largest_tensor_gib(work / "ckpt/lrm"), _bytes(args.shard_size) / 2**30
     budget = 2 * largest + shard
     result = {"model": {k: getattr(args, k) for k in ("hidden", "ffn", "layers", "heads", "kv_heads", "dtype")},
-              "ours": ours, "mergekit": mergekit, "largest_tensor_gib": largest, "shard_gib": shard,
-              "rss_goal_gib": budget,
+              "ours_merge": ours, "ours_task_vectors": tv, "mergekit": mergekit, "largest_tensor_gib": largest,
+              "shard_gib": shard, "rss_goal_gib": budget,
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}"}
-    total = ours["task_vectors"] + ours["merge"]
-    print(f"mergekit task_arithmetic: {mergekit['merge']:.1f} s, peak RSS {mergekit['peak_rss_gib']:.2f} GiB "
-          f"({mergekit['working_rss_gib']:.2f} GiB above its state after imports)")
-    print(f"ours: merge {ours['merge']:.1f} s (+ task vectors {ours['task_vectors']:.1f} s = {total:.1f} s), "
-          f"peak RSS {ours['peak_rss_gib']:.2f} GiB ({ours['working_rss_gib']:.2f} GiB above its state after imports)")
-    print(f"time ours/mergekit: merge {ours['merge'] / mergekit['merge']:.2f}x, with task vectors "
-          f"{total / mergekit['merge']:.2f}x; RSS goal 2 x largest tensor ({largest:.3f} GiB) + one shard "
-          f"({shard:.2f} GiB) = {budget:.2f} GiB")
+    for label, r in (("mergekit task_arithmetic", mergekit), ("ours: task vectors", tv), ("ours: merge", ours)):
+        print(f"{label}: {r['seconds']:.2f} s, peak RSS {r['peak_rss_gib']:.2f} GiB "
+              f"({r['working_rss_gib']:.2f} GiB above its state after imports)")
+    print(f"time ours/mergekit: merge {ours['seconds'] / mergekit['seconds']:.2f}x, with task vectors "
+          f"{(ours['seconds'] + tv['seconds']) / mergekit['seconds']:.2f}x; RSS goal 2 x largest tensor "
+          f"({largest:.3f} GiB) + one shard ({shard:.2f} GiB) = {budget:.2f} GiB")
     print(json.dumps(result))
 
 

@@ -1,12 +1,12 @@
 """RAIN-Merging against task arithmetic on a built zoo: a grid of projection.energy × λ, measured by the evaluation code.
 
 Usage: python benchmarks/zoo_rain.py [--project .] [--energies 0.5 0.9 0.99] [--lambdas 0.5 1.0 1.5]
-       [--alpha-scale absolute relative] [--workdir DIR] [--max-eval N]
+       [--alpha-scale absolute relative] [--scopes linear all] [--workdir DIR] [--max-eval N]
 Reads the project's params.yaml (models, calibration sets, every other section as configured) and its built
 zoo (`dvc repro zoo` or `rain demo`). For each energy and α scale, one working project (the models and data
 linked, not copied) runs task_vectors → features → projection → attention_stats → alpha through `run_stage`,
-then merge at each λ; the baselines stage makes task arithmetic at each λ on the Linear layers only (what RAIN
-merges) and on all parameters (embeddings and norms too, which the paper leaves out). Every model is then
+then merge at each λ; the baselines stage makes task arithmetic at each λ. Both on the Linear layers only (what
+the paper merges) and on all parameters (embeddings and norms too, with their plain Δ). Every model is then
 evaluated once on the held-out sets (close rate, correctness, compliance, L_think, h_drift).
 Prints a markdown table and one JSON line.
 """
@@ -62,6 +62,8 @@ def main() -> None:
     p.add_argument("--energies", type=float, nargs="+", default=[0.5, 0.9, 0.99])
     p.add_argument("--lambdas", type=float, nargs="+", default=[0.5, 1.0, 1.5])
     p.add_argument("--alpha-scale", nargs="+", default=["absolute"], choices=["absolute", "relative"])
+    p.add_argument("--scopes", nargs="+", default=["linear", "all"], choices=["linear", "all"],
+                   help="what RAIN and task arithmetic merge: the Linear layers, or embeddings and norms too (plain Δ)")
     p.add_argument("--max-eval", type=int)
     args = p.parse_args()
 
@@ -74,7 +76,7 @@ def main() -> None:
     models: dict[str, Path] = {"LRM": project / "models/lrm"}
     rows: dict[str, dict] = {"LRM": {"method": "LRM", "energy": None, "lam": 0.0, "scale": None}}
     ta = [{"name": f"ta_{scope}_{lam:g}", "method": "task_arithmetic", "lam": lam, "scope": scope}
-          for scope in ("linear", "all") for lam in args.lambdas]
+          for scope in args.scopes for lam in args.lambdas]
     base = working_project(project, work / "ta", {"baselines": {"runs": ta}})
     run(base, ("task_vectors", "baselines"))
     for r in ta:
@@ -86,12 +88,13 @@ def main() -> None:
             dest = working_project(project, work / f"rain_{scale}_{energy:g}", overrides)
             run(dest, RAIN_STAGES)
             for lam in args.lambdas:
-                set_params(project, dest, {**overrides, "merge": {"lam": lam}})
-                run(dest, ("merge",))
-                name = f"rain_{scale}_{energy:g}_{lam:g}"
-                (dest / "models/merged").rename(dest / "models" / name)
-                models[name] = dest / "models" / name
-                rows[name] = {"method": f"RAIN ({scale} α)", "energy": energy, "lam": lam, "scale": scale}
+                for scope in args.scopes:
+                    set_params(project, dest, {**overrides, "merge": {"lam": lam, "scope": scope}})
+                    run(dest, ("merge",))
+                    name = f"rain_{scale}_{energy:g}_{lam:g}_{scope}"
+                    (dest / "models/merged").rename(dest / "models" / name)
+                    models[name] = dest / "models" / name
+                    rows[name] = {"method": f"RAIN {scope} ({scale} α)", "energy": energy, "lam": lam, "scale": scale}
     e = yaml.safe_load((project / "params.yaml").read_text())["evaluate"]
     results = evaluate_models(project / "models/lrm", models, project / "data/eval/instruction_eval.jsonl",
                               project / "data/eval/reasoning_eval.jsonl", e["max_new_tokens"], e["batch_size"],

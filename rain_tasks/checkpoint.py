@@ -1,7 +1,7 @@
 """Streaming tensor I/O: lazy reads from (sharded) safetensors checkpoints and atomic writes.
 
 Peak memory stays at a few tensors plus one output shard: tensors are read one at a time
-with safetensors' lazy access and written into shards that are flushed at a size limit.
+(positioned reads, no memory map) and written into shards that are flushed at a size limit.
 Every output is written to a temporary sibling and renamed into place, so a killed run
 never leaves a file or model directory that looks complete.
 """
@@ -52,15 +52,14 @@ class Checkpoint:
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
         elif (self.path / SINGLE_NAME).is_file():
-            with safe_open(self.path / SINGLE_NAME, framework="pt") as f:
-                weight_map = {name: SINGLE_NAME for name in f.keys()}
+            weight_map = {name: SINGLE_NAME for name in TensorFile(self.path / SINGLE_NAME).keys()}
         else:
             raise FileNotFoundError(f"{self.path}: neither {INDEX_NAME} nor {SINGLE_NAME}; not a safetensors checkpoint")
         self.weight_map: dict[str, str] = dict(sorted(weight_map.items()))
         missing = sorted({s for s in self.weight_map.values() if not (self.path / s).is_file()})
         if missing:
             raise FileNotFoundError(f"{self.path}: shard(s) named in the index are missing: {missing}")
-        self._handles: dict[str, object] = {}
+        self._handles: dict[str, TensorFile] = {}
 
     def names(self) -> list[str]:
         """All tensor names, sorted."""
@@ -71,13 +70,13 @@ class Checkpoint:
         """Shard file names, sorted."""
         return sorted(set(self.weight_map.values()))
 
-    def _handle(self, name: str):
+    def _handle(self, name: str) -> TensorFile:
         try:
             shard = self.weight_map[name]
         except KeyError:
             raise KeyError(f"{self.path}: no tensor named {name!r}") from None
         if shard not in self._handles:
-            self._handles[shard] = safe_open(self.path / shard, framework="pt")
+            self._handles[shard] = TensorFile(self.path / shard)
         return self._handles[shard]
 
     def get(self, name: str) -> torch.Tensor:
@@ -86,11 +85,11 @@ class Checkpoint:
 
     def shape(self, name: str) -> tuple[int, ...]:
         """Shape of one tensor without reading its data."""
-        return tuple(self._handle(name).get_slice(name).get_shape())
+        return self._handle(name).shape(name)
 
     def dtype_name(self, name: str) -> str:
         """safetensors dtype string (e.g. 'BF16', 'F32') without reading the data."""
-        return self._handle(name).get_slice(name).get_dtype()
+        return self._handle(name).dtype_name(name)
 
     def dtype(self, name: str) -> torch.dtype:
         """torch dtype of one tensor without reading the data."""
@@ -163,6 +162,55 @@ _ST_DTYPES = {
 _TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
 
 
+class TensorFile:
+    """One safetensors file read a tensor at a time with positioned reads, not a memory map.
+
+    A memory map leaves every page it touched resident in the process (a whole 15 GB checkpoint
+    by the end of a merge); reading into a fresh buffer keeps only the tensors still referenced.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self.entries: dict[str, dict] = header
+        self._start = 8 + n
+        end = max((e["data_offsets"][1] for e in header.values()), default=0)
+        if self.path.stat().st_size < self._start + end:
+            raise ValueError(f"{self.path}: truncated safetensors file ({self.path.stat().st_size} bytes, "
+                             f"header promises {self._start + end}); rewrite or re-download it")
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.entries[name]["shape"])
+
+    def dtype_name(self, name: str) -> str:
+        return self.entries[name]["dtype"]
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        """Read one tensor into memory it owns."""
+        entry = self.entries[name]
+        begin, end = entry["data_offsets"]
+        dtype = _TORCH_DTYPES[entry["dtype"]]
+        if end == begin:
+            return torch.empty(entry["shape"], dtype=dtype)
+        buf = bytearray(end - begin)
+        view = memoryview(buf)
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self._start + begin)
+            done = 0
+            while done < len(buf):  # a single read returns at most ~2 GiB on Linux
+                got = f.readinto(view[done:])
+                if not got:
+                    raise ValueError(f"{self.path}: truncated while reading {name}")
+                done += got
+        return torch.frombuffer(buf, dtype=dtype).reshape(entry["shape"])
+
+
 def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Write the safetensors format with a canonical header (sorted names and metadata).
 
@@ -183,7 +231,7 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metada
         f.write(len(blob).to_bytes(8, "little"))
         f.write(blob)
         for name in names:
-            f.write(tensors[name].detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
+            f.write(memoryview(tensors[name].detach().contiguous().cpu().view(-1).view(torch.uint8).numpy()))
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:

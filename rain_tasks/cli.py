@@ -161,7 +161,20 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"rain: error: {message}", file=sys.stderr)
         return 3
+    except Exception as e:
+        if (message := s3_error_message(e)) is None:
+            raise
+        print(f"rain: error: {message}", file=sys.stderr)
+        return 4
     return status or 0
+
+
+def s3_error_message(e: Exception) -> str | None:
+    """A user-facing message for a failed S3 request (botocore's errors), None for anything else."""
+    if not type(e).__module__.startswith("botocore"):
+        return None
+    return (f"S3 request failed: {e}. Check the endpoint (AWS_ENDPOINT_URL), the credentials (AWS_ACCESS_KEY_ID / "
+            "AWS_SECRET_ACCESS_KEY or AWS_PROFILE) and that the bucket exists.")
 
 
 if __name__ == "__main__":

@@ -22,12 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from tqdm import tqdm
 
 from rain_tasks import baselines
 from rain_tasks.arch import layer_of, module_of
-from rain_tasks.checkpoint import Checkpoint, ShardWriter, atomic_path, parse_size, save_tensors
+from rain_tasks.checkpoint import Checkpoint, ShardWriter, TensorFile, atomic_path, parse_size, save_tensors
 from rain_tasks.task_vectors import NON_LAYER, layer_file
 
 log = logging.getLogger(__name__)
@@ -50,13 +49,16 @@ class TensorInputs:
 
 MergeMethod = Callable[[TensorInputs, dict], torch.Tensor]
 METHODS: dict[str, MergeMethod] = {}
+NEEDS_BASE: set[str] = set()  # methods that read θ_B (the others never load it)
 
 
-def register(name: str) -> Callable[[MergeMethod], MergeMethod]:
-    """Register a merge method under `name`."""
+def register(name: str, needs_base: bool = False) -> Callable[[MergeMethod], MergeMethod]:
+    """Register a merge method under `name`; `needs_base` if it reads TensorInputs.base."""
 
     def deco(fn: MergeMethod) -> MergeMethod:
         METHODS[name] = fn
+        if needs_base:
+            NEEDS_BASE.add(name)
         return fn
 
     return deco
@@ -95,7 +97,7 @@ def _merge_task_vectors(x: TensorInputs, p: dict, sparsified: torch.Tensor, cons
     return x.base + p["lam"] * baselines.combine_task_vectors(sparsified, weights, consensus=consensus, normalize=normalize)
 
 
-@register("ties")
+@register("ties", needs_base=True)
 def ties(x: TensorInputs, p: dict) -> torch.Tensor:
     """θ_B + λ·disjoint mean of the sign-elected, top-`density`-trimmed Δ_R and Δ_I (θ_R where Δ_I is absent)."""
     if x.delta is None:
@@ -104,7 +106,7 @@ def ties(x: TensorInputs, p: dict) -> torch.Tensor:
     return _merge_task_vectors(x, p, trimmed, consensus=True, normalize=True)
 
 
-@register("dare")
+@register("dare", needs_base=True)
 def dare(x: TensorInputs, p: dict) -> torch.Tensor:
     """θ_B + λ·merge of the DARE-dropped Δ_R and Δ_I (θ_R where Δ_I is absent).
 
@@ -119,7 +121,7 @@ def dare(x: TensorInputs, p: dict) -> torch.Tensor:
     return _merge_task_vectors(x, p, dropped, consensus=p["combine"] == "ties", normalize=False)
 
 
-@register("slerp")
+@register("slerp", needs_base=True)
 def slerp(x: TensorInputs, p: dict) -> torch.Tensor:
     """Per-tensor SLERP from θ_R (t=0) to θ_I = θ_B + Δ_I (t=1); θ_R where Δ_I is absent."""
     if x.delta is None:
@@ -133,7 +135,7 @@ class TensorDir:
     def __init__(self, directory: str | Path | None, single_file: str | Path | None = None):
         self.directory = Path(directory) if directory else None
         self.single_file = Path(single_file) if single_file else None
-        self._open: dict[Path, object] = {}
+        self._open: dict[Path, TensorFile] = {}
 
     def _file_for(self, name: str) -> Path | None:
         if self.single_file is not None:
@@ -149,9 +151,9 @@ class TensorDir:
         if path is None or not path.is_file():
             return None
         if path not in self._open:
-            self._open[path] = safe_open(str(path), framework="pt")
+            self._open[path] = TensorFile(path)
         f = self._open[path]
-        return f.get_tensor(name).to(torch.float32) if name in f.keys() else None
+        return f.get_tensor(name).to(torch.float32) if name in f.entries else None
 
 
 @dataclass
@@ -181,11 +183,12 @@ def _method(method: str) -> MergeMethod:
     return METHODS[method]
 
 
-def _merged(lrm: Checkpoint, name: str, fn: MergeMethod, method_params: dict, plan: DeltaPlan) -> torch.Tensor:
-    """One merged tensor: the method in fp32 on θ_R and the plan's inputs, cast back to θ_R's dtype."""
+def _merged(lrm: Checkpoint, name: str, method: str, method_params: dict, plan: DeltaPlan) -> torch.Tensor:
+    """One merged tensor: the method in fp32 on θ_R and the plan's inputs (θ_B only if it reads it), cast back."""
     theta = lrm.get(name)
-    inputs = TensorInputs(name, theta.to(torch.float32), plan.delta(name), plan.scale(name), plan.base_tensor(name))
-    return fn(inputs, method_params).to(theta.dtype)
+    base = plan.base_tensor(name) if method in NEEDS_BASE else None
+    inputs = TensorInputs(name, theta.to(torch.float32), plan.delta(name), plan.scale(name), base)
+    return _method(method)(inputs, method_params).to(theta.dtype)
 
 
 def merge_layer(
@@ -197,8 +200,8 @@ def merge_layer(
     those the serial merge computes, so assembling parts gives the same bytes.
     """
     lrm = Checkpoint(lrm_dir)
-    fn = _method(method)
-    save_tensors(out_file, {name: _merged(lrm, name, fn, method_params, plan) for name in lrm.layer_names(layer)})
+    _method(method)
+    save_tensors(out_file, {name: _merged(lrm, name, method, method_params, plan) for name in lrm.layer_names(layer)})
     return Path(out_file)
 
 
@@ -219,14 +222,14 @@ def merge_checkpoint(
     a part is merged here). `finalize(tmp_dir)` runs on the complete temporary directory just
     before it is renamed into place, e.g. to write lineage.json inside the atomic write.
     """
-    fn = _method(method)
+    _method(method)  # an unknown method fails before anything is written
     lrm = Checkpoint(lrm_dir)
     shard_meta = {"merge_method": method, "merge_params": json.dumps(method_params, sort_keys=True), **(metadata or {})}
     with atomic_path(out_dir) as tmp:
         writer = ShardWriter(tmp, parse_size(max_shard_size), shard_meta)
         for name in tqdm(_stream_order(lrm), desc=f"merge ({method})", unit="tensor"):
             part = parts.get(name) if parts is not None else None
-            writer.add(name, part.to(lrm.dtype(name)) if part is not None else _merged(lrm, name, fn, method_params, plan))
+            writer.add(name, part.to(lrm.dtype(name)) if part is not None else _merged(lrm, name, method, method_params, plan))
         shards = writer.close()
         for fname in _COPIED:
             if (Path(lrm_dir) / fname).is_file():

@@ -11,7 +11,7 @@ from rain_tasks.generation import behaviour_metrics, load_model
 from rain_tasks.schemas import load_records
 from rain_tasks.zoo import ZooParams, build_zoo
 from rain_tasks.zoo.probe import task_arithmetic_sweep
-from rain_tasks.zoo.report import REPORT_LAMBDAS
+from rain_tasks.zoo.report import REPORT_LAMBDAS, family_properties
 
 pytestmark = pytest.mark.slow
 
@@ -47,11 +47,9 @@ def test_task_arithmetic_transfers_the_skill_then_breaks_thinking(family):
     """θ_R + λ(θ_I − θ_B) raises compliance ≥ 20 points above the LRM at some λ, and a larger λ loses
     `</think>` (close rate < 80 %); λ = 0 is the LRM under the same decoding budget."""
     sweep = task_arithmetic_sweep(family / "models", family / "data/eval/instruction_eval.jsonl", list(REPORT_LAMBDAS))
-    lrm = sweep[0]
-    assert lrm["lambda"] == 0.0, sweep
-    gains = [i for i, r in enumerate(sweep) if r["comply_rate"] - lrm["comply_rate"] >= 0.20]
-    assert gains, sweep
-    assert any(r["close_rate"] < 0.80 for r in sweep[gains[0] + 1:]), sweep
+    assert sweep[0]["lambda"] == 0.0, sweep
+    found = family_properties(sweep[0], sweep[0], sweep)
+    assert found["transfer"] and found["breaks"], sweep
 
 
 def test_generated_sets_validate_and_do_not_overlap(family):

@@ -155,3 +155,14 @@ def test_a_model_failing_its_audit_is_not_released(merged, s3, bucket, capsys):
     assert _release(model, root, f"s3://{bucket}/models/tiny-rain/v2") == 2
     assert "fails its lineage audit; not released" in capsys.readouterr().err
     assert not _keys(s3, f"s3://{bucket}/models/tiny-rain/v2")
+
+
+def test_s3_failures_are_one_clear_error(merged, s3, capsys):
+    """A bucket that does not exist (a real S3 API answer, not a mock) is reported by name, not as a traceback."""
+    root, model = merged
+    missing = f"no-such-bucket-{uuid.uuid4().hex[:8]}"
+    assert rain(["verify", f"s3://{missing}/models/tiny-rain/v1", "--project", str(root)]) == 4
+    err = capsys.readouterr().err
+    assert err.startswith("rain: error: S3 request failed:") and "NoSuchBucket" in err and "AWS_ENDPOINT_URL" in err
+    assert _release(model, root, f"s3://{missing}/models/tiny-rain/v1") == 4
+    assert "S3 request failed" in capsys.readouterr().err

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rain_tasks.zoo import ZooParams
 from rain_tasks.zoo.tasks import split_problems
 from rain_tasks.zoo.tokenizer import build_tokenizer
+from rain_tasks.zoo.train import new_model
 
 ROOT = Path(__file__).resolve().parents[1]
 # Same code path as the default family, scaled down to seconds.
@@ -125,3 +126,20 @@ def test_eval_problems_are_held_out(builds: list[Path]) -> None:
     train_facts = {f for p in split.train for f in p.facts}
     assert all(p.facts <= train_facts for pool in (split.eval_instruction, split.eval_reasoning)
                for p in pool)
+
+
+def test_fine_tunes_move_only_the_embedding_rows_of_tokens_they_see(builds: list[Path]) -> None:
+    """Control bytes never occur in the family's texts: their (tied) rows keep the base's values exactly in both
+    fine-tunes, while the rows of tokens the fine-tunes train on move (and the base moved the unseen rows)."""
+    root = builds[0] / "models"
+    tok = AutoTokenizer.from_pretrained(root / "base")
+    unseen = tok.convert_tokens_to_ids([chr(0x100 + b) for b in range(1, 9)])  # byte-level forms of bytes 1..8
+    seen = tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])  # in every fine-tuning batch
+    rows = {name: AutoModelForCausalLM.from_pretrained(root / name).get_input_embeddings().weight.detach()
+            for name in ("base", "lrm", "itm")}
+    params = ZooParams(**SMALL)
+    init = new_model(params, build_tokenizer(params.max_operand)).get_input_embeddings().weight.detach()
+    assert (rows["base"][unseen] != init[unseen]).any(dim=1).all()  # unmasked Adam moves every row
+    for name in ("lrm", "itm"):
+        assert (rows[name][unseen] == rows["base"][unseen]).all(), name
+        assert (rows[name][seen] != rows["base"][seen]).any(dim=1).all(), name

@@ -85,14 +85,17 @@ def _summary(base: PreTrainedModel, itm: PreTrainedModel, lrm: PreTrainedModel) 
 def _examples(name: str, split: Split, tokenizer: PreTrainedTokenizerBase,
               params: ZooParams) -> ExampleFn:
     """(context, target) maker of one training phase; the fine-tunes use the chat template."""
+    def chat_prompt(prompt: str) -> str:
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                             tokenize=False, add_generation_prompt=True)
+
     if name == "base":
-        return lambda rng: ("", base_document(rng, rng.choice(split.train), params))
+        return lambda rng: ("", base_document(rng, rng.choice(split.train), params, chat_prompt))
     make_pair = {"lrm": lrm_example, "itm": itm_example}[name]
 
     def make(rng: random.Random) -> tuple[str, str]:
         prompt, reply = make_pair(rng, rng.choice(split.train), params)
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                             tokenize=False, add_generation_prompt=True), reply
+        return chat_prompt(prompt), reply
     return make
 
 
@@ -119,7 +122,8 @@ def build_zoo(params: ZooParams, models_dir: Path, data_dir: Path) -> dict:
                 losses[name] = train(
                     model, tokenizer, _examples(name, split, tokenizer, params),
                     steps=getattr(params, f"{name}_steps"), lr=getattr(params, f"{name}_lr"),
-                    params=params, rng=random.Random(f"zoo-{name}-{params.seed}"), name=name)
+                    params=params, rng=random.Random(f"zoo-{name}-{params.seed}"), name=name,
+                    seen_rows_only=parent is not None)
                 _save(model, tokenizer, staged[models_dir / name], params)
                 models[name] = model
                 seconds[name] = time.perf_counter() - clock

@@ -32,6 +32,7 @@ class ZooParams(BaseModel):
     base_steps: int = 1500
     base_lr: float = 3e-3
     base_distractor_rate: float = 0.2
+    base_chat_rate: float = Field(0.5, ge=0.0, le=1.0, description="share of base documents rendered as a chat turn")
     lrm_steps: int = 300
     lrm_lr: float = 2e-4
     lrm_distractor_rate: float = 0.3

@@ -22,6 +22,19 @@ REPORT_LAMBDAS: tuple[float, ...] = (0.0, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0)
 COLUMNS = ("lambda", "think_rate", "close_rate", "correct_rate", "comply_rate")
 
 
+def family_properties(lrm: dict, itm: dict, sweep: list[dict]) -> dict[str, bool]:
+    """The four properties the default family must have, from behaviour metrics (sweep[0] is λ = 0, the LRM):
+    lrm: closes `</think>` ≥ 95 %, correct ≥ 90 %, complies ≤ 20 %; itm: complies ≥ 90 %, never opens `<think>`;
+    transfer: task arithmetic raises compliance ≥ 20 points at some λ; breaks: a larger λ closes < 80 %."""
+    gains = [i for i, r in enumerate(sweep) if r["comply_rate"] - sweep[0]["comply_rate"] >= 0.20]
+    return {
+        "lrm": lrm["close_rate"] >= 0.95 and lrm["correct_rate"] >= 0.90 and lrm["comply_rate"] <= 0.20,
+        "itm": itm["comply_rate"] >= 0.90 and itm["think_rate"] == 0.0,
+        "transfer": bool(gains),
+        "breaks": bool(gains) and any(r["close_rate"] < 0.80 for r in sweep[gains[0] + 1:]),
+    }
+
+
 def task_vector_geometry(models_dir: Path) -> dict[str, float]:
     """‖θ_base‖, ‖Δ_ITM‖, ‖Δ_LRM‖ and cos(Δ_ITM, Δ_LRM) over all parameters (float64; tied embeddings counted once)."""
     flat = {}

@@ -193,8 +193,14 @@ def think_block(reasoning: str) -> str:
     return f"{THINK_OPEN}\n{reasoning}\n{THINK_CLOSE}\n\n"
 
 
-def base_document(rng: random.Random, problem: Problem, params: ZooParams) -> str:
-    """Raw-text document for the base: every format appears, constraints obeyed half the time."""
+def base_document(rng: random.Random, problem: Problem, params: ZooParams,
+                  chat_prompt: Callable[[str], str]) -> str:
+    """Raw-text document for the base: every format appears, constraints obeyed half the time.
+
+    A share `base_chat_rate` of documents is rendered as a chat turn (`chat_prompt(prompt)`, the reply, `<|im_end|>`)
+    so that the base already knows the chat format: the fine-tunes then need not both learn it, which would give
+    their task vectors a large shared component (and the ITM's skill would not transfer under merging).
+    """
     kind = rng.randrange(4)
     fmt = rng.choice(FORMATS) if kind >= 2 else None
     prompt = _prompt(rng, problem, rng.choice(fmt.phrasings) if fmt else None,
@@ -206,6 +212,8 @@ def base_document(rng: random.Random, problem: Problem, params: ZooParams) -> st
         body = think_block(problem.chain) + obey(problem.answer)
     else:
         body = obey(f"{problem.chain} {problem.answer}" if rng.random() < 0.5 else problem.answer)
+    if rng.random() < params.base_chat_rate:
+        return chat_prompt(prompt) + body + IM_END
     return f"{prompt}\n{body}{EOS}"
 
 
