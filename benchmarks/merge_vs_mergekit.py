@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -49,6 +50,7 @@ def child(side: str, work: Path, shard_size: str) -> dict:
     seconds: dict[str, float] = {"baseline_rss_gib": _status_gib("VmRSS")}  # once every library is imported
     t0 = time.perf_counter()
     if side == "task_vectors":
+        shutil.rmtree(work / "tv", ignore_errors=True)  # computed afresh, not reused from an earlier run
         compute_task_vectors(ckpt / "base", ckpt / "itm", work / "tv")
     elif side == "ours":
         tv = TensorDir(work / "tv")

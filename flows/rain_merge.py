@@ -37,7 +37,7 @@ from rain_tasks.digest import json_digest, path_digest
 from rain_tasks.params import Params, load_params
 from rain_tasks.runtime import configure
 from rain_tasks.stages import LAYER_SPLITS, STAGES, Stage, get_stage, param_values, resolve, run_stage
-from rain_tasks.validation import validate
+from rain_tasks.validation import out_of_space_message, validate
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ _PERMANENT = (FileNotFoundError, NotADirectoryError, IsADirectoryError, Permissi
 
 
 def is_transient(exc: BaseException) -> bool:
-    """True for errors worth retrying: S3/botocore failures and I/O or network OSErrors, not bad inputs."""
+    """True for errors worth retrying: S3/botocore failures and I/O or network OSErrors, not bad inputs or a full disk."""
     try:
         from botocore.exceptions import BotoCoreError, ClientError
 
@@ -57,7 +57,9 @@ def is_transient(exc: BaseException) -> bool:
             return True
     except ImportError:  # without botocore there is no S3 client to fail
         pass
-    return isinstance(exc, OSError) and not isinstance(exc, _PERMANENT)
+    if not isinstance(exc, OSError) or isinstance(exc, _PERMANENT):
+        return False
+    return out_of_space_message(exc) is None  # a full disk stays full for the seconds a retry waits
 
 
 def _retry_transient(task: Task, task_run: TaskRun, state: State) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -211,27 +212,38 @@ class TensorFile:
         return torch.frombuffer(buf, dtype=dtype).reshape(entry["shape"])
 
 
-def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Write the safetensors format with a canonical header (sorted names and metadata).
+def _header(specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None
+            ) -> tuple[bytes, dict[str, int]]:
+    """The canonical safetensors header (names sorted, data in that order) and each tensor's data offset.
 
-    safetensors' own writer orders `__metadata__` by a randomly seeded hash map, so two runs
-    with the same inputs would differ byte-wise; this writer makes artifacts bit-identical.
+    safetensors' own writer orders `__metadata__` by a randomly seeded hash map, so two runs with the
+    same inputs would differ byte-wise; this header makes artifacts bit-identical.
     """
-    names = sorted(tensors)
     header: dict = {"__metadata__": dict(sorted((metadata or {}).items()))} if metadata else {}
-    offset = 0
-    for name in names:
-        t = tensors[name]
-        size = t.numel() * t.element_size()
-        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+    offsets, offset = {}, 0
+    for name in sorted(specs):
+        dtype, shape = specs[name]
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offsets[name] = offset
         offset += size
     blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     blob += b" " * (-len(blob) % 8)
+    return len(blob).to_bytes(8, "little") + blob, offsets
+
+
+def _raw(tensor: torch.Tensor) -> memoryview:
+    """The tensor's bytes without a copy (one contiguous CPU copy if it is not already)."""
+    return memoryview(tensor.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy())
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write the safetensors format with the canonical header (see `_header`)."""
+    head, _ = _header({n: (t.dtype, tuple(t.shape)) for n, t in tensors.items()}, metadata)
     with open(path, "wb") as f:
-        f.write(len(blob).to_bytes(8, "little"))
-        f.write(blob)
-        for name in names:
-            f.write(memoryview(tensors[name].detach().contiguous().cpu().view(-1).view(torch.uint8).numpy()))
+        f.write(head)
+        for name in sorted(tensors):
+            f.write(_raw(tensors[name]))
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -253,44 +265,67 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 
 class ShardWriter:
-    """Writes tensors into numbered shards flushed at `max_shard_bytes`, then the HF index.
+    """Writes a checkpoint whose tensors are known in advance straight into their shards, then the HF index.
 
-    Used inside `atomic_path` so the model directory appears only once complete.
+    `layout` lists (name, dtype, shape) in the order tensors will come; shards are cut greedily in that
+    order at `max_shard_bytes`, each file is created with its final header, and every tensor is written
+    at its offset as it arrives: memory holds one tensor, not a shard. Used inside `atomic_path`, so the
+    model directory appears only once complete.
     """
 
-    def __init__(self, out_dir: Path, max_shard_bytes: int, metadata: dict[str, str] | None = None):
+    def __init__(self, out_dir: Path, max_shard_bytes: int, layout: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.max_shard_bytes = max_shard_bytes
-        self.metadata = dict(metadata or {})
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
-        self._written: list[tuple[str, list[str]]] = []  # (temporary shard name, tensor names)
-        self._total_bytes = 0
+        shards: list[dict[str, tuple[torch.dtype, tuple[int, ...]]]] = []
+        filled = 0
+        for name, dtype, shape in layout:
+            size = math.prod(shape) * dtype.itemsize
+            if not shards or (shards[-1] and filled + size > max_shard_bytes):
+                shards.append({})
+                filled = 0
+            shards[-1][name] = (dtype, tuple(shape))
+            filled += size
+        self._specs = {name: spec for shard in shards for name, spec in shard.items()}
+        self._where: dict[str, tuple[str, int]] = {}  # name -> (part file, absolute offset)
+        self._parts: list[tuple[str, list[str]]] = []
+        for i, shard in enumerate(shards):
+            part = f"part-{i:05d}.safetensors"
+            head, offsets = _header(shard, {"format": "pt", **(metadata or {})})
+            with open(self.out_dir / part, "wb") as f:
+                f.write(head)
+                f.truncate(len(head) + sum(math.prod(s) * d.itemsize for d, s in shard.values()))
+            self._where |= {name: (part, len(head) + off) for name, off in offsets.items()}
+            self._parts.append((part, sorted(shard)))
+        self._total_bytes = sum(math.prod(s) * d.itemsize for d, s in self._specs.values())
+        self._done: set[str] = set()
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Queue one tensor; flush the current shard first if it would overflow."""
-        size = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
-            self._flush()
-        self._pending[name] = tensor.contiguous()
-        self._pending_bytes += size
-        self._total_bytes += size
-
-    def _flush(self) -> None:
-        part = f"part-{len(self._written):05d}.safetensors"
-        write_safetensors(self.out_dir / part, self._pending, {"format": "pt", **self.metadata})
-        self._written.append((part, sorted(self._pending)))
-        self._pending, self._pending_bytes = {}, 0
+        """Write one tensor of the layout at its place."""
+        if name not in self._specs:
+            raise KeyError(f"{name!r} is not in the checkpoint layout")
+        if (tensor.dtype, tuple(tensor.shape)) != self._specs[name]:
+            raise ValueError(f"{name}: got {tensor.dtype} {tuple(tensor.shape)}, the layout says {self._specs[name]}")
+        part, offset = self._where[name]
+        data = _raw(tensor)
+        fd = os.open(self.out_dir / part, os.O_WRONLY)
+        try:
+            done = 0
+            while done < len(data):
+                done += os.pwrite(fd, data[done:], offset + done)
+        finally:
+            os.close(fd)
+        self._done.add(name)
 
     def close(self) -> list[str]:
-        """Flush, rename shards to the HF `model-0000i-of-0000n` scheme, write the index; return shard names."""
-        if self._pending:
-            self._flush()
-        n = len(self._written)
+        """Rename shards to the HF `model-0000i-of-0000n` scheme, write the index; return shard names."""
+        missing = sorted(set(self._specs) - self._done)
+        if missing:
+            raise RuntimeError(f"{len(missing)} tensor(s) of the layout were never written: {missing[:5]}")
+        n = len(self._parts)
         weight_map: dict[str, str] = {}
         names = []
-        for i, (part, tensor_names) in enumerate(self._written, start=1):
+        for i, (part, tensor_names) in enumerate(self._parts, start=1):
             final = SINGLE_NAME if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
             os.replace(self.out_dir / part, self.out_dir / final)
             names.append(final)

@@ -185,10 +185,11 @@ def _method(method: str) -> MergeMethod:
 
 def _merged(lrm: Checkpoint, name: str, method: str, method_params: dict, plan: DeltaPlan) -> torch.Tensor:
     """One merged tensor: the method in fp32 on θ_R and the plan's inputs (θ_B only if it reads it), cast back."""
-    theta = lrm.get(name)
+    dtype = lrm.dtype(name)
+    theta = lrm.get(name).to(torch.float32)  # the stored-dtype copy is dropped at once: peak is fp32 tensors only
     base = plan.base_tensor(name) if method in NEEDS_BASE else None
-    inputs = TensorInputs(name, theta.to(torch.float32), plan.delta(name), plan.scale(name), base)
-    return _method(method)(inputs, method_params).to(theta.dtype)
+    inputs = TensorInputs(name, theta, plan.delta(name), plan.scale(name), base)
+    return _method(method)(inputs, method_params).to(dtype)
 
 
 def merge_layer(
@@ -226,8 +227,9 @@ def merge_checkpoint(
     lrm = Checkpoint(lrm_dir)
     shard_meta = {"merge_method": method, "merge_params": json.dumps(method_params, sort_keys=True), **(metadata or {})}
     with atomic_path(out_dir) as tmp:
-        writer = ShardWriter(tmp, parse_size(max_shard_size), shard_meta)
-        for name in tqdm(_stream_order(lrm), desc=f"merge ({method})", unit="tensor"):
+        order = _stream_order(lrm)
+        writer = ShardWriter(tmp, parse_size(max_shard_size), [(n, lrm.dtype(n), lrm.shape(n)) for n in order], shard_meta)
+        for name in tqdm(order, desc=f"merge ({method})", unit="tensor"):
             part = parts.get(name) if parts is not None else None
             writer.add(name, part.to(lrm.dtype(name)) if part is not None else _merged(lrm, name, method, method_params, plan))
         shards = writer.close()

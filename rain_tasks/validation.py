@@ -4,19 +4,23 @@
 - params.yaml parses and every value is in range (the pydantic models in params.py),
 - the base, ITM and LRM checkpoints open (config, index, every shard header), share one
   architecture, the same tensor names, shapes and dtypes, and hold no NaN/Inf (streamed one
-  tensor at a time, never a whole model),
+  tensor at a time, never a whole model; shards found finite are remembered by path, size and
+  mtime in the user's cache (`scanned_shards_file`), so reruns on unchanged checkpoints skip the scan),
 - the LRM's tokenizer has `<think>`/`</think>` as single tokens and a chat template,
 - the calibration sets pass their schemas (schemas.py),
 - the output locations are writable directories with room for the outputs still to write.
 `preflight` runs the same checks except the value scan (which reads every weight) before each
-stage that reads inputs, so `dvc repro` refuses bad inputs too. Checks only read: the one
-write is an empty temporary file that probes writability and is removed at once.
+stage that reads inputs, so `dvc repro` refuses bad inputs too. Checks only read inputs: the
+writes are an empty temporary file that probes writability (removed at once) and the scan record
+in the user's cache, outside the project.
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -28,13 +32,14 @@ from safetensors import SafetensorError, safe_open
 
 from rain_tasks.arch import arch_for, module_of
 from rain_tasks.calibration import load_tokenizer, think_token_ids
-from rain_tasks.checkpoint import INDEX_NAME, Checkpoint, parse_size
+from rain_tasks.checkpoint import INDEX_NAME, Checkpoint, atomic_path, parse_size
 from rain_tasks.params import Params, ParamsError, load_params
 from rain_tasks.schemas import load_records
 from rain_tasks.stages import (ABLATIONS, ABLATIONS_BY_NAME, BASELINES, FEAT, FEAT_HELDOUT, MERGED, PROJ, STAGES, TV, Stage,
                                resolve)
 from rain_tasks.task_vectors import MANIFEST
 
+log = logging.getLogger(__name__)
 ROLES = ("base", "itm", "lrm")
 #: config.json keys that must agree across the three checkpoints (one architecture, one size)
 ARCH_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -165,13 +170,55 @@ def tensor_problems(role: str, ckpt: Checkpoint, ref: Checkpoint) -> list[Proble
     return problems
 
 
-def nonfinite_problems(role: str, ckpt: Checkpoint) -> list[Problem]:
-    """NaN/Inf weights, read one tensor at a time (peak memory: the largest tensor)."""
-    bad = [n for n in ckpt.names() if ckpt.dtype_name(n) in _FLOAT_DTYPES and not torch.isfinite(ckpt.get(n)).all()]
+def _shard_key(path: Path) -> str:
+    """Identity of a shard's contents as DVC judges unchanged files: resolved path, size and mtime."""
+    stat = path.stat()
+    return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def nonfinite_problems(role: str, ckpt: Checkpoint, scanned: set[str] | None = None) -> list[Problem]:
+    """NaN/Inf weights, read one tensor at a time (peak memory: the largest tensor).
+
+    `scanned` holds the keys (`_shard_key`) of shards already found finite: they are skipped, and the
+    shards found finite now are added, so a rerun on unchanged checkpoints reads no weights.
+    """
+    bad = []
+    for shard in ckpt.shards:
+        key = _shard_key(ckpt.path / shard)
+        if scanned is not None and key in scanned:
+            continue
+        names = [n for n, s in ckpt.weight_map.items() if s == shard and ckpt.dtype_name(n) in _FLOAT_DTYPES]
+        found = [n for n in names if not torch.isfinite(ckpt.get(n)).all()]
+        bad += found
+        if scanned is not None and not found:
+            scanned.add(key)
     if not bad:
         return []
-    return [Problem(f"models.{role} ({ckpt.path})", f"{len(bad)} tensor(s) hold NaN or Inf values: {_listed(bad)}",
+    return [Problem(f"models.{role} ({ckpt.path})", f"{len(bad)} tensor(s) hold NaN or Inf values: {_listed(sorted(bad))}",
                     "the checkpoint is corrupt or diverged in training: use a healthy copy")]
+
+
+def scanned_shards_file() -> Path:
+    """Where shards found free of NaN/Inf are remembered: per user, as checkpoints are shared between projects
+    ($RAIN_CACHE_DIR, else $XDG_CACHE_HOME/rain, else ~/.cache/rain)."""
+    cache = os.environ.get("RAIN_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rain"
+    return Path(cache) / "finite_shards.json"
+
+
+def scan_checkpoint_values(ckpts: dict[str, Checkpoint]) -> list[Problem]:
+    """The NaN/Inf scan of every checkpoint, skipping shards unchanged since they were last found finite."""
+    record = scanned_shards_file()
+    scanned = set(json.loads(record.read_text())) if record.is_file() else set()
+    before = set(scanned)
+    problems = [p for role, ckpt in ckpts.items() for p in nonfinite_problems(role, ckpt, scanned)]
+    if scanned != before:
+        try:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(record) as tmp:
+                tmp.write_text(json.dumps(sorted(scanned), indent=1) + "\n")
+        except OSError as e:  # a read-only project only loses the shortcut
+            log.warning("could not record the value scan in %s (%s): the next check scans again", record, e)
+    return problems
 
 
 # --- tokenizer and calibration ----------------------------------------------------------------
@@ -321,7 +368,7 @@ def input_problems(params: Params, root: Path, outputs: Iterable[str], *, scan_v
     if "lrm" in ckpts:
         problems += [p for role in ("base", "itm") if role in ckpts for p in tensor_problems(role, ckpts[role], ckpts["lrm"])]
     if scan_values:
-        problems += [p for role, ckpt in ckpts.items() for p in nonfinite_problems(role, ckpt)]
+        problems += scan_checkpoint_values(ckpts)
     if (root / params.models.lrm).is_dir():
         problems += tokenizer_problems(root / params.models.lrm)
     problems += calibration_problems(params, root)

@@ -9,6 +9,7 @@ compares the project tree before and after.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -21,6 +22,7 @@ import yaml
 
 from rain_tasks.checkpoint import INDEX_NAME, Checkpoint, load_tensors, read_metadata, save_tensors
 from rain_tasks.cli import main
+from rain_tasks.validation import scanned_shards_file
 from projects import project_env
 from tiny import instruction_rows, make_family, reasoning_rows, write_jsonl
 
@@ -278,3 +280,20 @@ def test_rain_check_command_end_to_end(project, tmp_path):
     proc = subprocess.run(["rain", "check", "--no-scan"], cwd=project, env=project_env(tmp_path), capture_output=True, text=True)
     assert proc.returncode == 2
     assert "unsupported architecture model_type='gpt2'" in proc.stderr
+
+
+def test_value_scan_is_remembered_per_shard_until_the_shard_changes(project, capsys):
+    """A second check skips shards found finite (keyed by path, size and mtime); a rewritten shard is scanned again."""
+    record = scanned_shards_file()
+    record.unlink(missing_ok=True)
+    assert _check(project, capsys) == (0, "")
+    shards = {str((project / "ckpt" / r / s).resolve()) for r in ("base", "itm", "lrm") for s in Checkpoint(project / "ckpt" / r).shards}
+    assert {key.rsplit(":", 2)[0] for key in json.loads(record.read_text())} == shards
+    shard = project / "ckpt/lrm" / Checkpoint(project / "ckpt/lrm").weight_map[Q0]
+    stat = shard.stat()
+    _edit_tensors(project / "ckpt/lrm", Q0, _nan)  # same size: only the mtime tells the shard changed
+    assert shard.stat().st_size == stat.st_size
+    code, err = _check(project, capsys)
+    assert code == 2 and "hold NaN or Inf" in err
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the recorded identity again: the scan trusts it
+    assert _check(project, capsys) == (0, "")

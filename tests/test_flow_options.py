@@ -19,6 +19,8 @@ from flows.rain_merge import is_transient, layer_runner, resolve_result_storage
         (EndpointConnectionError(endpoint_url="http://127.0.0.1:1"), True),
         (FileNotFoundError("models/lrm/config.json"), False),
         (PermissionError("read-only"), False),
+        (OSError(errno.ENOSPC, "No space left on device"), False),
+        (OSError(errno.EDQUOT, "Disk quota exceeded"), False),
         (ValueError("merge.lam must be finite"), False),
     ],
 )

@@ -62,43 +62,47 @@ def test_dvc_repro_runs_every_stage_and_param_change_reruns_downstream_only(dvc_
     assert "up to date" in sh(["dvc", "status"], root, env)
 
 
-def test_merged_model_is_lrm_plus_scaled_projected_update(dvc_project):
-    """θ_merged = θ_R + λ·α⊙Δ⊥ tensor by tensor; everything else is the LRM's."""
-    root, _, _ = dvc_project
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    lam = params["merge"]["lam"]
-    lrm, merged = Checkpoint(root / "models/lrm"), Checkpoint(root / "models/merged")
-    scales = load_tensors(root / "artifacts/alpha/scales.safetensors")
-    projected = {}
-    for f in sorted((root / "artifacts/projected").glob("layer_*.safetensors")):
-        projected.update(load_tensors(f))
-    assert set(projected) and set(projected) <= set(lrm.names())
-    for name in lrm.names():
-        theta = lrm.get(name).float()
-        expected = theta + lam * (scales[name] * projected[name]) if name in projected else theta
-        assert torch.equal(merged.get(name), expected.to(lrm.get(name).dtype)), name
-    assert len(merged.shards) >= 2
-
-
-def _layer_tensors(directory: Path) -> dict[str, torch.Tensor]:
+def _tensors(directory: Path, pattern: str = "layer_*.safetensors") -> dict[str, torch.Tensor]:
     tensors = {}
-    for f in sorted(directory.glob("layer_*.safetensors")):
+    for f in sorted(directory.glob(pattern)):
         tensors.update(load_tensors(f))
     return tensors
 
 
+def _other_update(root: Path, scope: str) -> dict[str, torch.Tensor]:
+    """What scope gives the tensors outside the Linear modules: Δ_I under 'all', nothing under 'linear'."""
+    return _tensors(root / "artifacts/task_vectors", "*.safetensors") if scope == "all" else {}
+
+
+def test_merged_model_is_lrm_plus_scaled_projected_update(dvc_project):
+    """θ_merged = θ_R + λ·α⊙Δ⊥ tensor by tensor; embeddings and norms θ_R + λ·Δ_I under scope 'all', else the LRM's."""
+    root, _, _ = dvc_project
+    merge = yaml.safe_load((root / "params.yaml").read_text())["merge"]
+    lam = merge["lam"]
+    lrm, merged = Checkpoint(root / "models/lrm"), Checkpoint(root / "models/merged")
+    scales = load_tensors(root / "artifacts/alpha/scales.safetensors")
+    projected, other = _tensors(root / "artifacts/projected"), _other_update(root, merge["scope"])
+    assert set(projected) and set(projected) <= set(lrm.names())
+    for name in lrm.names():
+        theta = lrm.get(name).float()
+        update = scales[name] * projected[name] if name in projected else other.get(name, 0.0)
+        assert torch.equal(merged.get(name), (theta + lam * update).to(lrm.get(name).dtype)), name
+    assert len(merged.shards) >= 2
+
+
 @pytest.mark.parametrize("name, projected, scaled", [("rain_stage1_only", True, False), ("rain_stage2_only", False, True)])
 def test_ablations_drop_one_stage(dvc_project, name, projected, scaled):
-    """Stage 1 only: θ_R + λ·Δ⊥ (α = 1); Stage 2 only: θ_R + λ·α⊙Δ_I (unprojected), on the same modules as RAIN."""
+    """Stage 1 only: θ_R + λ·Δ⊥ (α = 1); Stage 2 only: θ_R + λ·α⊙Δ_I (unprojected), on the same tensors as RAIN."""
     root, _, _ = dvc_project
-    lam = yaml.safe_load((root / "params.yaml").read_text())["merge"]["lam"]
+    merge = yaml.safe_load((root / "params.yaml").read_text())["merge"]
+    lam = merge["lam"]
     lrm, model = Checkpoint(root / "models/lrm"), Checkpoint(root / "models/ablations" / name)
     scales = load_tensors(root / "artifacts/alpha/scales.safetensors")
-    linear = _layer_tensors(root / "artifacts/projected")
-    deltas = linear if projected else _layer_tensors(root / "artifacts/task_vectors")
+    linear, other = _tensors(root / "artifacts/projected"), _other_update(root, merge["scope"])
+    deltas = linear if projected else _tensors(root / "artifacts/task_vectors")
     for tensor in lrm.names():
         theta = lrm.get(tensor).float()
-        update = (scales[tensor] if scaled else 1.0) * deltas[tensor] if tensor in linear else 0.0
+        update = (scales[tensor] if scaled else 1.0) * deltas[tensor] if tensor in linear else other.get(tensor, 0.0)
         assert torch.equal(model.get(tensor), (theta + lam * update).to(lrm.get(tensor).dtype)), tensor
 
 
