@@ -15,7 +15,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -212,7 +212,7 @@ class TensorFile:
         return torch.frombuffer(buf, dtype=dtype).reshape(entry["shape"])
 
 
-def _header(specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None
+def _header(specs: "Specs", metadata: dict[str, str] | None
             ) -> tuple[bytes, dict[str, int]]:
     """The canonical safetensors header (names sorted, data in that order) and each tensor's data offset.
 
@@ -235,6 +235,49 @@ def _header(specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dic
 def _raw(tensor: torch.Tensor) -> memoryview:
     """The tensor's bytes without a copy (one contiguous CPU copy if it is not already)."""
     return memoryview(tensor.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy())
+
+
+Specs = dict[str, tuple[torch.dtype, tuple[int, ...]]]
+
+
+def _nbytes(specs: Specs) -> int:
+    return sum(math.prod(shape) * dtype.itemsize for dtype, shape in specs.values())
+
+
+def _create(path: Path, specs: Specs, metadata: dict[str, str] | None) -> dict[str, int]:
+    """A safetensors file of the final size with its header written; return each tensor's absolute offset."""
+    head, offsets = _header(specs, metadata)
+    with open(path, "wb") as f:
+        f.write(head)
+        f.truncate(len(head) + _nbytes(specs))
+    return {name: len(head) + off for name, off in offsets.items()}
+
+
+def _put(path: Path, offset: int, tensor: torch.Tensor) -> None:
+    """Write a tensor's bytes at `offset` of an existing file."""
+    data = _raw(tensor)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        done = 0
+        while done < len(data):
+            done += os.pwrite(fd, data[done:], offset + done)
+    finally:
+        os.close(fd)
+
+
+def save_streamed(path: str | Path, specs: Specs, produce: Callable[[str], torch.Tensor],
+                  metadata: dict[str, str] | None = None) -> None:
+    """Write one safetensors file atomically, computing each tensor only when it is written (memory: one tensor).
+
+    The bytes equal `save_tensors(path, {n: produce(n) for n in specs}, metadata)`.
+    """
+    with atomic_path(path) as tmp:
+        offsets = _create(tmp, specs, metadata)
+        for name, (dtype, shape) in specs.items():
+            tensor = produce(name)
+            if (tensor.dtype, tuple(tensor.shape)) != (dtype, tuple(shape)):
+                raise ValueError(f"{name}: got {tensor.dtype} {tuple(tensor.shape)}, expected {dtype} {tuple(shape)}")
+            _put(tmp, offsets[name], tensor)
 
 
 def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -277,7 +320,7 @@ class ShardWriter:
                  metadata: dict[str, str] | None = None):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        shards: list[dict[str, tuple[torch.dtype, tuple[int, ...]]]] = []
+        shards: list[Specs] = []
         filled = 0
         for name, dtype, shape in layout:
             size = math.prod(shape) * dtype.itemsize
@@ -291,13 +334,10 @@ class ShardWriter:
         self._parts: list[tuple[str, list[str]]] = []
         for i, shard in enumerate(shards):
             part = f"part-{i:05d}.safetensors"
-            head, offsets = _header(shard, {"format": "pt", **(metadata or {})})
-            with open(self.out_dir / part, "wb") as f:
-                f.write(head)
-                f.truncate(len(head) + sum(math.prod(s) * d.itemsize for d, s in shard.values()))
-            self._where |= {name: (part, len(head) + off) for name, off in offsets.items()}
+            offsets = _create(self.out_dir / part, shard, {"format": "pt", **(metadata or {})})
+            self._where |= {name: (part, off) for name, off in offsets.items()}
             self._parts.append((part, sorted(shard)))
-        self._total_bytes = sum(math.prod(s) * d.itemsize for d, s in self._specs.values())
+        self._total_bytes = _nbytes(self._specs)
         self._done: set[str] = set()
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
@@ -307,14 +347,7 @@ class ShardWriter:
         if (tensor.dtype, tuple(tensor.shape)) != self._specs[name]:
             raise ValueError(f"{name}: got {tensor.dtype} {tuple(tensor.shape)}, the layout says {self._specs[name]}")
         part, offset = self._where[name]
-        data = _raw(tensor)
-        fd = os.open(self.out_dir / part, os.O_WRONLY)
-        try:
-            done = 0
-            while done < len(data):
-                done += os.pwrite(fd, data[done:], offset + done)
-        finally:
-            os.close(fd)
+        _put(self.out_dir / part, offset, tensor)
         self._done.add(name)
 
     def close(self) -> list[str]:

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from rain_tasks.arch import read_shape
-from rain_tasks.checkpoint import Checkpoint, atomic_path, read_metadata, save_tensors
+from rain_tasks.checkpoint import Checkpoint, atomic_path, read_metadata, save_streamed
 from rain_tasks.digest import path_digest
 
 log = logging.getLogger(__name__)
@@ -55,8 +55,10 @@ def is_current(path: Path, metadata: dict[str, str]) -> bool:
     return all(meta.get(k) == v for k, v in metadata.items())
 
 
-def _delta(base: Checkpoint, itm: Checkpoint, names: list[str]) -> dict[str, torch.Tensor]:
-    return {n: itm.get(n).to(torch.float32) - base.get(n).to(torch.float32) for n in names}
+def _save_delta(path: Path, base: Checkpoint, itm: Checkpoint, names: list[str], metadata: dict[str, str]) -> None:
+    """Δ = θ_I − θ_B (fp32) of `names` into one file, one tensor in memory at a time."""
+    specs = {n: (torch.float32, base.shape(n)) for n in names}
+    save_streamed(path, specs, lambda n: itm.get(n).to(torch.float32) - base.get(n).to(torch.float32), metadata)
 
 
 def compute_task_vectors(base_dir: str | Path, itm_dir: str | Path, out_dir: str | Path) -> Path:
@@ -70,9 +72,9 @@ def compute_task_vectors(base_dir: str | Path, itm_dir: str | Path, out_dir: str
     for layer in tqdm(range(shape.num_layers), desc="task vectors", unit="layer"):
         path = layer_file(out_dir, layer)
         if not is_current(path, meta):
-            save_tensors(path, _delta(base, itm, base.layer_names(layer)), {**meta, "layer": str(layer)})
+            _save_delta(path, base, itm, base.layer_names(layer), {**meta, "layer": str(layer)})
     if not is_current(out_dir / NON_LAYER, meta):
-        save_tensors(out_dir / NON_LAYER, _delta(base, itm, base.non_layer_names()), meta)
+        _save_delta(out_dir / NON_LAYER, base, itm, base.non_layer_names(), meta)
     manifest = {**meta, "num_layers": shape.num_layers}
     with atomic_path(out_dir / MANIFEST) as tmp:
         tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
