@@ -199,8 +199,8 @@ class TensorFile:
         dtype = _TORCH_DTYPES[entry["dtype"]]
         if end == begin:
             return torch.empty(entry["shape"], dtype=dtype)
-        buf = bytearray(end - begin)
-        view = memoryview(buf)
+        buf = torch.empty(end - begin, dtype=torch.uint8)  # not zero-filled: every byte is read into it
+        view = memoryview(buf.numpy())
         with open(self.path, "rb", buffering=0) as f:
             f.seek(self._start + begin)
             done = 0
@@ -209,7 +209,7 @@ class TensorFile:
                 if not got:
                     raise ValueError(f"{self.path}: truncated while reading {name}")
                 done += got
-        return torch.frombuffer(buf, dtype=dtype).reshape(entry["shape"])
+        return buf.view(dtype).reshape(entry["shape"])
 
 
 def _header(specs: "Specs", metadata: dict[str, str] | None
