@@ -80,7 +80,7 @@ _TASK_OPTIONS = dict(
 
 
 def _digests(root: Path, paths: list[str]) -> dict[str, str]:
-    return {p: path_digest(root / p) for p in paths}
+    return {p: path_digest(root / p, remembered=True) for p in paths}
 
 
 @task(**_TASK_OPTIONS)
@@ -164,7 +164,7 @@ def _run(stage: Stage, root: Path, params_file: str, params: Params, runner: Tas
     call = _with_storage(stage_task, storage, f"{stage.name}: {stage.desc}")
     state = call(*args, parts, return_state=True)
     outputs = state.result()
-    on_disk = {p: (path_digest(root / p) if (root / p).exists() else None) for p in outputs}
+    on_disk = {p: (path_digest(root / p, remembered=True) if (root / p).exists() else None) for p in outputs}
     if on_disk != outputs:
         log.warning("stage %s: cached outputs are missing or changed on disk; recomputing", stage.name)
         state = call.with_options(refresh_cache=True)(*args, parts, return_state=True)

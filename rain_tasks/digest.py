@@ -1,13 +1,58 @@
-"""Content digests of files, directories and params: the cache keys of the Prefect tasks and lineage."""
+"""Content digests of files, directories and params: the cache keys of the Prefect tasks and lineage.
+
+Hashing a 7B–32B checkpoint takes minutes, and every flow run and recorded lineage needs the digests of
+the same unchanged inputs. With `remembered=True` a file's sha256 is taken from a per-user memo when
+its path, size, mtime and inode are what they were when it was hashed (the rule DVC applies to its own
+outputs); audits (`rain verify`, releases) always hash afresh.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
 _CHUNK = 1 << 20
+_MEMO_MIN_BYTES = 1 << 20  # smaller files are hashed again: cheaper than a memo entry
+
+
+def user_cache_dir() -> Path:
+    """Per-user cache of this package ($RAIN_CACHE_DIR, else $XDG_CACHE_HOME/rain, else ~/.cache/rain)."""
+    explicit = os.environ.get("RAIN_CACHE_DIR")
+    return Path(explicit) if explicit else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rain"
+
+
+def _memo_file() -> Path:
+    return user_cache_dir() / "digests.json"
+
+
+def _load_memo() -> dict[str, list]:
+    try:
+        return json.loads(_memo_file().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_memo(memo: dict[str, list]) -> None:
+    """Replace the memo file atomically; a cache that cannot be written is only a lost shortcut."""
+    path = _memo_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".digests-", delete=False) as f:
+            json.dump(memo, f)
+        os.replace(f.name, path)
+    except OSError as e:
+        log.warning("could not record digests in %s (%s): they will be computed again", path, e)
+
+
+def _identity(path: Path) -> list:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
 
 
 def file_digest(path: str | Path) -> str:
@@ -24,19 +69,43 @@ def _files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
 
 
-def tree_digests(path: str | Path) -> dict[str, str]:
-    """Relative path -> sha256 for every file under a directory (or the file itself)."""
+def _remembered_digest(path: Path, memo: dict[str, list]) -> tuple[str, bool]:
+    """(sha256, whether the memo gained an entry): [size, mtime_ns, inode, sha256] per resolved path, files ≥ 1 MiB."""
+    identity = _identity(path)
+    if identity[0] < _MEMO_MIN_BYTES:
+        return file_digest(path), False
+    key = str(path.resolve())
+    entry = memo.get(key)
+    if entry is not None and entry[:3] == identity:
+        return entry[3], False
+    memo[key] = [*identity, file_digest(path)]
+    return memo[key][3], True
+
+
+def tree_digests(path: str | Path, remembered: bool = False) -> dict[str, str]:
+    """Relative path -> sha256 for every file under a directory (or the file itself); see the module
+    docstring for `remembered`."""
     path = Path(path)
     if path.is_file():
-        return {path.name: file_digest(path)}
-    if not path.is_dir():
+        files = {path.name: path}
+    elif path.is_dir():
+        files = {p.relative_to(path).as_posix(): p for p in _files(path)}
+    else:
         raise FileNotFoundError(f"{path}: does not exist")
-    return {p.relative_to(path).as_posix(): file_digest(p) for p in _files(path)}
+    if not remembered:
+        return {name: file_digest(p) for name, p in files.items()}
+    memo, digests, changed = _load_memo(), {}, False
+    for name, p in files.items():
+        digests[name], added = _remembered_digest(p, memo)
+        changed |= added
+    if changed:
+        _save_memo(memo)
+    return digests
 
 
-def path_digest(path: str | Path) -> str:
+def path_digest(path: str | Path, remembered: bool = False) -> str:
     """One sha256 for a file or a whole directory (names and contents)."""
-    return json_digest(tree_digests(path))
+    return json_digest(tree_digests(path, remembered))
 
 
 def json_digest(obj: Any) -> str:

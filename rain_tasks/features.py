@@ -213,8 +213,8 @@ def accumulate_features(
         log.warning("features: skipped %d of %d samples longer than %d tokens", skipped, len(records), params.max_tokens)
     meta = {
         "kind": "features",
-        "lrm": path_digest(lrm_dir),
-        "calibration": path_digest(reasoning_path),
+        "lrm": path_digest(lrm_dir, remembered=True),
+        "calibration": path_digest(reasoning_path, remembered=True),
         "params": json_digest(params.model_dump()),
         "low_rank": str(low_rank),
         "samples": str(len(samples)),

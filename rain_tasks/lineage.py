@@ -57,7 +57,7 @@ _PACKAGES = ("rain_tasks", "flows")
 def record_inputs(root: str | Path, inputs: dict[str, str]) -> dict[str, dict]:
     """Role -> {path, files: {name: sha256}} for each input file or directory (paths relative to `root`)."""
     root = Path(root)
-    return {role: {"path": rel, "files": tree_digests(root / rel)} for role, rel in sorted(inputs.items())}
+    return {role: {"path": rel, "files": tree_digests(root / rel, remembered=True)} for role, rel in sorted(inputs.items())}
 
 
 def build_core(inputs: dict[str, dict], method: str, method_params: dict, params: dict[str, Any],

@@ -66,7 +66,7 @@ def compute_task_vectors(base_dir: str | Path, itm_dir: str | Path, out_dir: str
     base, itm, out_dir = Checkpoint(base_dir), Checkpoint(itm_dir), Path(out_dir)
     check_compatible(base, itm)
     shape = read_shape(base_dir)
-    meta = {"kind": "task_vector", "base": path_digest(base_dir), "itm": path_digest(itm_dir)}
+    meta = {"kind": "task_vector", "base": path_digest(base_dir, remembered=True), "itm": path_digest(itm_dir, remembered=True)}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST).unlink(missing_ok=True)
     for layer in tqdm(range(shape.num_layers), desc="task vectors", unit="layer"):

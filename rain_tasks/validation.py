@@ -20,7 +20,6 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import os
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -33,6 +32,7 @@ from safetensors import SafetensorError, safe_open
 from rain_tasks.arch import arch_for, module_of
 from rain_tasks.calibration import load_tokenizer, think_token_ids
 from rain_tasks.checkpoint import INDEX_NAME, Checkpoint, atomic_path, parse_size
+from rain_tasks.digest import user_cache_dir
 from rain_tasks.params import Params, ParamsError, load_params
 from rain_tasks.schemas import load_records
 from rain_tasks.stages import (ABLATIONS, ABLATIONS_BY_NAME, BASELINES, FEAT, FEAT_HELDOUT, MERGED, PROJ, STAGES, TV, Stage,
@@ -199,10 +199,8 @@ def nonfinite_problems(role: str, ckpt: Checkpoint, scanned: set[str] | None = N
 
 
 def scanned_shards_file() -> Path:
-    """Where shards found free of NaN/Inf are remembered: per user, as checkpoints are shared between projects
-    ($RAIN_CACHE_DIR, else $XDG_CACHE_HOME/rain, else ~/.cache/rain)."""
-    cache = os.environ.get("RAIN_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rain"
-    return Path(cache) / "finite_shards.json"
+    """Where shards found free of NaN/Inf are remembered: per user, as checkpoints are shared between projects."""
+    return user_cache_dir() / "finite_shards.json"
 
 
 def scan_checkpoint_values(ckpts: dict[str, Checkpoint]) -> list[Problem]:
