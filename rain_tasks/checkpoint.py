@@ -196,7 +196,10 @@ class TensorFile:
         """Read one tensor into memory it owns."""
         entry = self.entries[name]
         begin, end = entry["data_offsets"]
-        dtype = _TORCH_DTYPES[entry["dtype"]]
+        dtype = _TORCH_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise ValueError(f"{self.path}: tensor {name} is stored as {entry['dtype']}, which is not read here "
+                             f"(supported: {sorted(_TORCH_DTYPES)}); convert the checkpoint to bfloat16 or float32")
         if end == begin:
             return torch.empty(entry["shape"], dtype=dtype)
         buf = torch.empty(end - begin, dtype=torch.uint8)  # not zero-filled: every byte is read into it
