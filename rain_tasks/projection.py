@@ -188,9 +188,11 @@ def project_layer(
         if w_name not in delta:
             raise KeyError(f"task vector of layer {layer} lacks {w_name}")
         m = _augmented(delta, w_name, b_name)
-        projected = m.clone()
+        projected = torch.empty(m.shape, dtype=torch.float32)  # every row is written below, block by block
         groups = row_sets(module, shape.num_kv_heads)
         block_rows = m.shape[0] // len(groups)
+        if block_rows * len(groups) != m.shape[0]:
+            raise ValueError(f"layer {layer} {module}: {m.shape[0]} rows do not split into {len(groups)} KV groups")
         for group, set_name in groups:
             s = stats[set_name]
             if s.dim != m.shape[1]:
@@ -199,7 +201,8 @@ def project_layer(
                 bases[set_name] = protected_basis(s, params)
             sel = slice(max(group, 0) * block_rows, (max(group, 0) + 1) * block_rows)
             block, basis = m[sel], bases[set_name]
-            projected[sel], coeffs = project_block_with_coefficients(block, basis)
+            block_projected, coeffs = project_block_with_coefficients(block, basis)
+            projected[sel] = block_projected
             calib = s.quad_before_after(block, coeffs, basis.u)
             held = heldout[set_name].quad_before_after(block, coeffs, basis.u) if heldout is not None else None
             report.append(
@@ -212,14 +215,14 @@ def project_layer(
                     "rows": s.n,
                     "rank_kept": basis.rank,
                     "energy_protected": basis.energy_protected,
-                    "norm_ratio": _ratio(projected[sel].square().sum().item(), block.square().sum().item()),
+                    "norm_ratio": _ratio(block_projected.square().sum().item(), block.square().sum().item()),
                     "residual_calib": _ratio(calib[1], calib[0]),
                     "residual_heldout": _ratio(held[1], held[0]) if held is not None else math.nan,
                 }
             )
-        out[w_name] = projected[:, : delta[w_name].shape[1]].to(torch.float32)
+        out[w_name] = projected[:, : delta[w_name].shape[1]].contiguous()
         if b_name in delta:
-            out[b_name] = projected[:, -1].to(torch.float32)
+            out[b_name] = projected[:, -1].contiguous()
     return out, report
 
 
