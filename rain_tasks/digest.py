@@ -64,9 +64,16 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _files(root: Path) -> list[Path]:
-    """Files under `root` in a stable order, skipping hidden temporaries of interrupted writes."""
-    return sorted(p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+def tree_files(path: str | Path) -> dict[str, Path]:
+    """Relative name -> path of every file under a directory (or the file itself), in a stable order,
+    skipping hidden temporaries of interrupted writes."""
+    path = Path(path)
+    if path.is_file():
+        return {path.name: path}
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: does not exist")
+    found = sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    return {p.relative_to(path).as_posix(): p for p in found}
 
 
 def _remembered_digest(path: Path, memo: dict[str, list]) -> tuple[str, bool]:
@@ -85,13 +92,7 @@ def _remembered_digest(path: Path, memo: dict[str, list]) -> tuple[str, bool]:
 def tree_digests(path: str | Path, remembered: bool = False) -> dict[str, str]:
     """Relative path -> sha256 for every file under a directory (or the file itself); see the module
     docstring for `remembered`."""
-    path = Path(path)
-    if path.is_file():
-        files = {path.name: path}
-    elif path.is_dir():
-        files = {p.relative_to(path).as_posix(): p for p in _files(path)}
-    else:
-        raise FileNotFoundError(f"{path}: does not exist")
+    files = tree_files(path)
     if not remembered:
         return {name: file_digest(p) for name, p in files.items()}
     memo, digests, changed = _load_memo(), {}, False

@@ -31,7 +31,7 @@ from typing import Any
 
 from rain_tasks.card import CARD, evaluation_table, fill_evaluation
 from rain_tasks.checkpoint import parse_size
-from rain_tasks.digest import file_digest, tree_digests
+from rain_tasks.digest import file_digest, tree_files
 from rain_tasks.lineage import LINEAGE, RECORDS, RELEASE_MANIFEST, LineageReport, verify_lineage
 
 DEFAULT_PART_SIZE = "64MB"
@@ -150,7 +150,7 @@ def release(model_dir: str | Path, uri: str, project: str | Path = ".", part_siz
     card, result.evaluated = _released_card(model_dir, Path(project))
     size = parse_size(part_size or DEFAULT_PART_SIZE)
     config = _transfer_config(size)
-    for name in sorted(tree_digests(model_dir)):
+    for name in tree_files(model_dir):  # each file is hashed once, by its upload record
         if name not in (*RECORDS, CARD):
             result.objects[name] = _upload_file(client, model_dir / name, target, name, size, config)
     result.objects[CARD] = _upload_bytes(client, card, target, CARD, size, config)
