@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from rain_tasks.arch import layer_of
 
@@ -215,8 +214,15 @@ class TensorFile:
         return buf.view(dtype).reshape(entry["shape"])
 
 
-def _header(specs: "Specs", metadata: dict[str, str] | None
-            ) -> tuple[bytes, dict[str, int]]:
+#: name -> (dtype, shape) of the tensors a file will hold
+Specs = dict[str, tuple[torch.dtype, tuple[int, ...]]]
+
+
+def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    return math.prod(shape) * dtype.itemsize
+
+
+def _header(specs: Specs, metadata: dict[str, str] | None) -> tuple[bytes, dict[str, int]]:
     """The canonical safetensors header (names sorted, data in that order) and each tensor's data offset.
 
     safetensors' own writer orders `__metadata__` by a randomly seeded hash map, so two runs with the
@@ -226,7 +232,7 @@ def _header(specs: "Specs", metadata: dict[str, str] | None
     offsets, offset = {}, 0
     for name in sorted(specs):
         dtype, shape = specs[name]
-        size = math.prod(shape) * dtype.itemsize
+        size = _nbytes(dtype, shape)
         header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offsets[name] = offset
         offset += size
@@ -240,19 +246,12 @@ def _raw(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy())
 
 
-Specs = dict[str, tuple[torch.dtype, tuple[int, ...]]]
-
-
-def _nbytes(specs: Specs) -> int:
-    return sum(math.prod(shape) * dtype.itemsize for dtype, shape in specs.values())
-
-
 def _create(path: Path, specs: Specs, metadata: dict[str, str] | None) -> dict[str, int]:
     """A safetensors file of the final size with its header written; return each tensor's absolute offset."""
     head, offsets = _header(specs, metadata)
     with open(path, "wb") as f:
         f.write(head)
-        f.truncate(len(head) + _nbytes(specs))
+        f.truncate(len(head) + sum(_nbytes(*spec) for spec in specs.values()))
     return {name: len(head) + off for name, off in offsets.items()}
 
 
@@ -299,15 +298,14 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a whole (small, per-layer) safetensors file."""
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
+    """Read a whole (per-layer) safetensors file."""
+    f = TensorFile(path)
+    return {k: f.get_tensor(k) for k in f.keys()}
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The `__metadata__` of a safetensors file."""
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
+    return dict(TensorFile(path).metadata)
 
 
 class ShardWriter:
@@ -326,7 +324,7 @@ class ShardWriter:
         shards: list[Specs] = []
         filled = 0
         for name, dtype, shape in layout:
-            size = math.prod(shape) * dtype.itemsize
+            size = _nbytes(dtype, shape)
             if not shards or (shards[-1] and filled + size > max_shard_bytes):
                 shards.append({})
                 filled = 0
@@ -340,7 +338,7 @@ class ShardWriter:
             offsets = _create(self.out_dir / part, shard, {"format": "pt", **(metadata or {})})
             self._where |= {name: (part, off) for name, off in offsets.items()}
             self._parts.append((part, sorted(shard)))
-        self._total_bytes = _nbytes(self._specs)
+        self._total_bytes = sum(_nbytes(*spec) for spec in self._specs.values())
         self._done: set[str] = set()
 
     def add(self, name: str, tensor: torch.Tensor) -> None:

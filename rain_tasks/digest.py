@@ -19,6 +19,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 _CHUNK = 1 << 20
 _MEMO_MIN_BYTES = 1 << 20  # smaller files are hashed again: cheaper than a memo entry
+_DIGESTS = "digests"  # memo name: resolved path -> [size, mtime_ns, inode, sha256]
 
 
 def user_cache_dir() -> Path:
@@ -27,30 +28,28 @@ def user_cache_dir() -> Path:
     return Path(explicit) if explicit else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rain"
 
 
-def _memo_file() -> Path:
-    return user_cache_dir() / "digests.json"
-
-
-def _load_memo() -> dict[str, list]:
+def load_memo(name: str) -> dict[str, list]:
+    """A per-user memo (user_cache_dir()/NAME.json) keyed by resolved file path; empty if absent or unreadable."""
     try:
-        return json.loads(_memo_file().read_text())
+        return json.loads((user_cache_dir() / f"{name}.json").read_text())
     except (OSError, ValueError):
         return {}
 
 
-def _save_memo(memo: dict[str, list]) -> None:
-    """Replace the memo file atomically; a cache that cannot be written is only a lost shortcut."""
-    path = _memo_file()
+def save_memo(name: str, memo: dict[str, list]) -> None:
+    """Replace a memo file atomically; a memo that cannot be written is only a lost shortcut."""
+    path = user_cache_dir() / f"{name}.json"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".digests-", delete=False) as f:
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{name}-", delete=False) as f:
             json.dump(memo, f)
         os.replace(f.name, path)
     except OSError as e:
-        log.warning("could not record digests in %s (%s): they will be computed again", path, e)
+        log.warning("could not write %s (%s): the work it saves will be done again", path, e)
 
 
-def _identity(path: Path) -> list:
+def file_identity(path: Path) -> list[int]:
+    """[size, mtime_ns, inode]: a file is taken as unchanged while these are (the rule DVC applies to its outputs)."""
     st = path.stat()
     return [st.st_size, st.st_mtime_ns, st.st_ino]
 
@@ -78,7 +77,7 @@ def tree_files(path: str | Path) -> dict[str, Path]:
 
 def _remembered_digest(path: Path, memo: dict[str, list]) -> tuple[str, bool]:
     """(sha256, whether the memo gained an entry): [size, mtime_ns, inode, sha256] per resolved path, files ≥ 1 MiB."""
-    identity = _identity(path)
+    identity = file_identity(path)
     if identity[0] < _MEMO_MIN_BYTES:
         return file_digest(path), False
     key = str(path.resolve())
@@ -95,12 +94,12 @@ def tree_digests(path: str | Path, remembered: bool = False) -> dict[str, str]:
     files = tree_files(path)
     if not remembered:
         return {name: file_digest(p) for name, p in files.items()}
-    memo, digests, changed = _load_memo(), {}, False
+    memo, digests, changed = load_memo(_DIGESTS), {}, False
     for name, p in files.items():
         digests[name], added = _remembered_digest(p, memo)
         changed |= added
     if changed:
-        _save_memo(memo)
+        save_memo(_DIGESTS, memo)
     return digests
 
 

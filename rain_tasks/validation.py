@@ -4,8 +4,8 @@
 - params.yaml parses and every value is in range (the pydantic models in params.py),
 - the base, ITM and LRM checkpoints open (config, index, every shard header), share one
   architecture, the same tensor names, shapes and dtypes, and hold no NaN/Inf (streamed one
-  tensor at a time, never a whole model; shards found finite are remembered by path, size and
-  mtime in the user's cache (`scanned_shards_file`), so reruns on unchanged checkpoints skip the scan),
+  tensor at a time, never a whole model; shards found finite are remembered by path, size, mtime
+  and inode in the user's cache (`FINITE_SHARDS`), so reruns on unchanged checkpoints skip the scan),
 - the LRM's tokenizer has `<think>`/`</think>` as single tokens and a chat template,
 - the calibration sets pass their schemas (schemas.py),
 - the output locations are writable directories with room for the outputs still to write.
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import errno
 import json
-import logging
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -31,15 +30,14 @@ from safetensors import SafetensorError, safe_open
 
 from rain_tasks.arch import arch_for, module_of
 from rain_tasks.calibration import load_tokenizer, think_token_ids
-from rain_tasks.checkpoint import INDEX_NAME, Checkpoint, atomic_path, parse_size
-from rain_tasks.digest import user_cache_dir
+from rain_tasks.checkpoint import INDEX_NAME, Checkpoint, parse_size
+from rain_tasks.digest import file_identity, load_memo, save_memo
 from rain_tasks.params import Params, ParamsError, load_params
 from rain_tasks.schemas import load_records
 from rain_tasks.stages import (ABLATIONS, ABLATIONS_BY_NAME, BASELINES, FEAT, FEAT_HELDOUT, MERGED, PROJ, STAGES, TV, Stage,
                                resolve)
 from rain_tasks.task_vectors import MANIFEST
 
-log = logging.getLogger(__name__)
 ROLES = ("base", "itm", "lrm")
 #: config.json keys that must agree across the three checkpoints (one architecture, one size)
 ARCH_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -170,52 +168,40 @@ def tensor_problems(role: str, ckpt: Checkpoint, ref: Checkpoint) -> list[Proble
     return problems
 
 
-def _shard_key(path: Path) -> str:
-    """Identity of a shard's contents as DVC judges unchanged files: resolved path, size and mtime."""
-    stat = path.stat()
-    return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-
-
-def nonfinite_problems(role: str, ckpt: Checkpoint, scanned: set[str] | None = None) -> list[Problem]:
+def nonfinite_problems(role: str, ckpt: Checkpoint, scanned: dict[str, list] | None = None) -> list[Problem]:
     """NaN/Inf weights, read one tensor at a time (peak memory: the largest tensor).
 
-    `scanned` holds the keys (`_shard_key`) of shards already found finite: they are skipped, and the
-    shards found finite now are added, so a rerun on unchanged checkpoints reads no weights.
+    `scanned` maps resolved shard paths to the `file_identity` they had when found finite: those shards are
+    skipped while unchanged, and the shards found finite now are added, so a rerun reads no weights.
     """
     bad = []
     for shard in ckpt.shards:
-        key = _shard_key(ckpt.path / shard)
-        if scanned is not None and key in scanned:
+        path = ckpt.path / shard
+        key, identity = str(path.resolve()), file_identity(path)
+        if scanned is not None and scanned.get(key) == identity:
             continue
         names = [n for n, s in ckpt.weight_map.items() if s == shard and ckpt.dtype_name(n) in _FLOAT_DTYPES]
         found = [n for n in names if not torch.isfinite(ckpt.get(n)).all()]
         bad += found
         if scanned is not None and not found:
-            scanned.add(key)
+            scanned[key] = identity
     if not bad:
         return []
     return [Problem(f"models.{role} ({ckpt.path})", f"{len(bad)} tensor(s) hold NaN or Inf values: {_listed(sorted(bad))}",
                     "the checkpoint is corrupt or diverged in training: use a healthy copy")]
 
 
-def scanned_shards_file() -> Path:
-    """Where shards found free of NaN/Inf are remembered: per user, as checkpoints are shared between projects."""
-    return user_cache_dir() / "finite_shards.json"
+#: memo (rain_tasks.digest.load_memo) of the shards found free of NaN/Inf: per user, as checkpoints are shared
+FINITE_SHARDS = "finite_shards"
 
 
 def scan_checkpoint_values(ckpts: dict[str, Checkpoint]) -> list[Problem]:
     """The NaN/Inf scan of every checkpoint, skipping shards unchanged since they were last found finite."""
-    record = scanned_shards_file()
-    scanned = set(json.loads(record.read_text())) if record.is_file() else set()
-    before = set(scanned)
+    scanned = load_memo(FINITE_SHARDS)
+    before = dict(scanned)
     problems = [p for role, ckpt in ckpts.items() for p in nonfinite_problems(role, ckpt, scanned)]
     if scanned != before:
-        try:
-            record.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(record) as tmp:
-                tmp.write_text(json.dumps(sorted(scanned), indent=1) + "\n")
-        except OSError as e:  # a read-only project only loses the shortcut
-            log.warning("could not record the value scan in %s (%s): the next check scans again", record, e)
+        save_memo(FINITE_SHARDS, scanned)
     return problems
 
 

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import struct
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -20,9 +21,10 @@ import pytest
 import torch
 import yaml
 
-from rain_tasks.checkpoint import INDEX_NAME, Checkpoint, load_tensors, read_metadata, save_tensors
+from rain_tasks.checkpoint import INDEX_NAME, Checkpoint, TensorFile, load_tensors, read_metadata, save_tensors
 from rain_tasks.cli import main
-from rain_tasks.validation import scanned_shards_file
+from rain_tasks.digest import load_memo, save_memo
+from rain_tasks.validation import FINITE_SHARDS
 from projects import project_env
 from tiny import instruction_rows, make_family, reasoning_rows, write_jsonl
 
@@ -283,17 +285,19 @@ def test_rain_check_command_end_to_end(project, tmp_path):
 
 
 def test_value_scan_is_remembered_per_shard_until_the_shard_changes(project, capsys):
-    """A second check skips shards found finite (keyed by path, size and mtime); a rewritten shard is scanned again."""
-    record = scanned_shards_file()
-    record.unlink(missing_ok=True)
+    """A second check skips shards found finite while their size, mtime and inode are unchanged; any change rescans."""
+    save_memo(FINITE_SHARDS, {})
     assert _check(project, capsys) == (0, "")
     shards = {str((project / "ckpt" / r / s).resolve()) for r in ("base", "itm", "lrm") for s in Checkpoint(project / "ckpt" / r).shards}
-    assert {key.rsplit(":", 2)[0] for key in json.loads(record.read_text())} == shards
+    assert set(load_memo(FINITE_SHARDS)) == shards
     shard = project / "ckpt/lrm" / Checkpoint(project / "ckpt/lrm").weight_map[Q0]
-    stat = shard.stat()
-    _edit_tensors(project / "ckpt/lrm", Q0, _nan)  # same size: only the mtime tells the shard changed
-    assert shard.stat().st_size == stat.st_size
+    stat, entry = shard.stat(), TensorFile(shard).entries[Q0]
+    assert entry["dtype"] == "F32"
+    with open(shard, "r+b") as f:  # a NaN written in place: same size and inode
+        f.seek(8 + int.from_bytes(f.read(8), "little") + entry["data_offsets"][0])
+        f.write(struct.pack("<f", float("nan")))
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # and the recorded mtime: the scan trusts the memo
+    assert _check(project, capsys) == (0, "")
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a changed mtime: scanned again
     code, err = _check(project, capsys)
     assert code == 2 and "hold NaN or Inf" in err
-    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the recorded identity again: the scan trusts it
-    assert _check(project, capsys) == (0, "")

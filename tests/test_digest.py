@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
 
-from rain_tasks.digest import file_digest, path_digest, tree_digests, user_cache_dir
+from rain_tasks.digest import file_digest, load_memo, tree_digests
 
 
 def test_remembered_digests_follow_file_changes_and_audits_never_trust_them(tmp_path, monkeypatch):
@@ -17,7 +16,7 @@ def test_remembered_digests_follow_file_changes_and_audits_never_trust_them(tmp_
     small.write_text("{}")
     fresh = tree_digests(model)
     assert tree_digests(model, remembered=True) == fresh
-    memo = json.loads((user_cache_dir() / "digests.json").read_text())
+    memo = load_memo("digests")
     assert list(memo) == [str(big.resolve())]  # small files are hashed every time
     assert memo[str(big.resolve())][3] == fresh["weights.bin"]
 

@@ -27,7 +27,7 @@ DATA_NAMES = ("calibration", "eval")
 
 
 @contextlib.contextmanager
-def _deterministic(threads: int) -> Iterator[None]:
+def deterministic(threads: int) -> Iterator[None]:
     """Fixed thread count and deterministic kernels for the duration of a build."""
     old_threads, old_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(threads)
@@ -64,17 +64,16 @@ def _save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory:
         raise ValueError(f"max_shard_size={params.max_shard_size} gave a single shard in {directory}")
 
 
-def _flat(model: PreTrainedModel) -> torch.Tensor:
-    """All parameters as one float64 vector (fixed order)."""
+def flat_parameters(model: PreTrainedModel) -> torch.Tensor:
+    """All parameters as one float64 vector (fixed order; tied embeddings once)."""
     return torch.cat([p.detach().double().flatten() for p in model.parameters()])
 
 
-def _summary(base: PreTrainedModel, itm: PreTrainedModel, lrm: PreTrainedModel) -> dict:
-    """Parameter norms and the geometry of the two task vectors."""
-    b, i, r = _flat(base), _flat(itm), _flat(lrm)
+def task_vector_geometry(base: PreTrainedModel, itm: PreTrainedModel, lrm: PreTrainedModel) -> dict[str, float]:
+    """‖θ_base‖, ‖Δ_ITM‖, ‖Δ_LRM‖ and cos(Δ_ITM, Δ_LRM) over all parameters (float64)."""
+    b, i, r = flat_parameters(base), flat_parameters(itm), flat_parameters(lrm)
     d_itm, d_lrm = i - b, r - b
     return {
-        "num_parameters": b.numel(),
         "norm_base": b.norm().item(),
         "norm_delta_itm": d_itm.norm().item(),
         "norm_delta_lrm": d_lrm.norm().item(),
@@ -109,7 +108,7 @@ def build_zoo(params: ZooParams, models_dir: Path, data_dir: Path) -> dict:
     models: dict[str, PreTrainedModel] = {}
     losses: dict[str, float] = {}
     try:
-        with _deterministic(params.threads):
+        with deterministic(params.threads):
             tokenizer = build_tokenizer(params.max_operand)
             split = split_problems(params)
             sizes = write_datasets(split, tokenizer, staged[data_dir / "calibration"],
@@ -133,6 +132,7 @@ def build_zoo(params: ZooParams, models_dir: Path, data_dir: Path) -> dict:
         raise
     _publish(staged)
     summary = {"sizes": sizes, "train_problems": len(split.train), "final_loss": losses,
-               **_summary(models["base"], models["itm"], models["lrm"]), "seconds": seconds}
+               "num_parameters": sum(p.numel() for p in models["base"].parameters()),
+               **task_vector_geometry(models["base"], models["itm"], models["lrm"]), "seconds": seconds}
     log.info("zoo built: %s", summary)
     return summary

@@ -11,10 +11,9 @@ import csv
 import io
 from pathlib import Path
 
-import torch
-
 from rain_tasks.checkpoint import atomic_path
 from rain_tasks.generation import load_model
+from rain_tasks.zoo.build import deterministic, task_vector_geometry as geometry_of
 from rain_tasks.zoo.probe import task_arithmetic_sweep
 
 #: λ values the zoo stage reports (λ = 0: the LRM itself); seven sweeps of the eval set, about a minute on 2 cores
@@ -36,32 +35,17 @@ def family_properties(lrm: dict, itm: dict, sweep: list[dict]) -> dict[str, bool
 
 
 def task_vector_geometry(models_dir: Path) -> dict[str, float]:
-    """‖θ_base‖, ‖Δ_ITM‖, ‖Δ_LRM‖ and cos(Δ_ITM, Δ_LRM) over all parameters (float64; tied embeddings counted once)."""
-    flat = {}
-    for name in ("base", "itm", "lrm"):
-        params = dict(load_model(Path(models_dir) / name)[0].named_parameters())  # tied weights once
-        flat[name] = torch.cat([params[k].detach().double().flatten() for k in sorted(params)])
-    d_itm, d_lrm = flat["itm"] - flat["base"], flat["lrm"] - flat["base"]
-    return {
-        "norm_base": flat["base"].norm().item(),
-        "norm_delta_itm": d_itm.norm().item(),
-        "norm_delta_lrm": d_lrm.norm().item(),
-        "cosine_delta_itm_lrm": (d_itm @ d_lrm / (d_itm.norm() * d_lrm.norm())).item(),
-    }
+    """‖θ_base‖, ‖Δ_ITM‖, ‖Δ_LRM‖ and cos(Δ_ITM, Δ_LRM) of the built family (see zoo.build.task_vector_geometry)."""
+    base, itm, lrm = (load_model(Path(models_dir) / name)[0] for name in ("base", "itm", "lrm"))
+    return geometry_of(base, itm, lrm)
 
 
 def write_zoo_report(models_dir: Path, eval_path: Path, lambdas: list[float], md_path: Path,
                      csv_path: Path, max_new_tokens: int = 48, threads: int = 2) -> list[dict]:
     """Sweep task arithmetic over `lambdas` on the instruction eval set; write CSV + markdown; return the rows."""
-    old_threads, old_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic(threads):
         rows = task_arithmetic_sweep(models_dir, eval_path, list(lambdas), "all", max_new_tokens)
         geometry = task_vector_geometry(models_dir)
-    finally:
-        torch.set_num_threads(old_threads)
-        torch.use_deterministic_algorithms(old_det)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(COLUMNS)
