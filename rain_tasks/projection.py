@@ -2,7 +2,8 @@
 
 For every layer and module, [W | b] of the task vector (bias column where the module has one)
 is projected on the right by the protected basis of the module's row set (features.row_sets);
-k/v rows of KV group g use group g's basis. The basis comes from the eigendecomposition of the
+k/v rows of KV group g use group g's basis, and o_proj's columns of head h its head's basis
+(`module_blocks`), so that θ_R + λ·α⊙Δ⊥ keeps Ω for any per-head α, not only α = 1. The basis comes from the eigendecomposition of the
 Gram (float64), or, on the low-rank path, from the QR of the rows' transpose and the n × n eigenproblem
 of R Rᵀ (O(n²·d + n³)): G = XᵀX = Q R Rᵀ Qᵀ, so both give the same projector. Directions with eigenvalue ≤ 1e-12·λ_max count as numerically zero.
 
@@ -171,6 +172,27 @@ def _augmented(delta: dict[str, torch.Tensor], w_name: str, b_name: str) -> torc
     return torch.cat([w, delta[b_name].to(torch.float64)[:, None]], dim=1) if b_name in delta else w
 
 
+def module_blocks(module: str, shape: ModelShape, layer: int, size: tuple[int, int]) -> list[tuple[int, str, tuple[slice, slice]]]:
+    """(block, row set, (rows, columns) of [W | b]) for each part of `module` that is projected on its own basis.
+
+    k/v: the rows of each KV group (Stage 2 scales them by the group's α). o_proj: the columns of each query
+    head (scaled by α_h), each on its head's slice of the attention output, so that Δ⊥ z = 0 at Ω holds head
+    by head and survives any α; o_proj's bias column (scaled by the layer mean, acting on the constant 1 that
+    every Ω row carries) is fully protected, i.e. left at 0. Others: the whole [W | b].
+    """
+    groups = row_sets(module, shape)
+    rows, cols = size
+    if module == "o_proj":
+        hd = shape.head_dim
+        if hd * len(groups) > cols:
+            raise ValueError(f"layer {layer} o_proj: {cols} columns cannot hold {len(groups)} heads of width {hd}")
+        return [(h, name, (slice(None), slice(h * hd, (h + 1) * hd))) for h, name in groups]
+    per = rows // len(groups)
+    if per * len(groups) != rows:
+        raise ValueError(f"layer {layer} {module}: {rows} rows do not split into {len(groups)} KV groups")
+    return [(g, name, (slice(max(g, 0) * per, (max(g, 0) + 1) * per), slice(None))) for g, name in groups]
+
+
 def project_layer(
     delta: dict[str, torch.Tensor],
     stats: dict[str, RowStats],
@@ -188,28 +210,24 @@ def project_layer(
         if w_name not in delta:
             raise KeyError(f"task vector of layer {layer} lacks {w_name}")
         m = _augmented(delta, w_name, b_name)
-        projected = torch.empty(m.shape, dtype=torch.float32)  # every row is written below, block by block
-        groups = row_sets(module, shape.num_kv_heads)
-        block_rows = m.shape[0] // len(groups)
-        if block_rows * len(groups) != m.shape[0]:
-            raise ValueError(f"layer {layer} {module}: {m.shape[0]} rows do not split into {len(groups)} KV groups")
-        for group, set_name in groups:
+        projected = torch.zeros(m.shape, dtype=torch.float32)  # o_proj's bias column stays 0 (module_blocks)
+        for block_index, set_name, sel in module_blocks(module, shape, layer, tuple(m.shape)):
             s = stats[set_name]
-            if s.dim != m.shape[1]:
-                raise ValueError(f"layer {layer} {module}: features of set {set_name!r} have width {s.dim}, [W|b] has {m.shape[1]}")
+            block = m[sel]
+            if s.dim != block.shape[1]:
+                raise ValueError(f"layer {layer} {module}: features of set {set_name!r} have width {s.dim}, its block has {block.shape[1]}")
             if set_name not in bases:
                 bases[set_name] = protected_basis(s, params)
-            sel = slice(max(group, 0) * block_rows, (max(group, 0) + 1) * block_rows)
-            block, basis = m[sel], bases[set_name]
+            basis = bases[set_name]
             block_projected, coeffs = project_block_with_coefficients(block, basis)
-            projected[sel] = block_projected
+            projected[sel] = block_projected.to(torch.float32)
             calib = s.quad_before_after(block, coeffs, basis.u)
             held = heldout[set_name].quad_before_after(block, coeffs, basis.u) if heldout is not None else None
             report.append(
                 {
                     "layer": layer,
                     "module": module,
-                    "group": group,
+                    "group": block_index,
                     "path": s.kind,
                     "d_in": s.dim,
                     "rows": s.n,

@@ -128,7 +128,8 @@ def test_end_to_end_outputs_and_report(stage1, tiny_family):
     manifest = project(root / "tv", root / "all", ProjectionParams(), root / "proj", root / "report.parquet", root / "rows")
     assert manifest.is_file()
     report = PROJECTION_REPORT_SCHEMA.validate(pd.read_parquet(root / "report.parquet"))
-    assert len(report) == shape.num_layers * (len(MODULES) + 2 * (shape.num_kv_heads - 1))
+    blocks = len(MODULES) + 2 * (shape.num_kv_heads - 1) + (shape.num_heads - 1)  # k/v per KV group, o per head
+    assert len(report) == shape.num_layers * blocks
     assert (report["residual_calib"] <= 0.2).all() and report["residual_heldout"].notna().all()
     assert (report["energy_protected"] >= 0.99).all() and (report["norm_ratio"] < 1).all()
     for layer in range(shape.num_layers):
@@ -157,8 +158,10 @@ def test_kv_rows_of_each_group_use_their_own_basis(tiny_family):
     ckpt = Checkpoint(tiny_family["lrm"])
     delta = {n: ckpt.get(n) for n in ckpt.layer_names(0)}  # names and shapes are what matter here
     stats = {}
-    for name, d in (("q", hidden + 1), ("o", hidden), ("mlp_in", hidden), ("down", shape.intermediate_size)):
+    for name, d in (("q", hidden + 1), ("mlp_in", hidden), ("down", shape.intermediate_size)):
         stats[name] = RowStats("rows", _rows(3, d), 3)
+    for h in range(shape.num_heads):
+        stats[f"o.h{h}"] = RowStats("rows", _rows(3, hd, seed=20 + h), 3)
     for g in range(shape.num_kv_heads):
         for kind in "kv":
             stats[f"{kind}.g{g}"] = RowStats("rows", _rows(4, hidden + 1, seed=10 + g), 4)
