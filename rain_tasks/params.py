@@ -59,12 +59,27 @@ class FeaturesParams(_Section):
 
 
 class ProjectionParams(_Section):
-    """Stage 1 protected subspace: by energy fraction, fixed rank, or relative eigenvalue threshold."""
+    """Stage 1 protected subspace per row set: one rule of max_leftover / rank / rel_threshold (or ridge), else energy.
+
+    max_leftover: per block, the smallest set of eigen-directions whose removal leaves ‖Δ⊥Xᵀ‖/‖ΔXᵀ‖ on the
+    calibration rows at most this (the directions where Δ acts, whatever their share of the feature energy);
+    rank: the top `rank` directions; rel_threshold: directions with λ > rel_threshold·λ_max; ridge > 0: the soft
+    projector G(G + εI)⁻¹; energy: the smallest top set holding that share of the trace.
+    """
 
     energy: float = Field(0.99, gt=0.0, le=1.0)
+    max_leftover: float | None = Field(None, ge=0.0, lt=1.0)
     rank: int | None = Field(None, ge=0)
     rel_threshold: float | None = Field(None, gt=0.0, lt=1.0)
     ridge: float = Field(0.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _one_rule(self):
+        rules = [k for k in ("max_leftover", "rank", "rel_threshold") if getattr(self, k) is not None] + (["ridge"] if self.ridge > 0 else [])
+        if len(rules) > 1:
+            raise ValueError(f"projection: set at most one of max_leftover, rank, rel_threshold and ridge (got {rules}); "
+                             "set the others to null (ridge: 0.0)")
+        return self
 
 
 class AttentionParams(_Section):

@@ -219,7 +219,7 @@ PROJECTION_REPORT_SCHEMA = pa.DataFrameSchema(
     {
         "layer": pa.Column("int64", pa.Check.ge(0)),
         "module": pa.Column(str, pa.Check.isin(_MODULES)),
-        "group": pa.Column("int64", pa.Check.ge(-1)),  # KV group of k/v row blocks; -1: the whole module
+        "group": pa.Column("int64", pa.Check.ge(-1)),  # block: KV group of k/v rows, query head of o columns; -1: whole
         "path": pa.Column(str, pa.Check.isin(["gram", "rows"])),
         "d_in": pa.Column("int64", pa.Check.ge(1)),  # width of [W | b]
         "rows": pa.Column("int64", pa.Check.ge(0)),
@@ -227,6 +227,8 @@ PROJECTION_REPORT_SCHEMA = pa.DataFrameSchema(
         "energy_protected": pa.Column("float64", pa.Check.in_range(0.0, 1.0 + 1e-9)),
         "norm_ratio": _RATIO,
         "residual_calib": _RATIO,
+        "outlier_dims": pa.Column("int64", pa.Check.ge(0)),  # input dims with RMS > OUTLIER_FACTOR × the median
+        "residual_calib_inliers": _RATIO,  # the calibration residual with those dimensions left out
         "residual_heldout": _RATIO,
     },
     checks=[pa.Check(lambda df: df["rank_kept"] <= df["d_in"], error="rank_kept cannot exceed d_in")],
