@@ -29,7 +29,7 @@ MERGED, BASELINES, ABLATIONS = "models/merged", "models/baselines", "models/abla
 ORTHO_CSV, ORTHO_PNG = "plots/orthogonality.csv", "plots/orthogonality.png"
 EVAL_DIR = "data/eval"
 ZOO_MD, ZOO_CSV = "reports/zoo.md", "plots/zoo_sweep.csv"
-ALPHA_PNG = "plots/alpha_heatmap.png"
+ALPHA_PNG, ALPHA_METRICS = "plots/alpha_heatmap.png", "metrics/alpha.json"
 LAMBDA_CSV, LAMBDA_PNG = "plots/baselines_lambda.csv", "plots/baselines_lambda.png"
 #: each merging stage's wall time per model it writes (outside the model directories, whose bytes stay deterministic)
 MERGE_TIMES = {"merge": "metrics/merge_time.json", "ablations": "metrics/ablations_time.json",
@@ -39,16 +39,19 @@ TIMED_OUTPUTS = frozenset({*MERGE_TIMES.values(), "metrics/eval.json", "plots/ev
 
 
 class Ablation(NamedTuple):
-    """One of the paper's ablations: RAIN's merge keeping Stage 1 (Δ⊥ instead of Δ_I) and/or Stage 2 (α, else 1)."""
+    """RAIN's merge with one part changed: Stage 1 kept (Δ⊥ instead of Δ_I) or not, and the α it scales by
+    (None: α = 1, '': Stage 2's α, else one of alpha.control_alphas at the same mean α)."""
 
     projected: bool
-    scaled: bool
+    alpha: str | None
     label: str
 
 
 ABLATIONS_BY_NAME = {
-    "rain_stage1_only": Ablation(True, False, "RAIN Stage 1 only: θ_R + λ·Δ⊥ (α = 1)"),
-    "rain_stage2_only": Ablation(False, True, "RAIN Stage 2 only: θ_R + λ·α⊙Δ_I (no projection)"),
+    "rain_stage1_only": Ablation(True, None, "RAIN Stage 1 only: θ_R + λ·Δ⊥ (α = 1)"),
+    "rain_stage2_only": Ablation(False, "", "RAIN Stage 2 only: θ_R + λ·α⊙Δ_I (no projection)"),
+    "rain_uniform_alpha": Ablation(True, "uniform", "RAIN control: every head at the mean α"),
+    "rain_permuted_alpha": Ablation(True, "permuted", "RAIN control: α permuted across heads"),
 }
 
 
@@ -117,7 +120,8 @@ def _attention_stats(p: Params, r: Path) -> None:
     from rain_tasks.attention import attention_stats
 
     attention_stats(
-        r / p.models.lrm, r / PROJ, r / p.calibration.instruction, p.attention, r / ATTN / "stats.parquet", r / ATTN / "report.json"
+        r / p.models.lrm, r / PROJ, r / p.calibration.instruction, p.attention, r / ATTN / "stats.parquet", r / ATTN / "report.json",
+        lam=p.merge.lam, other_dir=r / TV if p.merge.scope == "all" else None,
     )
 
 
@@ -127,22 +131,25 @@ def _alpha(p: Params, r: Path) -> None:
     solve_alpha(
         r / ATTN / "stats.parquet", r / p.models.lrm, p.alpha, p.attention.prior,
         r / ALPHA / "alpha.parquet", r / ALPHA / "scales.safetensors", r / "plots/alpha_heatmap.csv", r / ALPHA_PNG,
-        r / ALPHA / "summary.md", f"../{ALPHA_PNG}",
+        r / ALPHA / "summary.md", f"../{ALPHA_PNG}", r / ALPHA_METRICS,
     )
 
 
-def _rain_plan(p: Params, r: Path, projected: bool = True, scaled: bool = True):
+def _rain_plan(p: Params, r: Path, projected: bool = True, alpha: str | None = ""):
     """The merge stage's inputs per tensor: Δ⊥ on the Linear modules, Δ_I elsewhere under scope 'all', α scales.
 
-    The ablations drop one stage: `projected=False` takes the unprojected Δ_I on the Linear modules
-    (no Stage 1), `scaled=False` leaves out the α scales, i.e. α = 1 (no Stage 2).
+    The ablations change one part: `projected=False` takes the unprojected Δ_I on the Linear modules
+    (no Stage 1), `alpha=None` leaves out the α scales, i.e. α = 1 (no Stage 2), and `alpha='uniform'` or
+    'permuted' takes a control's scales at the same mean α.
     """
+    from rain_tasks.alpha import control_scales_path
     from rain_tasks.merge import DeltaPlan, TensorDir
 
+    scales = r / ALPHA / "scales.safetensors"
     return DeltaPlan(
         linear=TensorDir(r / (PROJ if projected else TV)),
         other=TensorDir(r / TV) if p.merge.scope == "all" else None,
-        scales=TensorDir(None, single_file=r / ALPHA / "scales.safetensors") if scaled else None,
+        scales=None if alpha is None else TensorDir(None, single_file=control_scales_path(scales, alpha) if alpha else scales),
     )
 
 
@@ -212,7 +219,7 @@ def _ablations(p: Params, r: Path) -> None:
         for name, ablation in ABLATIONS_BY_NAME.items():
             with _timed(times, name):
                 merge_checkpoint(r / p.models.lrm, tmp / name, "rain", {"lam": p.merge.lam},
-                                 _rain_plan(p, r, ablation.projected, ablation.scaled), p.merge.max_shard_size)
+                                 _rain_plan(p, r, ablation.projected, ablation.alpha), p.merge.max_shard_size)
     _write_times(r / MERGE_TIMES["ablations"], times)
 
 
@@ -300,16 +307,18 @@ STAGES: tuple[Stage, ...] = (
     Stage("projection", _projection, deps=(TV, FEAT, FEAT_HELDOUT), code=("rain_tasks/projection.py",), params=("projection",),
           outs=(PROJ, "reports/projection.parquet"), metrics=("metrics/projection.json",),
           desc="Stage 1: null-space projection Δ⊥ and its invariance residuals"),
-    Stage("attention_stats", _attention_stats, deps=("${models.lrm}", PROJ, "${calibration.instruction}"),
+    Stage("attention_stats", _attention_stats, deps=("${models.lrm}", PROJ, TV, "${calibration.instruction}"),
           code=("rain_tasks/attention.py", "rain_tasks/capture.py", "rain_tasks/calibration.py"),
-          params=("attention",), outs=(ATTN,), desc="Stage 2: instruction-attention statistics, two passes"),
+          params=("attention", "merge.lam", "merge.scope"), outs=(ATTN,),
+          desc="Stage 2: instruction-attention statistics along the merge's update (passes at 0, p, 2p)"),
     Stage("alpha", _alpha, deps=(ATTN, "${models.lrm}/config.json"), code=("rain_tasks/alpha.py",), params=("alpha", "attention.prior"),
-          outs=(ALPHA,), plots=("plots/alpha_heatmap.csv", ALPHA_PNG), desc="Stage 2: closed-form α per head, mapped to modules"),
+          outs=(ALPHA,), metrics=(ALPHA_METRICS,), plots=("plots/alpha_heatmap.csv", ALPHA_PNG),
+          desc="Stage 2: α per head with its evidence, mapped to modules; uniform and permuted controls"),
     Stage("merge", _merge, deps=("${models.lrm}", PROJ, ALPHA, TV), code=("rain_tasks/merge.py", "rain_tasks/lineage.py", "rain_tasks/card.py"), params=("merge",), outs=(MERGED,),
           metrics=(MERGE_TIMES["merge"],), desc="Stage 3: θ_R + λ·α⊙Δ⊥, streamed into new shards"),
     Stage("ablations", _ablations, deps=("${models.lrm}", PROJ, ALPHA, TV), code=("rain_tasks/merge.py",), params=("merge",),
           outs=(ABLATIONS,), metrics=(MERGE_TIMES["ablations"],),
-          desc="the paper's ablations: Stage 1 only (Δ⊥, α = 1) and Stage 2 only (α⊙Δ_I), same engine"),
+          desc="the paper's ablations (Stage 1 only, Stage 2 only) and α controls (uniform, permuted), same engine"),
     Stage("baselines", _baselines, deps=("${models.lrm}", "${models.base}", TV),
           code=("rain_tasks/merge.py", "rain_tasks/baselines.py", "rain_tasks/lineage.py", "rain_tasks/card.py"),
           params=("baselines", "merge.max_shard_size"),

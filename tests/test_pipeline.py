@@ -90,14 +90,24 @@ def test_merged_model_is_lrm_plus_scaled_projected_update(dvc_project):
     assert len(merged.shards) >= 2
 
 
-@pytest.mark.parametrize("name, projected, scaled", [("rain_stage1_only", True, False), ("rain_stage2_only", False, True)])
-def test_ablations_drop_one_stage(dvc_project, name, projected, scaled):
-    """Stage 1 only: θ_R + λ·Δ⊥ (α = 1); Stage 2 only: θ_R + λ·α⊙Δ_I (unprojected), on the same tensors as RAIN."""
+@pytest.mark.parametrize("name, projected, scales_file", [
+    ("rain_stage1_only", True, None), ("rain_stage2_only", False, "scales"),
+    ("rain_uniform_alpha", True, "scales_uniform"), ("rain_permuted_alpha", True, "scales_permuted"),
+])
+def test_ablations_change_one_part(dvc_project, name, projected, scales_file):
+    """Stage 1 only: θ_R + λ·Δ⊥ (α = 1); Stage 2 only: θ_R + λ·α⊙Δ_I (unprojected); the controls: θ_R + λ·α'⊙Δ⊥ with
+    α' every head's mean or α permuted (same mean); on the same tensors as RAIN."""
     root, _, _ = dvc_project
     merge = yaml.safe_load((root / "params.yaml").read_text())["merge"]
     lam = merge["lam"]
     lrm, model = Checkpoint(root / "models/lrm"), Checkpoint(root / "models/ablations" / name)
-    scales = load_tensors(root / "artifacts/alpha/scales.safetensors")
+    scaled = scales_file is not None
+    scales = load_tensors(root / f"artifacts/alpha/{scales_file}.safetensors") if scaled else {}
+    if scales_file in ("scales_uniform", "scales_permuted"):  # same mean α as the merge's, other allocation
+        alpha = load_tensors(root / "artifacts/alpha/scales.safetensors")
+        q = [n for n in alpha if n.endswith("q_proj.weight")]
+        mean = lambda t: torch.cat([t[n].flatten() for n in q]).mean()  # noqa: E731
+        assert mean(scales).item() == pytest.approx(mean(alpha).item(), rel=1e-5)
     linear, other = _tensors(root / "artifacts/projected"), _other_update(root, merge["scope"])
     deltas = linear if projected else _tensors(root / "artifacts/task_vectors")
     for tensor in lrm.names():
