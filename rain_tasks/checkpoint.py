@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from rain_tasks.arch import layer_of
+from rain_tasks.guards import header_length, safe_name
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -51,6 +52,8 @@ class Checkpoint:
         index = self.path / INDEX_NAME
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
+            for shard in set(weight_map.values()):
+                safe_name(shard, f"{index}: shard", single=True)
         elif (self.path / SINGLE_NAME).is_file():
             weight_map = {name: SINGLE_NAME for name in TensorFile(self.path / SINGLE_NAME).keys()}
         else:
@@ -172,7 +175,7 @@ class TensorFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         with open(self.path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
+            n = header_length(f.read(8), self.path.stat().st_size, str(self.path))
             header = json.loads(f.read(n))
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
         self.entries: dict[str, dict] = header
