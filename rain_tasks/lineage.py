@@ -13,7 +13,9 @@ its lineage or not at all. Its parts:
   provenance   how it was made: git commit and dirty flag, a digest of the package sources, the
                dvc.lock stage digests as found, the Prefect flow-run id (null under `dvc repro`)
                and library versions.
-  outputs      sha256 of every other file in the directory (the model card included).
+  outputs      sha256 of every other file in the directory (the model card included; hidden files too).
+  lineage_digest  sha256 of {core_digest, outputs}: one digest that pins the whole model, printed by
+               `rain verify` and checked against `--lineage-digest` (and covered by a release's signature).
 
 Determinism: shard bytes depend only on `core`, so identical inputs give bit-identical shards
 whichever orchestrator ran them (DVC and Prefect caches and the determinism tests rely on it).
@@ -44,8 +46,10 @@ from rain_tasks.digest import file_digest, json_digest, tree_digests
 
 LINEAGE = "lineage.json"
 RELEASE_MANIFEST = "release.json"  # beside a released model (rain_tasks.release)
+RELEASE_SIGNATURE = "release.sig"  # model-signing bundle over every released file (rain_tasks.signing)
+PROVENANCE = "provenance.intoto.json"  # signed in-toto SLSA provenance statement (rain_tasks.signing)
 #: files that record a model rather than belong to it: never among the `outputs`
-RECORDS = (LINEAGE, RELEASE_MANIFEST)
+RECORDS = (LINEAGE, RELEASE_MANIFEST, RELEASE_SIGNATURE, PROVENANCE)
 SCHEMA = 1
 LIBRARIES = ("torch", "transformers", "safetensors", "numpy", "prefect", "dvc", "rain-merging")
 _PACKAGES = ("rain_tasks", "flows")
@@ -94,11 +98,17 @@ def provenance(root: str | Path) -> dict:
 def write_lineage(model_dir: str | Path, core: dict, prov: dict) -> Path:
     """Write lineage.json into `model_dir` (call it on the temporary directory, before the rename)."""
     model_dir = Path(model_dir)
-    outputs = {name: sha for name, sha in tree_digests(model_dir).items() if name != LINEAGE}
-    doc = {"core": core, "core_digest": json_digest(core), "provenance": prov, "outputs": outputs}
+    outputs = {name: sha for name, sha in tree_digests(model_dir, hidden=True).items() if name != LINEAGE}
+    doc = {"core": core, "core_digest": json_digest(core), "provenance": prov, "outputs": outputs,
+           "lineage_digest": lineage_digest(json_digest(core), outputs)}
     with atomic_path(model_dir / LINEAGE) as tmp:
         tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
     return model_dir / LINEAGE
+
+
+def lineage_digest(core_digest: str, outputs: dict[str, str]) -> str:
+    """The digest of a whole model: its core's digest and every output file's sha256 (see the module docstring)."""
+    return json_digest({"core_digest": core_digest, "outputs": outputs})
 
 
 def write_records(model_dir: str | Path, core: dict, root: str | Path, evaluation_row: str) -> None:
@@ -204,7 +214,7 @@ class LocalFiles:
         return path.read_bytes() if path.is_file() else None
 
     def digests(self, report: LineageReport) -> dict[str, str]:
-        return {name: sha for name, sha in tree_digests(self.model_dir).items() if name not in RECORDS}
+        return {name: sha for name, sha in tree_digests(self.model_dir, hidden=True).items() if name not in RECORDS}
 
     def shard_metadata(self, name: str) -> dict[str, str]:
         return read_metadata(self.model_dir / name)
