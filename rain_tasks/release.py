@@ -210,7 +210,8 @@ def _records(tmp: Path, model_dir: Path, card: bytes, objects: dict[str, dict[st
     (tmp / PROVENANCE).write_bytes(provenance_envelope(statement, signing))
     listed = objects | {n: file_record(tmp / n, size) for n in (CARD, LINEAGE, PROVENANCE)}
     digests = {n: o["sha256"] for n, o in listed.items()}
-    manifest = {"schema": 2, "release": target.prefix, "id": manifest_digest(digests)[:16], "objects": listed}
+    release_id = manifest_digest(subjects)[:16]  # the content, not the (randomised) signatures: a rerun finds it again
+    manifest = {"schema": 2, "release": target.prefix, "id": release_id, "objects": listed}
     (tmp / RELEASE_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     digests[RELEASE_MANIFEST] = file_digest(tmp / RELEASE_MANIFEST)
     (tmp / RELEASE_SIGNATURE).write_bytes(sign_manifest(digests, signing, target.prefix))
@@ -376,8 +377,13 @@ class S3Files:
                       f"its multipart checksum does not match the signed {RELEASE_MANIFEST}" if recorded else
                       f"multipart, and no signed {RELEASE_MANIFEST} gives its part digests")
             report.checked.append(f"downloaded {name} to hash it ({reason})")
+        from botocore.exceptions import FlexibleChecksumError
+
         body = self.client.get_object(Bucket=self.files.bucket, Key=self.files.key(name))["Body"]
         h = hashlib.sha256()
-        while chunk := body.read(_CHUNK):
-            h.update(chunk)
+        try:
+            while chunk := body.read(_CHUNK):
+                h.update(chunk)
+        except FlexibleChecksumError:  # raised once the whole body was read: `h` holds every byte
+            report.problems.append(f"output: {name}: its bytes do not match the checksum stored with them (a forged checksum)")
         return h.hexdigest()
