@@ -32,6 +32,7 @@ from scipy.optimize import minimize
 
 from rain_tasks.arch import ModelShape, layer_of, module_of, read_shape
 from rain_tasks.checkpoint import Checkpoint, atomic_path, save_tensors
+from rain_tasks.guards import require_finite
 from rain_tasks.params import AlphaParams
 from rain_tasks.plots import heatmap
 from rain_tasks.schemas import STATS_SCHEMA, alpha_schema
@@ -168,7 +169,8 @@ def solve_alpha(
     g, h = objective_terms(stats, params)
     solved = closed_form_alpha(g, h, params, prior)
     alpha = rescale(solved, params, prior)
-    table = alpha_schema(params.box_lo, params.box_hi).validate(alpha_table(stats, g, h, solved, alpha, shape))
+    table = alpha_schema(params.box_lo, params.box_hi).validate(
+        require_finite(alpha_table(stats, g, h, solved, alpha, shape), f"alpha {out_table}"))
     with atomic_path(out_table) as tmp:
         table.to_parquet(tmp, index=False)
     scales = module_scales(alpha.reshape(shape.num_layers, shape.num_heads), shape, Checkpoint(lrm_dir))

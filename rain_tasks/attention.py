@@ -37,6 +37,7 @@ from rain_tasks.arch import ModelShape, module_of, read_shape
 from rain_tasks.calibration import Rendered, load_tokenizer, render, span_positions
 from rain_tasks.capture import attention_probs, forward_with_hooks
 from rain_tasks.checkpoint import atomic_path, load_causal_lm, load_tensors
+from rain_tasks.guards import require_finite
 from rain_tasks.params import AttentionParams
 from rain_tasks.schemas import STATS_SCHEMA, load_records
 from rain_tasks.task_vectors import MANIFEST, layer_file
@@ -275,7 +276,7 @@ def attention_stats(
     a0, u0, modes0 = run_pass(model, samples, shape, params.mode, "attention pass 0 (θ_R)")
     ignored = add_projected(model, projected_dir, shape, params.prior)
     a1, u1, modes1 = run_pass(model, samples, shape, params.mode, "attention pass 1 (θ_R + p·Δ⊥)")
-    table = STATS_SCHEMA.validate(stats_table(a0, a1, u0, u1, len(samples)))
+    table = STATS_SCHEMA.validate(require_finite(stats_table(a0, a1, u0, u1, len(samples)), f"attention statistics {out_path}"))
     with atomic_path(out_path) as tmp:
         table.to_parquet(tmp, index=False)
     report.update(mode=params.mode, paths_pass0=modes0, paths_pass1=modes1, prior=params.prior, ignored_projected_tensors=ignored)

@@ -9,11 +9,13 @@ NaN is reported by the stage that produced it instead of surfacing later as a li
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
+from typing import TypeVar
 
 import numpy as np
 import torch
+
+T = TypeVar("T")
 
 #: largest safetensors header accepted (the safetensors library's own limit, 100 MB)
 MAX_HEADER_BYTES = 100_000_000
@@ -68,15 +70,16 @@ def header_length(raw: bytes, size: int, where: str) -> int:
     return n
 
 
-def require_finite(values: Mapping[str, torch.Tensor | np.ndarray] | object, what: str) -> None:
-    """Raise NonFiniteError naming `what` and the entries holding NaN/Inf (tensors, arrays or a DataFrame's columns)."""
-    if hasattr(values, "select_dtypes"):  # a pandas DataFrame: its numeric columns
-        values = {c: values[c].to_numpy() for c in values.select_dtypes("number").columns}
-    bad = sorted(name for name, v in values.items() if not _finite(v))
+def require_finite(values: T, what: str) -> T:
+    """`values` (tensors or arrays by name, or a DataFrame) if all finite, else NonFiniteError naming `what` and the
+    entries holding NaN/Inf: called by each stage on what it is about to write."""
+    named = {c: values[c].to_numpy() for c in values.select_dtypes("number").columns} if hasattr(values, "select_dtypes") else values
+    bad = sorted(name for name, v in named.items() if not _finite(v))
     if bad:
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
         raise NonFiniteError(f"{what}: NaN or Inf in {shown}; the stage's inputs produce non-finite values (check the "
                              "calibration samples and the checkpoints with `rain check`); nothing was written")
+    return values
 
 
 def _finite(v: torch.Tensor | np.ndarray) -> bool:

@@ -380,3 +380,36 @@ def test_access_denied_is_not_retried_and_throttling_is(model, project, key_pair
         assert rain(["verify", uri]) == 4
         assert "AccessDenied" in capsys.readouterr().err
         assert relay.requests - before == 1, "AccessDenied must not be retried"
+
+
+def test_a_stage_producing_non_finite_values_names_it_and_writes_nothing(tiny_family, tmp_path, monkeypatch, capsys):
+    """An LRM with finite but huge norm weights (it passes `rain check`'s NaN/Inf scan) overflows the activations:
+    the features stage refuses to write its Grams, naming the file, instead of a linear-algebra traceback later."""
+    from tiny import instruction_rows, reasoning_rows, write_jsonl
+
+    root = tmp_path / "project"
+    for role in ("base", "itm", "lrm"):
+        shutil.copytree(tiny_family[role], root / "ckpt" / role)
+    write_jsonl(root / "calib/reasoning.jsonl", reasoning_rows())
+    write_jsonl(root / "calib/heldout.jsonl", reasoning_rows(3))
+    write_jsonl(root / "calib/instruction.jsonl", instruction_rows())
+    (root / "params.yaml").write_text(yaml.safe_dump({
+        "models": {"base": "ckpt/base", "itm": "ckpt/itm", "lrm": "ckpt/lrm"},
+        "calibration": {"reasoning": "calib/reasoning.jsonl", "instruction": "calib/instruction.jsonl",
+                        "reasoning_heldout": "calib/heldout.jsonl"},
+        "check": {"min_free_space": "0B"}}))
+    from rain_tasks.checkpoint import Checkpoint
+
+    lrm = Checkpoint(root / "ckpt/lrm")
+    norm = "model.layers.0.input_layernorm.weight"
+    shard = root / "ckpt/lrm" / lrm.weight_map[norm]
+    tensors, meta = load_tensors(shard), read_metadata(shard)
+    tensors[norm] = tensors[norm] * 1e30
+    save_tensors(shard, tensors, meta)
+    monkeypatch.chdir(root)
+    assert rain(["check"]) == 0
+    capsys.readouterr()
+    assert rain(["stage", "features"]) == 2
+    err = capsys.readouterr().err
+    assert "rain: error: features " in err and ": NaN or Inf in " in err and "Traceback" not in err, err
+    assert not list(root.rglob("artifacts/**/layer_*.safetensors")), "no features file was written"
