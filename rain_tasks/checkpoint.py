@@ -189,7 +189,7 @@ def output_locks(root: str | Path, outputs: list[str]) -> Iterator[None]:
             except BlockingIOError:
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
-                raise OutputBusy(f"{out} is being written by another runner (pid {holder}) in {root}; wait for it to "
+                raise OutputBusy(f"{out} is being written by another runner (pid {holder}) in {Path(root).resolve()}; wait for it to "
                                  "finish (or stop it), then rerun: two runners on one output would interleave") from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)
