@@ -43,6 +43,7 @@ from scipy.stats import spearmanr
 
 from rain_tasks.arch import ModelShape, layer_of, module_of, read_shape
 from rain_tasks.checkpoint import Checkpoint, atomic_path, save_tensors
+from rain_tasks.guards import require_finite
 from rain_tasks.params import AlphaParams
 from rain_tasks.plots import heatmap
 from rain_tasks.schemas import PASS_COLUMNS, STATS_SCHEMA, alpha_schema
@@ -245,6 +246,7 @@ def solve_alpha(
     solved, significant = solve_heads(g, h, g_se, params, prior)
     alpha = rescale(solved, params, prior)
     table = alpha_table(stats, {"g": g, "g_se": g_se, "H": h}, solved, alpha, significant, shape)
+    require_finite(table.dropna(axis=1, how="all"), f"alpha {out_table}")  # whole-NaN columns: a pass not run, one sample
     table = alpha_schema(params.box_lo, params.box_hi).validate(table)
     with atomic_path(out_table) as tmp:
         table.to_parquet(tmp, index=False)

@@ -42,6 +42,7 @@ from rain_tasks.arch import ModelShape, module_of, read_shape
 from rain_tasks.calibration import Rendered, load_tokenizer, render, span_positions
 from rain_tasks.capture import attention_probs, forward_with_hooks
 from rain_tasks.checkpoint import atomic_path, load_causal_lm, load_tensors
+from rain_tasks.guards import require_finite
 from rain_tasks.params import AttentionParams
 from rain_tasks.schemas import STATS_SCHEMA, load_records
 from rain_tasks.task_vectors import MANIFEST, layer_file
@@ -298,7 +299,9 @@ def attention_stats(
             ignored = add_update(model, projected_dir, shape, step, other_dir)
         a_k, u_k, used = run_pass(model, samples, shape, params.mode, f"attention pass {k} (θ_R + {k}·p·D)")
         a.append(a_k), u.append(u_k), modes.append(used)
-    table = STATS_SCHEMA.validate(stats_table(a, u))
+    table = stats_table(a, u)
+    require_finite(table.dropna(axis=1, how="all"), f"attention statistics {out_path}")  # pass 2's columns: NaN if not run
+    table = STATS_SCHEMA.validate(table)
     with atomic_path(out_path) as tmp:
         table.to_parquet(tmp, index=False)
     report.update(mode=params.mode, paths=modes, prior=params.prior, lam=lam, step=step, scope="all" if other_dir else "linear",

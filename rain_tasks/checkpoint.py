@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from rain_tasks.arch import layer_of
+from rain_tasks.guards import header_length, safe_name
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -51,6 +52,8 @@ class Checkpoint:
         index = self.path / INDEX_NAME
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
+            for shard in set(weight_map.values()):
+                safe_name(shard, f"{index}: shard", single=True)
         elif (self.path / SINGLE_NAME).is_file():
             weight_map = {name: SINGLE_NAME for name in TensorFile(self.path / SINGLE_NAME).keys()}
         else:
@@ -109,8 +112,11 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling path to write a file or directory into; rename it over `final` on success.
 
     On error the temporary is removed and `final` is left as it was (an OSError such as a full
-    disk is re-raised naming `final`). Temporaries that killed writers left beside `final`
-    are removed first, so a rerun after SIGKILL does not accumulate them.
+    disk is re-raised naming `final`). A directory being replaced is renamed aside into the
+    temporary first and deleted only once the new one is in place, so a kill between the two
+    renames loses neither: the next write of `final` puts the old one back (see
+    `remove_stale_temporaries`). Temporaries that killed writers left beside `final` are removed
+    first, so a rerun after SIGKILL does not accumulate them.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -120,8 +126,8 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     try:
         yield target
         if final.is_dir() and not final.is_symlink():
-            shutil.rmtree(final)
-        elif final.exists() or final.is_symlink():
+            os.rename(final, tmp / _ASIDE)  # kept until the new one is in place
+        elif target.is_dir() and (final.exists() or final.is_symlink()):
             final.unlink()
         os.replace(target, final)
     except OSError as e:
@@ -129,6 +135,9 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+_ASIDE = ".replaced"  # inside an atomic_path temporary: the directory the write is replacing
 
 
 def _temp_prefix(final: Path) -> str:
@@ -146,13 +155,49 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale_temporaries(final: str | Path) -> None:
-    """Delete `atomic_path` temporaries of `final` whose writer process is gone (its pid is in the name)."""
+    """Delete `atomic_path` temporaries of `final` whose writer process is gone (its pid is in the name); a
+    writer killed between renaming the old directory aside and renaming the new one in gets the old one back."""
     final = Path(final)
     prefix = _temp_prefix(final)
     for p in final.parent.glob(glob.escape(prefix) + "*"):
         pid = p.name[len(prefix):].split("-", 1)[0]
         if not (pid.isdigit() and _alive(int(pid))):
+            if (p / _ASIDE).is_dir() and not (final.exists() or final.is_symlink()):
+                os.rename(p / _ASIDE, final)
             shutil.rmtree(p, ignore_errors=True)
+
+
+class OutputBusy(ValueError):
+    """Another process holds the lock of an output this one would write."""
+
+
+@contextlib.contextmanager
+def output_locks(root: str | Path, outputs: list[str]) -> Iterator[None]:
+    """Hold an exclusive lock per project output (ROOT/.rain/locks/) for a stage's run: a second runner on the
+    same outputs (a Prefect flow and `rain stage` at once) stops with OutputBusy naming the holder, instead of
+    interleaving its writes. Locks are released by the kernel when a holder dies."""
+    import fcntl
+
+    locks = Path(root) / ".rain" / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    held: list[int] = []
+    try:
+        for out in sorted(set(outputs)):
+            fd = os.open(locks / (out.strip("/").replace("/", "__") + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise OutputBusy(f"{out} is being written by another runner (pid {holder}) in {Path(root).resolve()}; wait for it to "
+                                 "finish (or stop it), then rerun: two runners on one output would interleave") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            held.append(fd)
+        yield
+    finally:
+        for fd in held:
+            os.close(fd)
 
 
 _ST_DTYPES = {
@@ -172,7 +217,7 @@ class TensorFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         with open(self.path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
+            n = header_length(f.read(8), self.path.stat().st_size, str(self.path))
             header = json.loads(f.read(n))
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
         self.entries: dict[str, dict] = header

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -55,8 +57,12 @@ def _serve(args: argparse.Namespace) -> None:
 
 def _verify(args: argparse.Namespace) -> int:
     from rain_tasks.lineage import verify
+    from rain_tasks.signing import TrustConfig
 
-    report = verify(args.target, args.project)
+    key = args.key or os.environ.get("RAIN_TRUST_KEY")
+    trust = TrustConfig(key=key and Path(key), identity=args.sigstore_identity, issuer=args.sigstore_issuer)
+    report = verify(args.target, args.project, trust if (trust.key or trust.identity) else None, args.lineage_digest,
+                    args.trust_s3_checksums)
     print(report.format())
     return 0 if report.ok else 1
 
@@ -69,8 +75,11 @@ def _lineage(args: argparse.Namespace) -> None:
 
 def _release(args: argparse.Namespace) -> None:
     from rain_tasks.release import release
+    from rain_tasks.signing import SigningConfig
 
-    print(release(args.model_dir, args.uri, args.project, args.part_size).format())
+    key = args.key or os.environ.get("RAIN_SIGNING_KEY")
+    signing = SigningConfig(key=key and Path(key), password=os.environ.get("RAIN_SIGNING_KEY_PASSWORD"), sigstore=args.sigstore)
+    print(release(args.model_dir, args.uri, args.project, args.part_size, signing=signing).format())
 
 
 def _sweep(args: argparse.Namespace) -> None:
@@ -124,16 +133,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", metavar="MODEL_DIR_OR_S3_URI")
     p.add_argument("--project", "--inputs", dest="project", default=None,
                    help="project root: also re-hash the recorded inputs found there and compare its params.yaml")
+    p.add_argument("--key", default=None, help="trusted public key (PEM; default $RAIN_TRUST_KEY): check the release "
+                                               "signature, its signer and the signed provenance; fail on any unsigned file")
+    p.add_argument("--sigstore-identity", default=None, help="trust a keyless Sigstore signature by this identity")
+    p.add_argument("--sigstore-issuer", default=None, help="the OIDC issuer of --sigstore-identity")
+    p.add_argument("--lineage-digest", default=None, help="the lineage digest the model must have (e.g. from its card or release)")
+    p.add_argument("--trust-s3-checksums", action="store_true",
+                   help="use S3's stored checksums instead of downloading (only on an S3 that checks them on upload)")
     p.set_defaults(fn=_verify)
     p = sub.add_parser("lineage", help="print a merged model's chain: inputs → stages → output")
     p.add_argument("model_dir")
     p.set_defaults(fn=_lineage)
-    p = sub.add_parser("release", help="upload a merged model to s3://BUCKET/PREFIX/NAME/VERSION (never overwriting a version)")
+    p = sub.add_parser("release", help="upload a merged model, signed, to s3://BUCKET/PREFIX/NAME/VERSION (never overwriting a version)")
     p.add_argument("model_dir")
     p.add_argument("uri", metavar="S3_URI")
     p.add_argument("--project", default=".", help="project root whose reports/report.json fills the card's evaluation table")
     p.add_argument("--part-size", default=None, help="files from this size up go as multipart uploads of parts this size "
                                                       "(default 64MB; S3's floor is 5 MiB)")
+    p.add_argument("--key", default=None, help="private key (PEM, EC) that signs the release (default $RAIN_SIGNING_KEY)")
+    p.add_argument("--sigstore", action="store_true", help="sign keyless with Sigstore instead (needs its public services)")
     p.set_defaults(fn=_release)
     p = sub.add_parser("sweep", help="one `dvc exp run -S PARAM=VALUE` per value; RAIN's metrics to plots/sweeps/PARAM.csv")
     p.add_argument("param", help="SECTION.KEY in params.yaml, e.g. projection.energy")

@@ -63,15 +63,16 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def tree_files(path: str | Path) -> dict[str, Path]:
+def tree_files(path: str | Path, hidden: bool = False) -> dict[str, Path]:
     """Relative name -> path of every file under a directory (or the file itself), in a stable order,
-    skipping hidden temporaries of interrupted writes."""
+    skipping hidden names (temporaries of interrupted writes) unless `hidden` (audits see every file)."""
     path = Path(path)
     if path.is_file():
         return {path.name: path}
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: does not exist")
-    found = sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    found = sorted(p for p in path.rglob("*") if p.is_file()
+                   and (hidden or not any(part.startswith(".") for part in p.relative_to(path).parts)))
     return {p.relative_to(path).as_posix(): p for p in found}
 
 
@@ -88,10 +89,10 @@ def _remembered_digest(path: Path, memo: dict[str, list]) -> tuple[str, bool]:
     return memo[key][3], True
 
 
-def tree_digests(path: str | Path, remembered: bool = False) -> dict[str, str]:
+def tree_digests(path: str | Path, remembered: bool = False, hidden: bool = False) -> dict[str, str]:
     """Relative path -> sha256 for every file under a directory (or the file itself); see the module
-    docstring for `remembered`."""
-    files = tree_files(path)
+    docstring for `remembered` and `tree_files` for `hidden`."""
+    files = tree_files(path, hidden)
     if not remembered:
         return {name: file_digest(p) for name, p in files.items()}
     memo, digests, changed = load_memo(_DIGESTS), {}, False

@@ -37,6 +37,7 @@ from rain_tasks.arch import MODULES, ModelShape, read_shape
 from rain_tasks.calibration import load_tokenizer, render, think_positions, think_token_ids
 from rain_tasks.capture import LayerCapture, attention_probs, forward_with_hooks
 from rain_tasks.checkpoint import Checkpoint, atomic_path, load_causal_lm, save_tensors
+from rain_tasks.guards import require_finite
 from rain_tasks.digest import json_digest, path_digest
 from rain_tasks.params import FeaturesParams
 from rain_tasks.schemas import load_records
@@ -270,4 +271,4 @@ def _accumulate_chunk(
         rows = {name: acc.n for name, acc in layer_accs.items()}
         tensors = {feature_key(kind, name): t for name, (kind, t) in ((n, a.result()) for n, a in layer_accs.items())}
         extra = {"layer": str(layer), "rows": json.dumps(rows, sort_keys=True), "dims": json.dumps(dims[layer], sort_keys=True)}
-        save_tensors(layer_file(out_dir, layer), tensors, {**meta, **extra})
+        save_tensors(layer_file(out_dir, layer), require_finite(tensors, f"features {layer_file(out_dir, layer)}"), {**meta, **extra})

@@ -13,7 +13,9 @@ its lineage or not at all. Its parts:
   provenance   how it was made: git commit and dirty flag, a digest of the package sources, the
                dvc.lock stage digests as found, the Prefect flow-run id (null under `dvc repro`)
                and library versions.
-  outputs      sha256 of every other file in the directory (the model card included).
+  outputs      sha256 of every other file in the directory (the model card included; hidden files too).
+  lineage_digest  sha256 of {core_digest, outputs}: one digest that pins the whole model, printed by
+               `rain verify` and checked against `--lineage-digest` (and covered by a release's signature).
 
 Determinism: shard bytes depend only on `core`, so identical inputs give bit-identical shards
 whichever orchestrator ran them (DVC and Prefect caches and the determinism tests rely on it).
@@ -35,17 +37,23 @@ import sys
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import yaml
 
+if TYPE_CHECKING:
+    from rain_tasks.signing import TrustConfig
+
 from rain_tasks.checkpoint import atomic_path, read_metadata
 from rain_tasks.digest import file_digest, json_digest, tree_digests
+from rain_tasks.guards import confined, unsafe_name
 
 LINEAGE = "lineage.json"
 RELEASE_MANIFEST = "release.json"  # beside a released model (rain_tasks.release)
+RELEASE_SIGNATURE = "release.sig"  # model-signing bundle over every released file (rain_tasks.signing)
+PROVENANCE = "provenance.intoto.json"  # signed in-toto SLSA provenance statement (rain_tasks.signing)
 #: files that record a model rather than belong to it: never among the `outputs`
-RECORDS = (LINEAGE, RELEASE_MANIFEST)
+RECORDS = (LINEAGE, RELEASE_MANIFEST, RELEASE_SIGNATURE, PROVENANCE)
 SCHEMA = 1
 LIBRARIES = ("torch", "transformers", "safetensors", "numpy", "prefect", "dvc", "rain-merging")
 _PACKAGES = ("rain_tasks", "flows")
@@ -94,11 +102,17 @@ def provenance(root: str | Path) -> dict:
 def write_lineage(model_dir: str | Path, core: dict, prov: dict) -> Path:
     """Write lineage.json into `model_dir` (call it on the temporary directory, before the rename)."""
     model_dir = Path(model_dir)
-    outputs = {name: sha for name, sha in tree_digests(model_dir).items() if name != LINEAGE}
-    doc = {"core": core, "core_digest": json_digest(core), "provenance": prov, "outputs": outputs}
+    outputs = {name: sha for name, sha in tree_digests(model_dir, hidden=True).items() if name != LINEAGE}
+    doc = {"core": core, "core_digest": json_digest(core), "provenance": prov, "outputs": outputs,
+           "lineage_digest": lineage_digest(json_digest(core), outputs)}
     with atomic_path(model_dir / LINEAGE) as tmp:
         tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
     return model_dir / LINEAGE
+
+
+def lineage_digest(core_digest: str, outputs: dict[str, str]) -> str:
+    """The digest of a whole model: its core's digest and every output file's sha256 (see the module docstring)."""
+    return json_digest({"core_digest": core_digest, "outputs": outputs})
 
 
 def write_records(model_dir: str | Path, core: dict, root: str | Path, evaluation_row: str) -> None:
@@ -165,8 +179,9 @@ class ModelFiles(Protocol):
     def read_bytes(self, name: str) -> bytes | None:
         """A small file's bytes (lineage.json, the card); None when absent."""
 
-    def digests(self, report: LineageReport) -> dict[str, str]:
-        """sha256 of every file but the RECORDS (noting in `report` any file it had to read in full to get one)."""
+    def digests(self, report: LineageReport, signed: dict[str, str] | None) -> dict[str, str]:
+        """sha256 of every file, hidden ones and the RECORDS included (noting in `report` any file it had to read in
+        full to get one); `signed` holds the digests a verified signature covers (None when none was checked)."""
 
     def shard_metadata(self, name: str) -> dict[str, str]:
         """The safetensors `__metadata__` of a shard (its header only)."""
@@ -179,6 +194,7 @@ class LineageReport:
     location: str
     checked: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    digest: str | None = None  # the lineage_digest the model's files give
 
     @property
     def ok(self) -> bool:
@@ -186,6 +202,7 @@ class LineageReport:
 
     def format(self) -> str:
         head = f"{self.location}: " + ("lineage verified" if self.ok else f"{len(self.problems)} mismatch(es)")
+        head += f" (lineage digest {self.digest})" if self.digest else ""
         return "\n".join([head, *(f"  checked: {c}" for c in self.checked), *(f"  MISMATCH: {p}" for p in self.problems)])
 
 
@@ -203,20 +220,22 @@ class LocalFiles:
         path = self.model_dir / name
         return path.read_bytes() if path.is_file() else None
 
-    def digests(self, report: LineageReport) -> dict[str, str]:
-        return {name: sha for name, sha in tree_digests(self.model_dir).items() if name not in RECORDS}
+    def digests(self, report: LineageReport, signed: dict[str, str] | None) -> dict[str, str]:
+        return tree_digests(self.model_dir, hidden=True)
 
     def shard_metadata(self, name: str) -> dict[str, str]:
         return read_metadata(self.model_dir / name)
 
 
-def verify(target: str, project: str | Path | None = None) -> LineageReport:
-    """Audit a merged model directory, or a released model given as s3://bucket/prefix/NAME/VERSION, in place."""
+def verify(target: str, project: str | Path | None = None, trust: TrustConfig | None = None,
+           expected_digest: str | None = None, trust_s3_checksums: bool = False) -> LineageReport:
+    """Audit a merged model directory, or a released model given as s3://bucket/prefix/NAME/VERSION, in place
+    (see `audit`; `trust_s3_checksums` takes S3's stored checksums instead of downloading, rain_tasks.release)."""
     if target.startswith("s3://"):
         from rain_tasks.release import S3Files
 
-        return audit(S3Files.open(target), project)
-    return verify_lineage(target, project)
+        return audit(S3Files.open(target, trust_checksums=trust_s3_checksums), project, trust, expected_digest)
+    return audit(LocalFiles(Path(target)), project, trust, expected_digest)
 
 
 def verify_lineage(model_dir: str | Path, project: str | Path | None = None) -> LineageReport:
@@ -224,18 +243,29 @@ def verify_lineage(model_dir: str | Path, project: str | Path | None = None) -> 
     return audit(LocalFiles(Path(model_dir)), project)
 
 
-def audit(files: ModelFiles, project: str | Path | None = None) -> LineageReport:
-    """Check a model's files against its lineage.json: every file's digest, the shard headers' lineage, the record
-    itself; with `project` (a project root), also re-hash the recorded inputs found there and compare the recorded
-    params with its params.yaml."""
+def audit(files: ModelFiles, project: str | Path | None = None, trust: TrustConfig | None = None,
+          expected_digest: str | None = None) -> LineageReport:
+    """Check a model's files against its lineage.json: every file's digest (hidden files included), the lineage
+    digest over the outputs (against `expected_digest` when given), the shard headers' lineage, the record itself;
+    with `trust`, the release signature over every file and the signed provenance; with `project` (a project
+    root), also re-hash the recorded inputs found there (never outside it) and compare its params.yaml."""
     report = LineageReport(files.location)
+    signed = _signed_digests(files, trust, report) if trust is not None else None
     doc = _load(files, report)
+    everything = files.digests(report, signed)
+    if signed is not None:
+        _check_signed(files, trust, signed, everything, report)
     if doc is None:
         return report
     core = doc["core"]
-    if json_digest(core) != doc.get("core_digest"):
+    if json_digest(core) != doc["core_digest"]:
         report.problems.append(f"{LINEAGE}: core_digest does not match its core section (the record was edited)")
-    found = _output_digests(files, report)
+    if lineage_digest(doc["core_digest"], doc["outputs"]) != doc.get("lineage_digest"):
+        report.problems.append(f"{LINEAGE}: lineage_digest does not cover its core_digest and outputs (the record was edited)")
+    report.digest = doc.get("lineage_digest")
+    if expected_digest is not None and expected_digest != report.digest:
+        report.problems.append(f"{LINEAGE}: lineage digest {report.digest} is not the expected {expected_digest}")
+    found = _output_digests(files, {n: d for n, d in everything.items() if n not in RECORDS}, report)
     _compare_files("output", doc["outputs"], found, report)
     report.checked.append(f"{len(found)} output files' digests compared")
     _check_shard_metadata(files, sorted(n for n in found if n.endswith(".safetensors")), core, report)
@@ -243,6 +273,37 @@ def audit(files: ModelFiles, project: str | Path | None = None) -> LineageReport
         _check_inputs(Path(project), core["inputs"], report)
         _check_params(core["params"], _current_params(Path(project), tuple(core["params"])), report)
     return report
+
+
+def _signed_digests(files: ModelFiles, trust: TrustConfig, report: LineageReport) -> dict[str, str] | None:
+    """The digests the release signature covers, once it verifies with `trust`; None (a problem noted) otherwise."""
+    from rain_tasks.signing import SignatureError, verified_manifest
+
+    bundle = files.read_bytes(RELEASE_SIGNATURE)
+    if bundle is None:
+        report.problems.append(f"signature: no {RELEASE_SIGNATURE}: the model is unsigned")
+        return None
+    try:
+        signed = verified_manifest(bundle, trust)
+    except SignatureError as e:
+        report.problems.append(f"signature: {e}")
+        return None
+    report.checked.append(f"{RELEASE_SIGNATURE}: signature and signer verified ({len(signed)} files signed)")
+    return signed
+
+
+def _check_signed(files: ModelFiles, trust: TrustConfig, signed: dict[str, str], everything: dict[str, str],
+                  report: LineageReport) -> None:
+    """Every file but the signature itself is signed with its digest, and the provenance is signed and agrees."""
+    from rain_tasks.signing import compare_signed, provenance_problems
+
+    report.problems += compare_signed(signed, {n: d for n, d in everything.items() if n != RELEASE_SIGNATURE})
+    envelope = files.read_bytes(PROVENANCE)
+    if envelope is None:
+        report.problems.append(f"provenance: no {PROVENANCE} beside the signed files")
+        return
+    report.problems += provenance_problems(envelope, trust, signed)
+    report.checked.append(f"{PROVENANCE}: in-toto SLSA provenance checked against the signed files")
 
 
 def _load(files: ModelFiles, report: LineageReport) -> dict | None:
@@ -253,20 +314,40 @@ def _load(files: ModelFiles, report: LineageReport) -> dict | None:
         return None
     try:
         doc = json.loads(raw)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         report.problems.append(f"{where}: not valid JSON ({e}); restore it from the release or rerun the merge")
         return None
-    if not isinstance(doc, dict) or not {"core", "core_digest", "outputs"} <= doc.keys():
-        report.problems.append(f"{where}: lacks the core/core_digest/outputs sections; restore it or rerun the merge")
+    malformed = _malformed(doc)
+    if malformed:
+        report.problems.append(f"{where}: malformed: {malformed}; restore it from the release or rerun the merge")
         return None
     return doc
 
 
-def _output_digests(files: ModelFiles, report: LineageReport) -> dict[str, str]:
+def _malformed(doc: Any) -> str | None:
+    """What is wrong with the structure of a lineage document (None when it has the shape the audit reads)."""
+    if not isinstance(doc, dict) or not {"core", "core_digest", "outputs"} <= doc.keys():
+        return "lacks the core/core_digest/outputs sections"
+    core, outputs = doc["core"], doc["outputs"]
+    if not isinstance(core, dict) or not isinstance(core.get("method"), str) or not isinstance(core.get("params"), dict) \
+            or not isinstance(core.get("method_params"), dict) or not isinstance(core.get("inputs"), dict):
+        return "core must hold method, method_params, params and inputs"
+    for role, rec in core["inputs"].items():
+        if not (isinstance(rec, dict) and isinstance(rec.get("path"), str) and isinstance(rec.get("files"), dict)):
+            return f"input {role!r} must have a path and a files mapping"
+    if not isinstance(doc["core_digest"], str):
+        return "core_digest must be a sha256 string"
+    if not isinstance(outputs, dict) or not outputs:
+        return f"outputs must be a non-empty mapping of file name to sha256, not {json.dumps(outputs)[:40]}"
+    bad = [n for n, sha in outputs.items() if not (isinstance(sha, str) and len(sha) == 64) or unsafe_name(n)]
+    return f"outputs has entries that are not (relative name, sha256): {bad[:3]}" if bad else None
+
+
+def _output_digests(files: ModelFiles, found: dict[str, str], report: LineageReport) -> dict[str, str]:
     """The files' digests, the model card's taken as the merge wrote it (a release fills its evaluation section)."""
     from rain_tasks.card import CARD, unfilled
 
-    found = files.digests(report)
+    found = dict(found)
     if CARD in found:
         text = files.read_bytes(CARD).decode("utf-8")
         try:
@@ -307,7 +388,10 @@ def _check_shard_metadata(files: ModelFiles, shards: list[str], core: dict, repo
 
 def _check_inputs(project: Path, inputs: dict[str, dict], report: LineageReport) -> None:
     for role, rec in sorted(inputs.items()):
-        path, label = project / rec["path"], role if role == rec["path"] else f"{role} ({rec['path']})"
+        path, label = confined(project, rec["path"]), role if role == rec["path"] else f"{role} ({rec['path']})"
+        if path is None:
+            report.problems.append(f"input {label}: the recorded path leaves the project {project}; not followed")
+            continue
         if not path.exists():
             report.checked.append(f"input {label} not available in {project}; skipped")
             continue

@@ -128,10 +128,20 @@ class MergeParams(_Section):
     max_shard_size: Size = "2GB"
 
 
+def _run_name(name: str) -> str:
+    """A baseline run name is one directory under models/baselines: no '/', '..' or leading dot."""
+    from rain_tasks.guards import safe_name
+
+    safe_name(name, "run name", single=True)
+    if name.startswith("."):
+        raise ValueError(f"run name {name!r} starts with '.': hidden names are not outputs")
+    return name
+
+
 class _BaselineRun(_Section):
     """One baseline merge evaluated beside RAIN: its output name, the tensors it merges, and its method's params."""
 
-    name: str = Field(min_length=1)
+    name: Annotated[str, AfterValidator(_run_name)]
     scope: Literal["linear", "all"] = "all"  # 'linear': only the seven Linear modules; 'all': also embeddings, norms
 
     def method_params(self) -> dict:

@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from rain_tasks.arch import MODULES, ModelShape
 from rain_tasks.checkpoint import atomic_path, load_tensors, read_metadata, save_tensors
+from rain_tasks.guards import require_finite
 from rain_tasks.digest import file_digest, json_digest
 from rain_tasks.features import GRAM, ROWS, row_sets
 from rain_tasks.params import ProjectionParams
@@ -389,7 +390,7 @@ def _ensure_layer(
         heldout = load_stats(layer_file(heldout_features_dir, layer)) if heldout_features_dir is not None else None
         delta = load_tensors(layer_file(task_vectors_dir, layer))
         tensors, rows = project_layer(delta, load_stats(layer_file(features_dir, layer)), shape, layer, params, heldout)
-        save_tensors(path, tensors, {**meta, "layer": str(layer), "report": json.dumps(rows)})
+        save_tensors(path, require_finite(tensors, f"projection {path}"), {**meta, "layer": str(layer), "report": json.dumps(rows)})
     return path
 
 

@@ -353,10 +353,13 @@ def run_stage(name: str, params: Params, root: str | Path = ".", parts: Path | N
 
         preflight(stage, params, root)
     log.info("stage %s: %s", name, stage.desc)
-    if parts is None:
-        stage.run(params, root)
-    else:
-        LAYER_SPLITS[name].finish(params, root, parts)
+    from rain_tasks.checkpoint import output_locks
+
+    with output_locks(root, [resolve(o, params) for o in stage.outputs]):
+        if parts is None:
+            stage.run(params, root)
+        else:
+            LAYER_SPLITS[name].finish(params, root, parts)
     missing = [o for o in stage.outputs if not (root / resolve(o, params)).exists()]
     if missing:
         raise RuntimeError(f"stage {name} finished without writing {missing}")

@@ -153,8 +153,46 @@ def _other_size_itm(root: Path) -> None:
     shutil.rmtree(root / "other")
 
 
+def _index_names_outside(model_dir: Path, shard: str) -> None:
+    """The index sends a tensor to a shard outside the checkpoint directory (a copy of a real shard is there)."""
+    first = _first_shard(model_dir)
+    target = (model_dir / shard)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(first, target)
+    _edit_json(model_dir / INDEX_NAME, lambda idx: idx["weight_map"].update({k: shard for k, v in idx["weight_map"].items()
+                                                                             if v == first.name}))
+
+
+def _header_length(path: Path, n: int) -> None:
+    """A shard whose first 8 bytes state a header of `n` bytes."""
+    data = bytearray(path.read_bytes())
+    data[:8] = n.to_bytes(8, "little")
+    path.write_bytes(bytes(data))
+
+
+def _single_file(model_dir: Path) -> None:
+    """The checkpoint as one model.safetensors (no index): opened through its header alone."""
+    tensors = {k: v for shard in Checkpoint(model_dir).shards for k, v in load_tensors(model_dir / shard).items()}
+    for shard in Checkpoint(model_dir).shards:
+        (model_dir / shard).unlink()
+    (model_dir / INDEX_NAME).unlink()
+    save_tensors(model_dir / "model.safetensors", tensors, {"format": "pt"})
+
+
 # (id, how to break the project, message expected in the report)
 CASES: list[tuple[str, Callable[[Path], None], str]] = [
+    ("baseline_run_name_leaves_the_project", lambda r: _write_params(r, _params(baselines={"runs": [
+        {"name": "../../x", "method": "task_arithmetic"}]})),
+     r"params\.yaml: baselines\.runs\.0\.task_arithmetic\.name: run name '\.\./\.\./x' contains '\.\.'"),
+    ("baseline_run_name_absolute", lambda r: _write_params(r, _params(baselines={"runs": [
+        {"name": "/abs/dir", "method": "task_arithmetic"}]})),
+     r"baselines\.runs\.0\.task_arithmetic\.name: run name '/abs/dir' is an absolute path"),
+    ("index_names_a_shard_outside", lambda r: _index_names_outside(r / "ckpt/lrm", "../outside.safetensors"),
+     r"models\.lrm .*cannot be opened .*shard '\.\./outside\.safetensors' contains '\.\.'"),
+    ("index_names_an_absolute_shard", lambda r: _index_names_outside(r / "ckpt/lrm", str(r / "abs.safetensors")),
+     r"models\.lrm .*cannot be opened .*abs\.safetensors' is an absolute path"),
+    ("header_length_2_62", lambda r: (_single_file(r / "ckpt/lrm"), _header_length(r / "ckpt/lrm/model.safetensors", 2**62)),
+     r"models\.lrm .*cannot be opened .*header length 4611686018427387904 exceeds the file"),
     ("shape_mismatch", lambda r: _edit_tensors(r / "ckpt/itm", UP1, lambda t: _set(t, UP1, torch.zeros(49, 32))),
      r"models\.itm .*1 tensor shape\(s\) differ from the LRM's: model\.layers\.1\.mlp\.up_proj\.weight \[49, 32\] vs \[48, 32\]"),
     ("dtype_mismatch", lambda r: _edit_tensors(r / "ckpt/itm", UP1, lambda t: _set(t, UP1, t[UP1].half())),

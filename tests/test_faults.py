@@ -308,3 +308,62 @@ def test_s3_down_or_dropping_mid_push_retries_then_fails_clearly_and_a_later_pus
     subprocess.run(["git", "clone", "-q", str(root), str(clone)], env=env, check=True)
     subprocess.run(["dvc", "pull", "-q"], cwd=clone, env=env, check=True, capture_output=True)
     assert tree_digests(clone / "artifacts") == tree_digests(root / "artifacts")
+
+
+def test_sigkilled_merge_replacing_a_model_keeps_the_old_one(merge_project, reference):
+    """A merge that replaces an existing model, killed mid-write: the old model stays in place, whole."""
+    root = merge_project
+    subprocess.run([RAIN, "stage", "merge"], cwd=root, env=_env(), check=True, capture_output=True)
+    assert _artifact(root / MERGED) == reference
+    (root / MERGED / "lineage.json").touch()  # DVC would rerun it; the stage rewrites the whole directory
+    _kill_when(root, "merge", lambda: any(tmp.glob("*/part-*.safetensors") for tmp in _temporaries(root)))
+    assert _artifact(root / MERGED) == reference, "the old model is kept until the new one is in place"
+    subprocess.run([RAIN, "stage", "merge"], cwd=root, env=_env(), check=True, capture_output=True)
+    assert _artifact(root / MERGED) == reference and _temporaries(root) == []
+
+
+def test_a_writer_killed_between_the_two_renames_gets_the_old_directory_back(tmp_path):
+    """The state a kill between 'rename the old directory aside' and 'rename the new one in' leaves (the old
+    directory inside a dead writer's temporary, nothing at the final path): the next write restores it first."""
+    final = tmp_path / "model"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f".model.tmp-{dead.pid}-abc"
+    (stale / ".replaced").mkdir(parents=True)
+    (stale / ".replaced" / "weights.bin").write_bytes(b"old")
+    (stale / "model").mkdir()
+    (stale / "model" / "weights.bin").write_bytes(b"half-written")
+    from rain_tasks.checkpoint import remove_stale_temporaries
+
+    remove_stale_temporaries(final)
+    assert (final / "weights.bin").read_bytes() == b"old" and not stale.exists()
+    with pytest.raises(RuntimeError):  # a failed write leaves the restored directory alone
+        with atomic_path(final) as tmp:
+            tmp.mkdir()
+            raise RuntimeError("killed")
+    assert (final / "weights.bin").read_bytes() == b"old"
+    with atomic_path(final) as tmp:
+        tmp.mkdir()
+        (tmp / "weights.bin").write_bytes(b"new")
+    assert (final / "weights.bin").read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_two_runners_on_one_output_do_not_interleave(merge_project, reference):
+    """`rain stage merge` while another one writes the same model (paused mid-write with SIGSTOP, as a slow disk
+    would hold it): the second stops at once naming the holder; the first, resumed, completes the model."""
+    root = merge_project
+    first = subprocess.Popen([RAIN, "stage", "merge"], cwd=root, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not _temporaries(root):
+        assert first.poll() is None and time.monotonic() < deadline, "the first merge ended before it could be paused"
+        time.sleep(0.001)
+    first.send_signal(signal.SIGSTOP)
+    try:
+        second = subprocess.run([RAIN, "stage", "merge"], cwd=root, env=_env(), capture_output=True, text=True)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert first.wait() == 0
+    assert second.returncode == 2, second.stderr
+    assert f"is being written by another runner (pid {first.pid}) in {root}" in second.stderr
+    assert "Traceback" not in second.stderr
+    assert _artifact(root / MERGED) == reference and _temporaries(root) == []
