@@ -26,6 +26,15 @@ log = logging.getLogger(__name__)
 TV, FEAT, FEAT_HELDOUT, PROJ = "artifacts/task_vectors", "artifacts/features", "artifacts/features_heldout", "artifacts/projected"
 ATTN, ALPHA = "artifacts/attention", "artifacts/alpha"
 MERGED, BASELINES, ABLATIONS = "models/merged", "models/baselines", "models/ablations"
+PAPER_MODEL, PAPER_WORK = "models/paper_preset", "artifacts/paper_preset"
+#: METHOD.md's configuration as published, merged beside the configured RAIN: Linear modules only, the two-pass α
+#: as solved (about 0.003 per head on the tiny family), the 0.99 energy cap, λ 1
+PAPER_PRESET = {
+    "projection": {"energy": 0.99, "max_leftover": None, "rank": None, "rel_threshold": None, "ridge": 0.0},
+    "attention": {"curvature_pass": False},
+    "alpha": {"variant": "two_pass", "scale": "absolute", "min_t": 0.0},
+    "merge": {"lam": 1.0, "scope": "linear"},
+}
 ORTHO_CSV, ORTHO_PNG = "plots/orthogonality.csv", "plots/orthogonality.png"
 EVAL_DIR = "data/eval"
 ZOO_MD, ZOO_CSV = "reports/zoo.md", "plots/zoo_sweep.csv"
@@ -223,6 +232,28 @@ def _ablations(p: Params, r: Path) -> None:
     _write_times(r / MERGE_TIMES["ablations"], times)
 
 
+def with_overrides(p: Params, overrides: dict[str, dict]) -> Params:
+    """`p` with the given keys of its sections replaced (validated like params.yaml)."""
+    dumped = p.model_dump()
+    return Params.model_validate({**dumped, **{sec: {**dumped[sec], **keys} for sec, keys in overrides.items()}})
+
+
+def _paper_preset(p: Params, r: Path) -> None:
+    """RAIN under PAPER_PRESET from the same task vectors and features: its own Δ⊥, statistics, α and merged model."""
+    from rain_tasks.alpha import solve_alpha
+    from rain_tasks.attention import attention_stats
+    from rain_tasks.merge import DeltaPlan, TensorDir, merge_checkpoint
+    from rain_tasks.projection import project
+
+    q, work, lrm = with_overrides(p, PAPER_PRESET), r / PAPER_WORK, r / p.models.lrm
+    project(r / TV, r / FEAT, q.projection, work / "projected", work / "projection.parquet")
+    attention_stats(lrm, work / "projected", r / q.calibration.instruction, q.attention, work / "stats.parquet",
+                    work / "attention.json", lam=q.merge.lam)
+    solve_alpha(work / "stats.parquet", lrm, q.alpha, q.attention.prior, work / "alpha.parquet", work / "scales.safetensors")
+    plan = DeltaPlan(linear=TensorDir(work / "projected"), scales=TensorDir(None, single_file=work / "scales.safetensors"))
+    merge_checkpoint(lrm, r / PAPER_MODEL, "rain", {"lam": q.merge.lam}, plan, q.merge.max_shard_size)
+
+
 def _baselines(p: Params, r: Path) -> None:
     """One model per configured run under models/baselines, each with its lineage and model card like the merge's."""
     from rain_tasks.checkpoint import Checkpoint, atomic_path
@@ -268,9 +299,10 @@ def _evaluate(p: Params, r: Path) -> None:
     labels = {"LRM": "reasoning model θ_R", "ITM": "instruction model θ_I"}
     labels |= {run.name: run.describe() for run in p.baselines.runs}
     labels |= {name: a.label for name, a in ABLATIONS_BY_NAME.items()} | {"RAIN": "RAIN: θ_R + λ·α⊙Δ⊥"}
+    labels["paper_preset"] = "RAIN, METHOD.md as published: Linear modules, two-pass α as solved, energy 0.99, λ 1"
     models = {"LRM": r / p.models.lrm, "ITM": r / p.models.itm}
     models |= {run.name: r / BASELINES / run.name for run in p.baselines.runs}
-    models |= {name: r / ABLATIONS / name for name in ABLATIONS_BY_NAME} | {"RAIN": r / MERGED}
+    models |= {name: r / ABLATIONS / name for name in ABLATIONS_BY_NAME} | {"paper_preset": r / PAPER_MODEL, "RAIN": r / MERGED}
     e = p.evaluate
     results = evaluate_models(
         r / p.models.lrm, models, r / EVAL_DIR / "instruction_eval.jsonl", r / EVAL_DIR / "reasoning_eval.jsonl",
@@ -319,12 +351,16 @@ STAGES: tuple[Stage, ...] = (
     Stage("ablations", _ablations, deps=("${models.lrm}", PROJ, ALPHA, TV), code=("rain_tasks/merge.py",), params=("merge",),
           outs=(ABLATIONS,), metrics=(MERGE_TIMES["ablations"],),
           desc="the paper's ablations (Stage 1 only, Stage 2 only) and α controls (uniform, permuted), same engine"),
+    Stage("paper_preset", _paper_preset, deps=("${models.lrm}", TV, FEAT, "${calibration.instruction}"),
+          code=("rain_tasks/projection.py", "rain_tasks/attention.py", "rain_tasks/alpha.py", "rain_tasks/merge.py"),
+          params=("attention", "alpha", "merge.max_shard_size"), outs=(PAPER_WORK, PAPER_MODEL),
+          desc="RAIN as METHOD.md publishes it (PAPER_PRESET), beside the configured RAIN in the report"),
     Stage("baselines", _baselines, deps=("${models.lrm}", "${models.base}", TV),
           code=("rain_tasks/merge.py", "rain_tasks/baselines.py", "rain_tasks/lineage.py", "rain_tasks/card.py"),
           params=("baselines", "merge.max_shard_size"),
           outs=(BASELINES,), metrics=(MERGE_TIMES["baselines"],),
           desc="task arithmetic, TIES, DARE and SLERP baselines on the same engine"),
-    Stage("evaluate", _evaluate, deps=("${models.lrm}", "${models.itm}", MERGED, ABLATIONS, BASELINES, EVAL_DIR, ALPHA,
+    Stage("evaluate", _evaluate, deps=("${models.lrm}", "${models.itm}", MERGED, ABLATIONS, PAPER_MODEL, BASELINES, EVAL_DIR, ALPHA,
                                        "${calibration.reasoning}", "${calibration.instruction}", ORTHO_PNG, *MERGE_TIMES.values()),
           code=("rain_tasks/evaluation.py", "rain_tasks/generation.py", "rain_tasks/instructions.py", "rain_tasks/plots.py"),
           params=("evaluate", "baselines"), outs=("reports/report.md", "reports/report.json"), metrics=("metrics/eval.json",),

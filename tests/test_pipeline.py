@@ -56,9 +56,9 @@ def test_dvc_repro_runs_every_stage_and_param_change_reruns_downstream_only(dvc_
     params["alpha"].update(box_lo=0.5, box_hi=0.5)  # pins every α: the merged model must change
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     status = sh(["dvc", "status"], root, env)
-    assert re.findall(r"^([a-z_]+):", status, flags=re.M) == ["alpha"]
+    assert re.findall(r"^([a-z_]+):", status, flags=re.M) == ["alpha", "paper_preset"]  # the preset's α shares the box
     rerun = sh(["dvc", "repro"], root, env)
-    assert _ran(rerun) == {"alpha", "merge", "ablations", "evaluate"}
+    assert _ran(rerun) == {"alpha", "paper_preset", "merge", "ablations", "evaluate"}
     assert "up to date" in sh(["dvc", "status"], root, env)
 
 
@@ -114,6 +114,21 @@ def test_ablations_change_one_part(dvc_project, name, projected, scales_file):
         theta = lrm.get(tensor).float()
         update = (scales[tensor] if scaled else 1.0) * deltas[tensor] if tensor in linear else other.get(tensor, 0.0)
         assert torch.equal(model.get(tensor), (theta + lam * update).to(lrm.get(tensor).dtype)), tensor
+
+
+def test_paper_preset_is_method_md_as_published(dvc_project):
+    """models/paper_preset = θ_R + 1·α⊙Δ⊥ on the Linear modules only, from its own Δ⊥ (energy 0.99) and two-pass α."""
+    root, _, _ = dvc_project
+    work = root / "artifacts/paper_preset"
+    lrm, model = Checkpoint(root / "models/lrm"), Checkpoint(root / "models/paper_preset")
+    scales, projected = load_tensors(work / "scales.safetensors"), _tensors(work / "projected")
+    assert pd.read_parquet(work / "projection.parquet")["energy_protected"].min() >= 0.99 - 1e-9
+    alpha = pd.read_parquet(work / "alpha.parquet")
+    assert (alpha["alpha"] == alpha["alpha_solved"]).all()  # absolute: α as solved
+    for name in lrm.names():
+        theta = lrm.get(name).float()
+        want = theta + scales[name] * projected[name] if name in projected else theta
+        assert torch.equal(model.get(name), want.to(lrm.get(name).dtype)), name
 
 
 def test_merged_model_loads_and_generates(dvc_project):
