@@ -42,7 +42,6 @@ TABLE_COLUMNS = {
     "early_close_mass": "early close mass",
     "kl_own": "KL own thinking",
     "h_drift": "h drift",
-    "merge_time_s": "merge time (s)",
 }
 #: metrics drawn against λ for the task-arithmetic baselines
 LAMBDA_METRICS = ["comply_rate", "correct_rate", "missing_close_rate", "l_think"]
@@ -73,14 +72,6 @@ def require_uncontaminated(found: dict[str, list[str]]) -> dict[str, int]:
             "Remove them from the evaluation files or from the calibration sets before evaluating."
         )
     return counts
-
-
-def read_merge_times(paths: Iterable[Path]) -> dict[str, float]:
-    """Model name -> merge wall seconds, from the merging stages' time files."""
-    times: dict[str, float] = {}
-    for path in paths:
-        times.update({name: entry["merge_time_s"] for name, entry in json.loads(Path(path).read_text()).items()})
-    return times
 
 
 def lambda_table(results: dict[str, dict], runs: list[dict]) -> pd.DataFrame:
@@ -296,8 +287,9 @@ def write_outputs(
         "IF prompt / IF instr.: IFEval strict accuracy, prompt level (every instruction followed) and instruction",
         "level; reasoning acc.: the final answer after `</think>` is right; think: emits `<think>`; `</think>` missing:",
         "no `</think>` within the token budget (truncated thinking counts); L_think: mean KL(p_LRM ‖ p_model) at",
-        "Ω_think (teacher forced); h drift: mean over layers of ‖h_model − h_LRM‖/‖h_LRM‖ at Ω_think; merge time: wall",
-        "seconds of the streamed merge that wrote the model (RAIN's Stage 1–2 statistics not included).",
+        "Ω_think (teacher forced); h drift: mean over layers of ‖h_model − h_LRM‖/‖h_LRM‖ at Ω_think.",
+        "Merge wall times are in the merging stages' run records (`.rain/runs/`), not here: this report depends on",
+        "its inputs only.",
         "",
         *(f"![{title}]({path})\n" for title, path in figures),
         *sections,
