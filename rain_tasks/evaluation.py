@@ -25,7 +25,7 @@ from tqdm import tqdm
 from rain_tasks.calibration import load_tokenizer, render, think_positions, think_token_ids
 from rain_tasks.checkpoint import atomic_path
 from rain_tasks.generation import behaviour_metrics, generate_ids, load_model
-from rain_tasks.plots import lines
+from rain_tasks.plots import lines, scatter_lines
 from rain_tasks.schemas import load_records
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ TABLE_COLUMNS = {
     "comply_rate": "IF prompt",
     "comply_instruction_rate": "IF instr.",
     "correct_rate": "reasoning acc.",
+    "close_correct_rate": "closed ∧ correct",
     "think_rate": "think",
     "missing_close_rate": "`</think>` missing",
     "l_think": "L_think",
@@ -79,6 +80,25 @@ def lambda_table(results: dict[str, dict], runs: list[dict]) -> pd.DataFrame:
     rows = [{"model": r["name"], "lam": r["lam"], "scope": r["scope"], **{k: results[r["name"]][k] for k in LAMBDA_METRICS}}
             for r in runs if r["method"] == "task_arithmetic" and r["name"] in results]
     return pd.DataFrame(rows, columns=["model", "lam", "scope", *LAMBDA_METRICS]).sort_values(["scope", "lam"], kind="stable")
+
+
+FRONTIER_METRICS = ["comply_rate", "close_correct_rate", "l_think", "kl_own"]
+
+
+def frontier_table(results: dict[str, dict], models: dict[str, tuple[str, float]]) -> pd.DataFrame:
+    """One row per (method, λ) model: the compliance, the share of replies that close `</think>` and are correct,
+    and the thinking costs; `models` maps model name -> (method, λ)."""
+    rows = [{"model": name, "method": method, "lam": lam, **{k: results[name].get(k) for k in FRONTIER_METRICS}}
+            for name, (method, lam) in models.items() if name in results]
+    return pd.DataFrame(rows, columns=["model", "method", "lam", *FRONTIER_METRICS]).sort_values(["method", "lam"], kind="stable")
+
+
+def write_frontier(table: pd.DataFrame, csv_path: Path, png_path: Path) -> None:
+    """The frontier table (`dvc plots` data) and its figure: compliance against L_think and against close∧correct."""
+    with atomic_path(csv_path) as tmp:
+        table.to_csv(tmp, index=False)
+    scatter_lines(table, ["l_think", "close_correct_rate"], "comply_rate", "method", "lam", png_path,
+                  "compliance against thinking cost, over λ")
 
 
 def write_lambda_sweep(table: pd.DataFrame, csv_path: Path, png_path: Path) -> bool:

@@ -94,7 +94,8 @@ def behaviour_metrics(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     think/close: the reply opens `<think>` / closes it within the budget (a truncated thinking
     block counts as missing `</think>`); correct: 'answer is N' after the block is right;
     comply_rate: IFEval prompt-level strict accuracy (every instruction of the prompt followed);
-    comply_instruction_rate: instruction-level strict accuracy (over all instructions of all prompts).
+    comply_instruction_rate: instruction-level strict accuracy (over all instructions of all prompts);
+    close_correct_rate: the reply closes `</think>` and is correct (the reasoning survived the merge).
     """
     texts = generate(model, tokenizer, [r["prompt"] for r in eval_rows], max_new_tokens, batch_size)
     return score_outputs(eval_rows, texts)
@@ -103,7 +104,7 @@ def behaviour_metrics(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
 def score_outputs(eval_rows: list[dict], texts: list[str]) -> dict:
     """The behaviour metrics of generations `texts` (one per eval row); see `behaviour_metrics`."""
     per_id: dict[str, list[bool]] = defaultdict(list)
-    think = close = correct = comply = 0
+    think = close = correct = comply = close_correct = 0
     for row, text in zip(eval_rows, texts, strict=True):
         parsed = parse_output(text)
         ok = [instructions.check(iid, parsed.answer, kw, row["prompt"])
@@ -112,7 +113,9 @@ def score_outputs(eval_rows: list[dict], texts: list[str]) -> dict:
             per_id[iid].append(passed)
         think += parsed.opened_think
         close += parsed.closed_think
-        correct += extract_answer_number(parsed.answer) == str(row["answer"])
+        right = extract_answer_number(parsed.answer) == str(row["answer"])
+        correct += right
+        close_correct += parsed.closed_think and right
         comply += all(ok)
     n = len(eval_rows)
     followed = [passed for v in per_id.values() for passed in v]
@@ -122,6 +125,7 @@ def score_outputs(eval_rows: list[dict], texts: list[str]) -> dict:
         "close_rate": close / n,
         "missing_close_rate": (n - close) / n,
         "correct_rate": correct / n,
+        "close_correct_rate": close_correct / n,
         "comply_rate": comply / n,
         "comply_instruction_rate": sum(followed) / len(followed),
         "comply_by_instruction": {iid: sum(v) / len(v) for iid, v in sorted(per_id.items())},

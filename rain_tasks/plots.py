@@ -62,3 +62,21 @@ def lines(table: pd.DataFrame, x: str, ys: list[str], path: str | Path, title: s
     ax.legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def scatter_lines(table: pd.DataFrame, xs: list[str], y: str, group: str, label: str, path: str | Path, title: str) -> Path:
+    """One panel per x in `xs`: `y` against x, a line per `group` through its points (annotated with `label`)."""
+    fig, axes = plt.subplots(1, len(xs), figsize=(5.5 * len(xs), 4), squeeze=False)
+    for ax, x in zip(axes[0], xs):
+        for key, part in table.groupby(group, sort=True):
+            part = part.sort_values(label)
+            ax.plot(part[x], part[y], marker="o", label=str(key))
+            for _, row in part.iterrows():
+                ax.annotate(f"{row[label]:g}", (row[x], row[y]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -40,6 +40,7 @@ EVAL_DIR = "data/eval"
 ZOO_MD, ZOO_CSV = "reports/zoo.md", "plots/zoo_sweep.csv"
 ALPHA_PNG, ALPHA_METRICS = "plots/alpha_heatmap.png", "metrics/alpha.json"
 LAMBDA_CSV, LAMBDA_PNG = "plots/baselines_lambda.csv", "plots/baselines_lambda.png"
+FRONTIER_CSV, FRONTIER_PNG = "plots/frontier.csv", "plots/frontier.png"
 
 
 class Ablation(NamedTuple):
@@ -206,18 +207,25 @@ def _merge_layer(p: Params, r: Path, layer: int, parts: Path) -> None:
     merge_layer(r / p.models.lrm, layer, "rain", {"lam": p.merge.lam}, _rain_plan(p, r), layer_file(parts, layer))
 
 
+def frontier_name(lam: float) -> str:
+    """The ablations' directory of RAIN at λ (the frontier: same Δ⊥ and α, another global scale)."""
+    return f"rain_lam_{lam:g}"
+
+
 def _ablations(p: Params, r: Path) -> dict:
-    """RAIN with one stage left out (ABLATIONS_BY_NAME), each a model under models/ablations, same engine and λ."""
+    """RAIN with one part changed (ABLATIONS_BY_NAME) and RAIN at each λ of merge.frontier_lams, each a model under
+    models/ablations, same engine."""
     from rain_tasks.checkpoint import atomic_path
     from rain_tasks.merge import merge_checkpoint
 
+    variants = {name: (p.merge.lam, _rain_plan(p, r, a.projected, a.alpha)) for name, a in ABLATIONS_BY_NAME.items()}
+    variants |= {frontier_name(lam): (lam, _rain_plan(p, r)) for lam in p.merge.frontier_lams}
     models: dict[str, dict] = {}
     with atomic_path(r / ABLATIONS) as tmp:
         tmp.mkdir()
-        for name, ablation in ABLATIONS_BY_NAME.items():
+        for name, (lam, plan) in variants.items():
             with _timed(models, name):
-                merge_checkpoint(r / p.models.lrm, tmp / name, "rain", {"lam": p.merge.lam},
-                                 _rain_plan(p, r, ablation.projected, ablation.alpha), p.merge.max_shard_size)
+                merge_checkpoint(r / p.models.lrm, tmp / name, "rain", {"lam": lam}, plan, p.merge.max_shard_size)
     return {"models": models}
 
 
@@ -283,7 +291,8 @@ def _contamination(p: Params, r: Path) -> dict[str, int]:
 
 def _evaluate(p: Params, r: Path) -> None:
     from rain_tasks.evaluation import (
-        evaluate_models, format_table, lambda_table, lm_eval_scores, write_lambda_sweep, write_outputs,
+        evaluate_models, format_table, frontier_table, lambda_table, lm_eval_scores, write_frontier, write_lambda_sweep,
+        write_outputs,
     )
 
     contamination = _contamination(p, r)  # before any model runs: contaminated numbers are not worth computing
@@ -294,6 +303,9 @@ def _evaluate(p: Params, r: Path) -> None:
     models = {"LRM": r / p.models.lrm, "ITM": r / p.models.itm}
     models |= {run.name: r / BASELINES / run.name for run in p.baselines.runs}
     models |= {name: r / ABLATIONS / name for name in ABLATIONS_BY_NAME} | {"paper_preset": r / PAPER_MODEL, "RAIN": r / MERGED}
+    frontier = {frontier_name(lam): lam for lam in p.merge.frontier_lams}
+    models |= {name: r / ABLATIONS / name for name in frontier}
+    labels |= {name: f"RAIN frontier: θ_R + {lam:g}·α⊙Δ⊥" for name, lam in frontier.items()}
     e = p.evaluate
     results = evaluate_models(
         r / p.models.lrm, models, r / EVAL_DIR / "instruction_eval.jsonl", r / EVAL_DIR / "reasoning_eval.jsonl",
@@ -306,6 +318,10 @@ def _evaluate(p: Params, r: Path) -> None:
     figures = [("orthogonality of Δ_R and Δ_I", f"../{ORTHO_PNG}")]
     if write_lambda_sweep(lambda_table(results, runs), r / LAMBDA_CSV, r / LAMBDA_PNG):
         figures.insert(0, ("task arithmetic against λ", f"../{LAMBDA_PNG}"))
+    ta = {run.name: (f"task arithmetic ({run.scope})", run.lam) for run in p.baselines.runs if run.method == "task_arithmetic"}
+    rain = {name: (f"RAIN ({p.merge.scope})", lam) for name, lam in frontier.items()}
+    write_frontier(frontier_table(results, ta | rain), r / FRONTIER_CSV, r / FRONTIER_PNG)
+    figures.insert(0, ("frontier: compliance against thinking cost, RAIN and task arithmetic over λ", f"../{FRONTIER_PNG}"))
     context = {"merged": MERGED, "labels": labels, "contamination": contamination, "params": p.model_dump(exclude={"zoo"})}
     write_outputs(results, r / "metrics/eval.json", r / "plots/eval.csv", r / "reports/report.md", context,
                   sections=((r / ALPHA / "summary.md").read_text(),), figures=tuple(figures))
@@ -339,7 +355,7 @@ STAGES: tuple[Stage, ...] = (
           desc="Stage 3: θ_R + λ·α⊙Δ⊥, streamed into new shards"),
     Stage("ablations", _ablations, deps=("${models.lrm}", PROJ, ALPHA, TV), code=("rain_tasks/merge.py",), params=("merge",),
           outs=(ABLATIONS,),
-          desc="the paper's ablations (Stage 1 only, Stage 2 only) and α controls (uniform, permuted), same engine"),
+          desc="the paper's ablations (Stage 1 only, Stage 2 only), α controls (uniform, permuted) and RAIN over λ, same engine"),
     Stage("paper_preset", _paper_preset, deps=("${models.lrm}", TV, FEAT, "${calibration.instruction}"),
           code=("rain_tasks/projection.py", "rain_tasks/attention.py", "rain_tasks/alpha.py", "rain_tasks/merge.py"),
           params=("attention", "alpha", "merge.max_shard_size"), outs=(PAPER_WORK, PAPER_MODEL),
@@ -353,7 +369,7 @@ STAGES: tuple[Stage, ...] = (
                                        "${calibration.reasoning}", "${calibration.instruction}", ORTHO_PNG),
           code=("rain_tasks/evaluation.py", "rain_tasks/generation.py", "rain_tasks/instructions.py", "rain_tasks/plots.py"),
           params=("evaluate", "baselines"), outs=("reports/report.md", "reports/report.json"), metrics=("metrics/eval.json",),
-          plots=("plots/eval.csv", LAMBDA_CSV, LAMBDA_PNG),
+          plots=("plots/eval.csv", LAMBDA_CSV, LAMBDA_PNG, FRONTIER_CSV, FRONTIER_PNG),
           desc="contamination check, behaviour, L_think and the comparison report"),
 )
 STAGE_BY_NAME = {s.name: s for s in STAGES}
@@ -500,6 +516,8 @@ def dvc_yaml() -> dict:
             {ORTHO_CSV: {"x": "layer", "y": "cos_max", "template": "scatter"}},
             {LAMBDA_CSV: {"x": "lam", "y": list(LAMBDA_METRICS)}},
             {ZOO_CSV: {"x": "lambda", "y": ["close_rate", "correct_rate", "comply_rate"]}},
+            {FRONTIER_CSV: {"x": "l_think", "y": "comply_rate", "template": "scatter"}},
+            FRONTIER_PNG,
             ALPHA_PNG,
             ORTHO_PNG,
             LAMBDA_PNG,

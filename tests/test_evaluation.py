@@ -6,6 +6,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -129,3 +130,18 @@ def test_thinking_metrics_beyond_omega(tiny_family, tmp_path):
     prompts = [r["prompt"] for r in reasoning_rows(4)]
     assert own_generation_kl(reference, reference, tok, prompts, 12, 4) == 0.0
     assert own_generation_kl(reference, load_model(tiny_family["itm"])[0], tok, prompts, 12, 4) > 0.0
+
+
+def test_frontier_table_and_figure(tmp_path):
+    from rain_tasks.evaluation import frontier_table, write_frontier
+
+    results = {f"{m}{lam}": {"comply_rate": c, "close_correct_rate": cc, "l_think": lt, "kl_own": 0.1}
+               for m, lam, c, cc, lt in [("ta", 2.0, 0.6, 0.3, 1e-2), ("ta", 1.0, 0.9, 0.95, 1e-3), ("rain", 1.0, 0.8, 1.0, 1e-4)]}
+    models = {"ta2.0": ("task arithmetic (all)", 2.0), "ta1.0": ("task arithmetic (all)", 1.0), "rain1.0": ("RAIN (linear)", 1.0),
+              "missing": ("RAIN (linear)", 3.0)}
+    table = frontier_table(results, models)
+    assert list(table["model"]) == ["rain1.0", "ta1.0", "ta2.0"]  # by method, then λ; absent models left out
+    write_frontier(table, tmp_path / "f.csv", tmp_path / "f.png")
+    assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list(pd.read_csv(tmp_path / "f.csv").columns) == ["model", "method", "lam", "comply_rate", "close_correct_rate",
+                                                            "l_think", "kl_own"]
