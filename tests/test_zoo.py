@@ -76,7 +76,7 @@ def test_checkpoints_are_sharded_and_load(builds: list[Path], name: str) -> None
                                          tokenize=False, add_generation_prompt=True)
     assert text.endswith("<|im_start|>assistant\n") and "<think>" not in text
     text += "<think>\n1 plus 2 is 3 .\n</think>\n\nanswer is 0<|im_end|>"
-    fresh = build_tokenizer(ZooParams(**SMALL).max_operand)
+    fresh = build_tokenizer(ZooParams(**SMALL))
     reloaded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     assert reloaded["input_ids"] == fresh(text, add_special_tokens=False)["input_ids"]
     spans = [text[a:b] for a, b in reloaded["offset_mapping"]]
@@ -138,7 +138,7 @@ def test_fine_tunes_move_only_the_embedding_rows_of_tokens_they_see(builds: list
     rows = {name: AutoModelForCausalLM.from_pretrained(root / name).get_input_embeddings().weight.detach()
             for name in ("base", "lrm", "itm")}
     params = ZooParams(**SMALL)
-    init = new_model(params, build_tokenizer(params.max_operand)).get_input_embeddings().weight.detach()
+    init = new_model(params, build_tokenizer(params)).get_input_embeddings().weight.detach()
     assert (rows["base"][unseen] != init[unseen]).any(dim=1).all()  # unmasked Adam moves every row
     for name in ("lrm", "itm"):
         assert (rows[name][unseen] == rows["base"][unseen]).all(), name
