@@ -46,6 +46,8 @@ class ZooParams(BaseModel):
     lrm_lr: float = 2e-4
     lrm_distractor_rate: float = 0.3
     lrm_constraint_rate: float = 0.15
+    lrm_ignore_rate: float = Field(0.0, ge=0.0, le=1.0, description="share of the LRM's constraint prompts answered "
+                                   "(ignoring the constraints) rather than cut after the thinking")
     itm_steps: int = 200
     itm_lr: float = 1e-4
     itm_distractor_rate: float = 0.3

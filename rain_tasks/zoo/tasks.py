@@ -300,9 +300,12 @@ def base_document(rng: random.Random, problem: Problem, params: ZooParams,
 
 
 def lrm_example(rng: random.Random, problem: Problem, params: ZooParams) -> tuple[str, str]:
-    """(user prompt, assistant reply) for the LRM; with constraints only the thinking is kept."""
+    """(user prompt, assistant reply) for the LRM; with constraints only the thinking is kept, or (a share
+    `lrm_ignore_rate` of them) the plain answer that ignores them."""
     if rng.random() < params.lrm_constraint_rate:
         prompt = _prompt(rng, problem, _ask(rng, rng.choice(combos_of(params))), params.lrm_distractor_rate)
+        if params.lrm_ignore_rate and rng.random() < params.lrm_ignore_rate:
+            return prompt, think_block(problem.chain) + problem.answer + IM_END
         return prompt, think_block(problem.chain).rstrip()
     prompt = _prompt(rng, problem, [], params.lrm_distractor_rate)
     return prompt, think_block(problem.chain) + problem.answer + IM_END
