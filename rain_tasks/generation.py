@@ -24,15 +24,19 @@ def load_model(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
 
 @torch.no_grad()
 def generate_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
-                 max_new_tokens: int, batch_size: int = 64) -> list[tuple[list[int], list[int]]]:
+                 max_new_tokens: int, batch_size: int = 64, reply_prefix: str = "") -> list[tuple[list[int], list[int]]]:
     """Greedy continuations of single-turn chat prompts (left padding): per prompt, its rendered ids and the
-    generated ids up to (not including) the first stop token."""
+    generated ids up to (not including) the first stop token.
+
+    `reply_prefix` is written at the start of every assistant reply (e.g. an empty, closed thinking block) and the
+    continuation after it is returned.
+    """
     stop_ids = model.generation_config.eos_token_id
     stop_ids = set(stop_ids if isinstance(stop_ids, list) else [stop_ids]) - {None}
     outputs: list[tuple[list[int], list[int]]] = []
     for start in range(0, len(prompts), batch_size):
         texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                               add_generation_prompt=True)
+                                               add_generation_prompt=True) + reply_prefix
                  for p in prompts[start:start + batch_size]]
         enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left",
                         add_special_tokens=False)
@@ -52,10 +56,10 @@ def generate_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pro
 
 
 def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
-             max_new_tokens: int, batch_size: int = 64) -> list[str]:
-    """Greedy continuations of single-turn chat prompts as text; keeps <think> tags visible."""
+             max_new_tokens: int, batch_size: int = 64, reply_prefix: str = "") -> list[str]:
+    """Greedy continuations of single-turn chat prompts as text (after `reply_prefix`); keeps <think> tags visible."""
     return [tokenizer.decode([t for t in ids if t != tokenizer.pad_token_id], skip_special_tokens=False)
-            for _, ids in generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size)]
+            for _, ids in generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size, reply_prefix)]
 
 
 @dataclass(frozen=True)
@@ -95,7 +99,8 @@ def behaviour_metrics(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     block counts as missing `</think>`); correct: 'answer is N' after the block is right;
     comply_rate: IFEval prompt-level strict accuracy (every instruction of the prompt followed);
     comply_instruction_rate: instruction-level strict accuracy (over all instructions of all prompts);
-    close_correct_rate: the reply closes `</think>` and is correct (the reasoning survived the merge).
+    close_correct_rate: the reply closes `</think>` and is correct (the reasoning survived the merge);
+    close_correct_comply_rate: share of replies that close `</think>`, are correct and comply, all three at once.
     """
     texts = generate(model, tokenizer, [r["prompt"] for r in eval_rows], max_new_tokens, batch_size)
     return score_outputs(eval_rows, texts)
@@ -104,7 +109,7 @@ def behaviour_metrics(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
 def score_outputs(eval_rows: list[dict], texts: list[str]) -> dict:
     """The behaviour metrics of generations `texts` (one per eval row); see `behaviour_metrics`."""
     per_id: dict[str, list[bool]] = defaultdict(list)
-    think = close = correct = comply = close_correct = 0
+    think = close = correct = comply = close_correct = joint = 0
     for row, text in zip(eval_rows, texts, strict=True):
         parsed = parse_output(text)
         ok = [instructions.check(iid, parsed.answer, kw, row["prompt"])
@@ -117,6 +122,7 @@ def score_outputs(eval_rows: list[dict], texts: list[str]) -> dict:
         correct += right
         close_correct += parsed.closed_think and right
         comply += all(ok)
+        joint += parsed.closed_think and right and all(ok)
     n = len(eval_rows)
     followed = [passed for v in per_id.values() for passed in v]
     return {
@@ -127,6 +133,7 @@ def score_outputs(eval_rows: list[dict], texts: list[str]) -> dict:
         "correct_rate": correct / n,
         "close_correct_rate": close_correct / n,
         "comply_rate": comply / n,
+        "close_correct_comply_rate": joint / n,
         "comply_instruction_rate": sum(followed) / len(followed),
         "comply_by_instruction": {iid: sum(v) / len(v) for iid, v in sorted(per_id.items())},
     }

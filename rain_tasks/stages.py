@@ -283,6 +283,8 @@ def _contamination(p: Params, r: Path) -> dict[str, int]:
 
     held_out = {"instruction_eval": load_records(r / EVAL_DIR / "instruction_eval.jsonl", "instruction_eval"),
                 "reasoning_eval": load_records(r / EVAL_DIR / "reasoning_eval.jsonl", "reasoning")}
+    if (r / EVAL_DIR / "instruction_val.jsonl").is_file():  # the zoo's validation prompts (for choosing settings)
+        held_out["instruction_val"] = load_records(r / EVAL_DIR / "instruction_val.jsonl", "instruction_eval")
     calibration = [*load_records(r / p.calibration.reasoning, "reasoning"),
                    *load_records(r / p.calibration.instruction, "instruction")]
     return require_uncontaminated(contaminated_prompts(

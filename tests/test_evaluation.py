@@ -24,7 +24,7 @@ def zoo_data(tmp_path_factory) -> Path:
     """The default family's calibration and evaluation files (no models), laid out as the pipeline writes them."""
     root = tmp_path_factory.mktemp("zoo_data")
     zoo = ZooParams()
-    write_datasets(split_problems(zoo), build_tokenizer(zoo.max_operand), root / "data/calibration", root / EVAL_DIR, zoo)
+    write_datasets(split_problems(zoo), build_tokenizer(zoo), root / "data/calibration", root / EVAL_DIR, zoo)
     return root
 
 

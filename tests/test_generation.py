@@ -38,7 +38,7 @@ def test_extract_answer_number(text: str, number: str | None) -> None:
 def test_batched_generation_matches_one_by_one() -> None:
     params = ZooParams(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
                        intermediate_size=64, max_operand=5)
-    tokenizer = build_tokenizer(params.max_operand)
+    tokenizer = build_tokenizer(params)
     model = new_model(params, tokenizer)
     torch.manual_seed(1)
     with torch.no_grad():  # large weights: well separated logits, so no near-ties flip argmax

@@ -14,12 +14,13 @@ import pytest
 from rain_tasks.attention import map_sample_spans
 from rain_tasks.calibration import render, think_positions
 from rain_tasks.schemas import load_records
+from rain_tasks.zoo.config import ZooParams
 from rain_tasks.zoo.tokenizer import build_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return build_tokenizer(11)
+    return build_tokenizer(ZooParams(max_operand=11))
 
 
 def test_published_reasoning_set_renders_and_omega_is_located(published, tokenizer):

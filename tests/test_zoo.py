@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(threads=1, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
              intermediate_size=64, batch_size=8, warmup_steps=2, base_steps=6, lrm_steps=4,
              itm_steps=4, n_calibration_reasoning=8, n_calibration_instruction=12, n_eval=8,
-             n_eval_reasoning=4, max_shard_size="40KB")
-QUESTION = re.compile(r"(add|sub) \d+ and \d+ then (add|sub) \d+ \.")
+             n_eval_reasoning=4, n_val=8, max_shard_size="40KB")
+QUESTION = re.compile(r"(add|sub) \d+ and \d+( then (add|sub) \d+)+ \.")
 BUILD = ("import json, sys; from pathlib import Path; from rain_tasks.zoo import ZooParams, build_zoo; "
          "root = Path(sys.argv[2]); build_zoo(ZooParams(**json.loads(sys.argv[1])), root / 'models', root / 'data')")
 
@@ -76,7 +76,7 @@ def test_checkpoints_are_sharded_and_load(builds: list[Path], name: str) -> None
                                          tokenize=False, add_generation_prompt=True)
     assert text.endswith("<|im_start|>assistant\n") and "<think>" not in text
     text += "<think>\n1 plus 2 is 3 .\n</think>\n\nanswer is 0<|im_end|>"
-    fresh = build_tokenizer(ZooParams(**SMALL).max_operand)
+    fresh = build_tokenizer(ZooParams(**SMALL))
     reloaded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     assert reloaded["input_ids"] == fresh(text, add_special_tokens=False)["input_ids"]
     spans = [text[a:b] for a, b in reloaded["offset_mapping"]]
@@ -107,7 +107,7 @@ def test_calibration_files_follow_the_published_schema(builds: list[Path]) -> No
 def test_eval_problems_are_held_out(builds: list[Path]) -> None:
     data = builds[0] / "data"
     sets = {name: _jsonl(data / name) for name in (
-        "eval/instruction_eval.jsonl", "eval/reasoning_eval.jsonl",
+        "eval/instruction_eval.jsonl", "eval/instruction_val.jsonl", "eval/reasoning_eval.jsonl",
         "calibration/instruction.jsonl", "calibration/reasoning.jsonl")}
     problems = {name: {QUESTION.search(r["prompt"]).group(0) for r in rows} for name, rows in sets.items()}
     names = list(problems)
@@ -115,16 +115,18 @@ def test_eval_problems_are_held_out(builds: list[Path]) -> None:
         assert len(problems[a]) == len(sets[a]), f"{a} repeats a problem"
         for b in names[i + 1:]:
             assert not problems[a] & problems[b], (a, b)
-    for row in sets["eval/instruction_eval.jsonl"]:
-        assert len(row["instruction_id_list"]) == len(row["kwargs"]) == 1 and row["answer"].isdigit()
+    per_prompt = ZooParams(**SMALL).constraints_per_prompt
+    assert len(sets["eval/instruction_val.jsonl"]) == SMALL["n_val"]
+    for row in sets["eval/instruction_eval.jsonl"] + sets["eval/instruction_val.jsonl"]:
+        assert len(row["instruction_id_list"]) == len(row["kwargs"]) == per_prompt and row["answer"].isdigit()
     split = split_problems(ZooParams(**SMALL))
     train = {p.question for p in split.train}
-    held = {p.question for pool in (split.eval_instruction, split.eval_reasoning,
+    held = {p.question for pool in (split.eval_instruction, split.eval_reasoning, split.validation,
                                     split.calibration_instruction, split.calibration_reasoning)
             for p in pool}
     assert not train & held
     train_facts = {f for p in split.train for f in p.facts}
-    assert all(p.facts <= train_facts for pool in (split.eval_instruction, split.eval_reasoning)
+    assert all(p.facts <= train_facts for pool in (split.eval_instruction, split.eval_reasoning, split.validation)
                for p in pool)
 
 
@@ -138,7 +140,7 @@ def test_fine_tunes_move_only_the_embedding_rows_of_tokens_they_see(builds: list
     rows = {name: AutoModelForCausalLM.from_pretrained(root / name).get_input_embeddings().weight.detach()
             for name in ("base", "lrm", "itm")}
     params = ZooParams(**SMALL)
-    init = new_model(params, build_tokenizer(params.max_operand)).get_input_embeddings().weight.detach()
+    init = new_model(params, build_tokenizer(params)).get_input_embeddings().weight.detach()
     assert (rows["base"][unseen] != init[unseen]).any(dim=1).all()  # unmasked Adam moves every row
     for name in ("lrm", "itm"):
         assert (rows[name][unseen] == rows["base"][unseen]).all(), name

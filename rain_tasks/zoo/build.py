@@ -109,7 +109,7 @@ def build_zoo(params: ZooParams, models_dir: Path, data_dir: Path) -> dict:
     losses: dict[str, float] = {}
     try:
         with deterministic(params.threads):
-            tokenizer = build_tokenizer(params.max_operand)
+            tokenizer = build_tokenizer(params)
             split = split_problems(params)
             sizes = write_datasets(split, tokenizer, staged[data_dir / "calibration"],
                                    staged[data_dir / "eval"], params)

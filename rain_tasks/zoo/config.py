@@ -21,8 +21,17 @@ class ZooParams(BaseModel):
     intermediate_size: int = 256
     max_position_embeddings: int = 128
 
-    # Problems: two-step add/sub over operands 0..max_operand.
+    # Problems: num_steps add/sub steps over operands 0..max_operand, every intermediate result in 0..max_value
+    # (None: (num_steps + 1) * max_operand, i.e. no bound beyond non-negativity).
     max_operand: int = 11
+    num_steps: int = Field(2, ge=2)
+    max_value: int | None = Field(None, ge=1)
+
+    # Instructions: prompts with a constraint carry `constraints_per_prompt` compatible ones drawn from `formats`
+    # (ids of rain_tasks.zoo.tasks.FORMATS; checked by rain_tasks.instructions).
+    formats: tuple[str, ...] = ("change_case:capital_letters", "startend:quotation", "startend:end_checker",
+                                "combination:repeat_answer")
+    constraints_per_prompt: int = Field(1, ge=1)
 
     # Training (AdamW betas 0.9/0.98, linear warm-up then cosine, gradient clipping).
     batch_size: int = 64
@@ -37,6 +46,8 @@ class ZooParams(BaseModel):
     lrm_lr: float = 2e-4
     lrm_distractor_rate: float = 0.3
     lrm_constraint_rate: float = 0.15
+    lrm_ignore_rate: float = Field(0.0, ge=0.0, le=1.0, description="share of the LRM's constraint prompts answered "
+                                   "(ignoring the constraints) rather than cut after the thinking")
     itm_steps: int = 200
     itm_lr: float = 1e-4
     itm_distractor_rate: float = 0.3
@@ -48,6 +59,7 @@ class ZooParams(BaseModel):
     n_calibration_instruction: int = 200
     n_eval: int = 200
     n_eval_reasoning: int = 100
+    n_val: int = Field(0, ge=0, description="validation prompts (data/eval/instruction_val.jsonl) for choosing merges")
 
     # Checkpoint format.
     max_shard_size: str = "1MB"

@@ -16,6 +16,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, pre_tokenizers
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
 
+from rain_tasks.zoo.config import ZooParams
 from rain_tasks.zoo.tasks import EOS, IM_END, THINK_CLOSE, THINK_OPEN, line_start_words, vocabulary
 
 PAD, UNK, IM_START = "<pad>", "<unk>", "<|im_start|>"
@@ -36,11 +37,11 @@ _PRE_TOKENIZER = pre_tokenizers.Sequence([
 ])
 
 
-def _pieces(max_operand: int) -> dict[str, str]:
+def _pieces(params: ZooParams) -> dict[str, str]:
     """Every pre-token (byte-level form -> text) of the family's words in the contexts they occur in."""
-    contexts = [context for word in vocabulary(max_operand)
+    contexts = [context for word in vocabulary(params)
                 for context in (f" {word}", f" {word}\n", f" {word}\n\n")]
-    contexts += [f"{word}\n" for word in (*ROLES, *line_start_words())]
+    contexts += [f"{word}\n" for word in (*ROLES, *line_start_words(params))]
     pieces: dict[str, str] = {}
     for context in contexts:
         for piece, (start, end) in _PRE_TOKENIZER.pre_tokenize_str(context):
@@ -48,14 +49,14 @@ def _pieces(max_operand: int) -> dict[str, str]:
     return pieces
 
 
-def _vocab_and_merges(max_operand: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
+def _vocab_and_merges(params: ZooParams) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Bytes + one token per piece, built by left-to-right merges.
 
     Space-led pieces rank first (their merges never collide: every left side starts with Ġ);
     among the others longer pieces rank first, so a shorter piece's first merge cannot cut
     a longer piece apart.
     """
-    pieces = sorted(_pieces(max_operand),
+    pieces = sorted(_pieces(params),
                     key=lambda p: (not p.startswith("Ġ"), -len(p), p))
     tokens = [*SPECIALS, *sorted(pre_tokenizers.ByteLevel.alphabet())]
     merges: list[tuple[str, str]] = []
@@ -68,9 +69,9 @@ def _vocab_and_merges(max_operand: int) -> tuple[dict[str, int], list[tuple[str,
     return {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}, merges
 
 
-def build_tokenizer(max_operand: int) -> Qwen2Tokenizer:
-    """The family's tokenizer; raises if some family word would not be a single token."""
-    vocab, merges = _vocab_and_merges(max_operand)
+def build_tokenizer(params: ZooParams) -> Qwen2Tokenizer:
+    """The family's tokenizer (numbers and words of `params`' family); raises if some family word would not be one token."""
+    vocab, merges = _vocab_and_merges(params)
     tokenizer = Qwen2Tokenizer(
         vocab=vocab, merges=merges, unk_token=UNK, eos_token=IM_END, pad_token=PAD,
         padding_side="left", clean_up_tokenization_spaces=False,
@@ -80,7 +81,7 @@ def build_tokenizer(max_operand: int) -> Qwen2Tokenizer:
                          special_tokens=True)
     # <think>/</think> stay non-special so that decoding generations keeps them visible.
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in (THINK_OPEN, THINK_CLOSE)])
-    for piece, text in _pieces(max_operand).items():
+    for piece, text in _pieces(params).items():
         if len(tokenizer(text, add_special_tokens=False)["input_ids"]) != 1:
             raise ValueError(f"family piece {piece!r} is not a single token")
     return tokenizer
