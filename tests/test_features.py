@@ -57,13 +57,27 @@ def test_row_accumulator_keeps_rows_below_the_width_then_switches_to_the_gram():
     assert forced.result()[0] == "gram"
 
 
+#: query heads reading each KV head, written out by hand (query head h reads KV head h // n_rep): with 6 query heads
+#: over 2 KV heads n_rep = 3 differs from the KV head count, so a g·num_kv_heads slip cannot pass
+GROUPS = {4: ([0, 1], [2, 3]), 6: ([0, 1, 2], [3, 4, 5])}
+
+
+@pytest.fixture(scope="module", params=[4, 6], ids=["4q2kv", "6q2kv"])
+def family(request, tiny_family, tmp_path_factory):
+    """The shared 4/2-head family, or a 6/2-head one (hidden 48), each with its reasoning rows."""
+    if request.param == 4:
+        return tiny_family
+    root = tmp_path_factory.mktemp("fam6")
+    return {**make_family(root, hidden=48, heads=6, kv_heads=2), "reasoning": write_jsonl(root / "r.jsonl", reasoning_rows())}
+
+
 @pytest.fixture(scope="module")
-def one_sample(tiny_family, tmp_path_factory):
+def one_sample(family, tmp_path_factory):
     """Features of the first reasoning sample on the low-rank and the Gram path."""
     root = tmp_path_factory.mktemp("features")
     params = FeaturesParams(max_samples=1)
     for path in ("rows", "gram"):
-        accumulate_features(tiny_family["lrm"], tiny_family["reasoning"], params, root / path, low_rank=path == "rows")
+        accumulate_features(family["lrm"], family["reasoning"], params, root / path, low_rank=path == "rows")
     return root, params
 
 
@@ -71,11 +85,12 @@ def _ones(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x.double(), torch.ones(x.shape[0], 1, dtype=torch.float64)], dim=1)
 
 
-def test_rows_are_the_constraints_that_method_md_defines(tiny_family, one_sample):
+def test_rows_are_the_constraints_that_method_md_defines(family, one_sample):
     root, params = one_sample
-    tok = load_tokenizer(tiny_family["lrm"])
-    sample = prepare_samples(tok, load_records(tiny_family["reasoning"], "reasoning")[:1], params)[0][0]
-    model = AutoModelForCausalLM.from_pretrained(tiny_family["lrm"], dtype=torch.float32, attn_implementation="eager")
+    tok = load_tokenizer(family["lrm"])
+    sample = prepare_samples(tok, load_records(family["reasoning"], "reasoning")[:1], params)[0][0]
+    model = AutoModelForCausalLM.from_pretrained(family["lrm"], dtype=torch.float32, attn_implementation="eager")
+    heads = model.config.num_attention_heads
     caps: list[LayerCapture] = []
     forward_with_hooks(model, sample.input_ids, caps.append)
     with torch.no_grad():
@@ -84,30 +99,30 @@ def test_rows_are_the_constraints_that_method_md_defines(tiny_family, one_sample
     for cap in caps:
         feats = load_tensors(layer_file(root / "rows", cap.layer))
         torch.testing.assert_close(feats["rows.q"], _ones(cap.attn_in[om]))  # Qwen2 q has a bias
-        heads_out = cap.attn_out[om].double().reshape(len(om), 4, -1)  # o_proj is constrained head by head
-        for h in range(4):  # |Ω| exceeds a head's width 8: the set is kept as its Gram
+        heads_out = cap.attn_out[om].double().reshape(len(om), heads, -1)  # o_proj is constrained head by head
+        for h in range(heads):  # |Ω| exceeds a head's width 8: the set is kept as its Gram
             assert f"rows.o.h{h}" not in feats and heads_out.shape[0] > heads_out.shape[2]
             torch.testing.assert_close(feats[f"gram.o.h{h}"], heads_out[:, h].T @ heads_out[:, h])
         torch.testing.assert_close(feats["rows.mlp_in"], cap.mlp_in[om].double())
         torch.testing.assert_close(feats["rows.down"], cap.mlp_act[om].double())
         a = attentions[cap.layer][0][:, om].double()  # [heads, |Ω|, T]
-        for g, heads in enumerate(([0, 1], [2, 3])):  # 4 heads over 2 KV heads: h -> h // 2
-            want = _ones(torch.cat([a[h] @ cap.attn_in.double() for h in heads]))
+        for g, group in enumerate(GROUPS[heads]):
+            want = _ones(torch.cat([a[h] @ cap.attn_in.double() for h in group]))
             torch.testing.assert_close(feats[f"rows.v.g{g}"], want, rtol=1e-5, atol=1e-6)
-            keys = _ones(cap.attn_in[key_positions(a[heads].float(), params.key_mass)])
+            keys = _ones(cap.attn_in[key_positions(a[group].float(), params.key_mass)])
             gram = load_tensors(layer_file(root / "gram", cap.layer))[f"gram.k.g{g}"]
             torch.testing.assert_close(gram, keys.T @ keys, rtol=1e-5, atol=1e-6)
 
 
-def test_gram_path_equals_the_rows_path_and_metadata_counts(one_sample, tiny_family):
+def test_gram_path_equals_the_rows_path_and_metadata_counts(one_sample, family):
     root, _ = one_sample
-    shape = read_shape(tiny_family["lrm"])
+    shape = read_shape(family["lrm"])
     for layer in range(shape.num_layers):
         rows, gram = load_tensors(layer_file(root / "rows", layer)), load_tensors(layer_file(root / "gram", layer))
         meta = read_metadata(layer_file(root / "gram", layer))
         counts, dims = json.loads(meta["rows"]), json.loads(meta["dims"])
         assert meta["samples"] == "1" and meta["skipped"] == "0"
-        assert set(counts) == {"q", "o.h0", "o.h1", "o.h2", "o.h3", "mlp_in", "down", "k.g0", "k.g1", "v.g0", "v.g1"}
+        assert set(counts) == {"q", "mlp_in", "down", "k.g0", "k.g1", "v.g0", "v.g1"} | {f"o.h{h}" for h in range(shape.num_heads)}
         for name, n in counts.items():
             g = gram[f"gram.{name}"]
             assert g.shape == (dims[name], dims[name]) and g.dtype == torch.float64

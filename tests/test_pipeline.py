@@ -49,20 +49,6 @@ def test_dvc_yaml_is_generated_from_the_registry():
     assert yaml.safe_load((ROOT / "dvc.yaml").read_text()) == dvc_yaml(), "dvc.yaml is stale: run `rain dvc-yaml`"
 
 
-def test_dvc_repro_runs_every_stage_and_param_change_reruns_downstream_only(dvc_project):
-    root, env, log = dvc_project
-    assert _ran(log) == {s.name for s in STAGES}
-    assert "up to date" in sh(["dvc", "status"], root, env)
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["alpha"].update(box_lo=0.5, box_hi=0.5)  # pins every α: the merged model must change
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    status = sh(["dvc", "status"], root, env)
-    assert re.findall(r"^([a-z_]+):", status, flags=re.M) == ["alpha", "paper_preset"]  # the preset's α shares the box
-    rerun = sh(["dvc", "repro"], root, env)
-    assert _ran(rerun) == {"alpha", "paper_preset", "merge", "ablations", "evaluate"}
-    assert "up to date" in sh(["dvc", "status"], root, env)
-
-
 def _tensors(directory: Path, pattern: str = "layer_*.safetensors") -> dict[str, torch.Tensor]:
     tensors = {}
     for f in sorted(directory.glob(pattern)):
@@ -84,6 +70,8 @@ def test_merged_model_is_lrm_plus_scaled_projected_update(dvc_project):
     scales = load_tensors(root / "artifacts/alpha/scales.safetensors")
     projected, other = _tensors(root / "artifacts/projected"), _other_update(root, merge["scope"])
     assert set(projected) and set(projected) <= set(lrm.names())
+    per_head = torch.cat([s.flatten() for n, s in scales.items() if n.endswith("q_proj.weight")])
+    assert per_head.unique().numel() > 1  # Stage 2's own, non-uniform α (the param-change test pins it last)
     for name in lrm.names():
         theta = lrm.get(name).float()
         update = scales[name] * projected[name] if name in projected else other.get(name, 0.0)
@@ -209,3 +197,18 @@ def test_prefect_flow_matches_dvc_and_second_run_is_all_cache_hits(dvc_project, 
         assert tree_digests(root / rel) == tree_digests(dvc_root / rel), rel  # lineage.json included
     second = sh([sys.executable, str(script), str(root)], root, env)
     assert f"cached={len(STAGES)} completed=0" in second, second
+
+
+def test_dvc_repro_runs_every_stage_and_param_change_reruns_downstream_only(dvc_project):
+    """Last in this module: it pins every α, so the tensor checks above run on Stage 2's own α."""
+    root, env, log = dvc_project
+    assert _ran(log) == {s.name for s in STAGES}
+    assert "up to date" in sh(["dvc", "status"], root, env)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["alpha"].update(box_lo=0.5, box_hi=0.5)  # pins every α: the merged model must change
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    status = sh(["dvc", "status"], root, env)
+    assert re.findall(r"^([a-z_]+):", status, flags=re.M) == ["alpha", "paper_preset"]  # the preset's α shares the box
+    rerun = sh(["dvc", "repro"], root, env)
+    assert _ran(rerun) == {"alpha", "paper_preset", "merge", "ablations", "evaluate"}
+    assert "up to date" in sh(["dvc", "status"], root, env)
