@@ -260,6 +260,13 @@ class Params(_Section):
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     check: CheckParams = Field(default_factory=CheckParams)
 
+    @model_validator(mode="after")
+    def _curvature_needs_its_pass(self):
+        if self.alpha.variant == "curvature" and not self.attention.curvature_pass:
+            raise ValueError("alpha.variant 'curvature' needs the third attention pass: set attention.curvature_pass: true "
+                             "or choose alpha.variant two_pass")
+        return self
+
 
 class ParamsError(ValueError):
     """params.yaml is unreadable or out of range; `errors` holds one (key, what is wrong) pair per problem."""

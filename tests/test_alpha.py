@@ -16,7 +16,7 @@ from rain_tasks.alpha import (closed_form_alpha, reduce_terms, sample_grid, samp
                                summary_markdown)
 from rain_tasks.arch import MODULES, read_shape
 from rain_tasks.checkpoint import Checkpoint, load_tensors
-from rain_tasks.params import AlphaParams
+from rain_tasks.params import AlphaParams, Params
 from rain_tasks.schemas import STATS_SCHEMA, alpha_schema
 
 
@@ -191,6 +191,8 @@ def test_curvature_variant_refuses_statistics_without_the_third_pass(tiny_family
     _stats(2, 4, curvature=False).to_parquet(tmp_path / "stats.parquet", index=False)
     with pytest.raises(ValueError, match="curvature_pass"):
         solve_alpha(tmp_path / "stats.parquet", tiny_family["lrm"], AlphaParams(), 1.0, tmp_path / "a.parquet", tmp_path / "s.safetensors")
+    with pytest.raises(ValueError, match="curvature_pass"):  # and params.yaml saying so is refused when it is parsed
+        Params.model_validate({"alpha": {"variant": "curvature"}, "attention": {"curvature_pass": False}})
 
 
 def test_controls_keep_the_mean_and_split_half_reliability_is_reported(tiny_family, tmp_path):
