@@ -35,9 +35,10 @@ from tqdm import tqdm
 
 from rain_tasks.arch import ModelShape, module_of, read_shape
 from rain_tasks.calibration import Rendered, load_tokenizer, render, span_positions
-from rain_tasks.capture import attention_probs, forward_with_hooks
+from rain_tasks.capture import attention_probs, forward_batch_with_hooks, pad_right, token_batches
 from rain_tasks.checkpoint import atomic_path, load_causal_lm, load_tensors
-from rain_tasks.params import AttentionParams
+from rain_tasks.params import AttentionParams, RuntimeParams
+from rain_tasks.runtime import add_to_parameter, input_device
 from rain_tasks.schemas import STATS_SCHEMA, load_records
 from rain_tasks.task_vectors import MANIFEST, layer_file
 
@@ -111,66 +112,94 @@ def span_stats(probs: torch.Tensor, rows: Sequence[int], spans: SampleSpans) -> 
     return a, u
 
 
-def eager_bytes(shape: ModelShape, n_tokens: int) -> int:
+def eager_bytes(shape: ModelShape, n_tokens: int, batch: int = 1) -> int:
     """Bytes of the fp32 attention weights of all layers and heads that `output_attentions` returns."""
-    return shape.num_layers * shape.num_heads * n_tokens * n_tokens * 4
+    return batch * shape.num_layers * shape.num_heads * n_tokens * n_tokens * 4
 
 
-def pick_mode(mode: str, shape: ModelShape, n_tokens: int) -> str:
-    """Resolve "auto" to eager for texts whose full attention fits the budget, recompute otherwise."""
+def pick_mode(mode: str, shape: ModelShape, n_tokens: int, batch: int = 1) -> str:
+    """Resolve "auto" to eager for batches whose full attention fits the budget, recompute otherwise."""
     if mode != "auto":
         return mode
-    return "eager" if eager_bytes(shape, n_tokens) <= EAGER_BUDGET_BYTES else "recompute"
+    return "eager" if eager_bytes(shape, n_tokens, batch) <= EAGER_BUDGET_BYTES else "recompute"
+
+
+PerSample = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def eager_batch_stats(model, sequences: Sequence[Sequence[int]], spans: Sequence[SampleSpans]) -> PerSample:
+    """Per sequence, per-layer a, u [layers, heads] from full eager attention weights of one padded forward (short texts)."""
+    model.set_attn_implementation("eager")
+    ids = pad_right([torch.as_tensor(s) for s in sequences]).to(input_device(model))
+    out = model.base_model(input_ids=ids, output_attentions=True)
+    if not out.attentions or any(att is None for att in out.attentions):
+        raise RuntimeError("the model returned no attention weights; it must run with attn_implementation='eager'")
+    results = []
+    for b, (seq, sp) in enumerate(zip(sequences, spans, strict=True)):
+        rows = sp.query_rows
+        stats = [span_stats(att[b][:, rows, : len(seq)], rows, sp) for att in out.attentions]
+        results.append((torch.stack([a for a, _ in stats]).cpu(), torch.stack([u for _, u in stats]).cpu()))
+    return results
+
+
+def recompute_batch_stats(model, sequences: Sequence[Sequence[int]], spans: Sequence[SampleSpans]) -> PerSample:
+    """Per sequence, per-layer a, u [layers, heads] recomputing only its R ∪ U attention rows from captured layer inputs."""
+    results: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in sequences]
+
+    def on_layer(b: int, cap) -> None:
+        rows = spans[b].query_rows
+        results[b][cap.layer] = span_stats(attention_probs(model, cap.layer, cap.attn_in, rows), rows, spans[b])
+
+    model.set_attn_implementation("sdpa")  # the forward itself materialises no attention weights
+    forward_batch_with_hooks(model, [torch.as_tensor(s) for s in sequences], on_layer)
+    layers = list(range(model.config.num_hidden_layers))
+    out = []
+    for found in results:
+        if sorted(found) != layers:
+            raise RuntimeError(f"capture reported layers {sorted(found)}, expected {layers}")
+        out.append((torch.stack([found[l][0] for l in layers]).cpu(), torch.stack([found[l][1] for l in layers]).cpu()))
+    return out
 
 
 def eager_sample_stats(model, input_ids: torch.Tensor, spans: SampleSpans) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-layer a, u [layers, heads] from full eager attention weights (short texts)."""
-    model.set_attn_implementation("eager")
-    out = model.base_model(input_ids=input_ids, output_attentions=True)
-    if not out.attentions or any(att is None for att in out.attentions):
-        raise RuntimeError("the model returned no attention weights; it must run with attn_implementation='eager'")
-    rows = spans.query_rows
-    stats = [span_stats(att[0][:, rows, :], rows, spans) for att in out.attentions]
-    return torch.stack([a for a, _ in stats]), torch.stack([u for _, u in stats])
+    """Per-layer a, u [layers, heads] of one sample from full eager attention weights."""
+    return eager_batch_stats(model, [input_ids.reshape(-1).tolist()], [spans])[0]
 
 
 def recompute_sample_stats(model, input_ids: torch.Tensor, spans: SampleSpans) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-layer a, u [layers, heads] recomputing only the R ∪ U attention rows from captured layer inputs."""
-    rows = spans.query_rows
-    results: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def on_layer(cap) -> None:
-        results[cap.layer] = span_stats(attention_probs(model, cap.layer, cap.attn_in, rows), rows, spans)
-
-    model.set_attn_implementation("sdpa")  # the forward itself materialises no attention weights
-    forward_with_hooks(model, input_ids, on_layer)
-    layers = range(model.config.num_hidden_layers)
-    if sorted(results) != list(layers):
-        raise RuntimeError(f"capture reported layers {sorted(results)}, expected {list(layers)}")
-    return torch.stack([results[l][0] for l in layers]), torch.stack([results[l][1] for l in layers])
+    """Per-layer a, u [layers, heads] of one sample, recomputing only its R ∪ U attention rows."""
+    return recompute_batch_stats(model, [input_ids.reshape(-1).tolist()], [spans])[0]
 
 
-_PATHS = {"eager": eager_sample_stats, "recompute": recompute_sample_stats}
+_PATHS = {"eager": eager_batch_stats, "recompute": recompute_batch_stats}
 
 
 @torch.no_grad()
-def run_pass(model, samples: Sequence[Sample], shape: ModelShape, mode: str, desc: str) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
-    """Σ over samples of a and u, each [layers, heads] float64, plus how many samples each path served."""
+def run_pass(
+    model, samples: Sequence[Sample], shape: ModelShape, mode: str, desc: str, batch_tokens: int = 1
+) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """Σ over samples of a and u, each [layers, heads] float64, plus how many samples each path served.
+
+    Samples go through in order, in batches of at most `batch_tokens` padded tokens (one sample per
+    forward when a sample alone exceeds it); a batch takes the eager path only if its whole
+    attention tensor fits EAGER_BUDGET_BYTES.
+    """
     a_sum = np.zeros((shape.num_layers, shape.num_heads))
     u_sum = np.zeros_like(a_sum)
     used = Counter()
-    for s in tqdm(samples, desc=desc, unit="sample"):
-        path = pick_mode(mode, shape, len(s.input_ids))
-        a, u = _PATHS[path](model, torch.tensor([s.input_ids]), s.spans)
-        a_sum += a.numpy()
-        u_sum += u.numpy()
-        used[path] += 1
+    for batch in tqdm(token_batches([len(s.input_ids) for s in samples], batch_tokens), desc=desc, unit="batch"):
+        group = [samples[i] for i in batch]
+        path = pick_mode(mode, shape, max(len(s.input_ids) for s in group), len(group))
+        for a, u in _PATHS[path](model, [s.input_ids for s in group], [s.spans for s in group]):
+            a_sum += a.numpy()
+            u_sum += u.numpy()
+        used[path] += len(group)
     return a_sum, u_sum, dict(used)
 
 
-def load_lrm(lrm_dir: str | Path):
-    """The LRM in fp32 with eager attention (the only implementation that returns attention weights)."""
-    return load_causal_lm(lrm_dir)
+def load_lrm(lrm_dir: str | Path, runtime: RuntimeParams | None = None):
+    """The LRM on `runtime`'s device and dtype with eager attention (the only implementation that returns weights)."""
+    return load_causal_lm(lrm_dir, runtime)
 
 
 @torch.no_grad()
@@ -195,7 +224,7 @@ def add_projected(model, projected_dir: str | Path, shape: ModelShape, prior: fl
                 continue
             if tuple(delta.shape) != tuple(params[name].shape):
                 raise ValueError(f"{path}: {name} has shape {tuple(delta.shape)}, the model has {tuple(params[name].shape)}")
-            params[name].add_(delta.to(params[name].dtype), alpha=prior)
+            add_to_parameter(model, name, delta, prior)
             seen.add(name)
     missing = sorted(expected - seen)
     if missing:
@@ -264,17 +293,22 @@ def attention_stats(
     params: AttentionParams,
     out_path: str | Path,
     report_path: str | Path,
+    runtime: RuntimeParams | None = None,
 ) -> Path:
-    """Run both passes over the instruction set; write the (layer, head) sums table and a JSON report."""
+    """Run both passes over the instruction set; write the (layer, head) sums table and a JSON report.
+
+    `runtime` places the LRM (device, dtype, device_map) and sets the padded tokens per forward pass.
+    """
+    runtime = runtime or RuntimeParams()
     shape = read_shape(lrm_dir)
     rows = load_records(instruction_path, "instruction")[: params.max_samples]
     samples, report = prepare_samples(rows, load_tokenizer(lrm_dir), params.max_tokens)
     if not samples:
         raise ValueError(f"{instruction_path}: no usable sample (too long: {report['skipped_too_long']}, no usable instruction: {report['skipped_no_usable_instruction']})")
-    model = load_lrm(lrm_dir)
-    a0, u0, modes0 = run_pass(model, samples, shape, params.mode, "attention pass 0 (θ_R)")
+    model = load_lrm(lrm_dir, runtime)
+    a0, u0, modes0 = run_pass(model, samples, shape, params.mode, "attention pass 0 (θ_R)", runtime.batch_tokens)
     ignored = add_projected(model, projected_dir, shape, params.prior)
-    a1, u1, modes1 = run_pass(model, samples, shape, params.mode, "attention pass 1 (θ_R + p·Δ⊥)")
+    a1, u1, modes1 = run_pass(model, samples, shape, params.mode, "attention pass 1 (θ_R + p·Δ⊥)", runtime.batch_tokens)
     table = STATS_SCHEMA.validate(stats_table(a0, a1, u0, u1, len(samples)))
     with atomic_path(out_path) as tmp:
         table.to_parquet(tmp, index=False)

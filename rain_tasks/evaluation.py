@@ -10,6 +10,7 @@ end-to-end invariance). The held-out sets must share no prompt with a calibratio
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 from collections.abc import Iterable
@@ -20,8 +21,10 @@ import torch
 from tqdm import tqdm
 
 from rain_tasks.calibration import load_tokenizer, render, think_positions
-from rain_tasks.checkpoint import atomic_path
-from rain_tasks.generation import behaviour_metrics, load_model
+from rain_tasks.checkpoint import atomic_path, forward_dtype, load_causal_lm
+from rain_tasks.generation import GREEDY, Sampling, behaviour_metrics, load_model
+from rain_tasks.params import EvaluateParams, RuntimeParams
+from rain_tasks.runtime import input_device
 from rain_tasks.plots import lines
 from rain_tasks.schemas import load_records
 
@@ -96,11 +99,12 @@ def write_lambda_sweep(table: pd.DataFrame, csv_path: Path, png_path: Path) -> b
 def _at_omega(model, encoded: list[tuple[list[int], list[int]]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per encoded trace: log next-token distributions [|Ω|, V] and decoder-layer outputs [L, |Ω|, d] at Ω."""
     log_probs, hidden = [], []
+    device = input_device(model)
     for ids, omega in encoded:
-        out = model(torch.tensor([ids]), output_hidden_states=True)
-        log_probs.append(torch.log_softmax(out.logits[0, omega].float(), dim=-1))
+        out = model(torch.tensor([ids], device=device), output_hidden_states=True)
+        log_probs.append(torch.log_softmax(out.logits[0, omega].float(), dim=-1).cpu())
         # hidden_states[0] is the embedding output; 1..L-1 are layer outputs and the last is after the final norm
-        hidden.append(torch.stack([h[0, omega].double() for h in out.hidden_states[1:]]))
+        hidden.append(torch.stack([h[0, omega].to("cpu", torch.float64) for h in out.hidden_states[1:]]))
     return log_probs, hidden
 
 
@@ -124,18 +128,19 @@ def _invariance(reference: tuple[list[torch.Tensor], torch.Tensor], model, encod
     return {"l_think": float(torch.cat(kls).mean()), "h_drift": float(drift.mean())}
 
 
-def _reference(lrm_dir: str | Path, encoded) -> tuple[list[torch.Tensor], torch.Tensor]:
+def _reference(lrm_dir: str | Path, encoded, runtime: RuntimeParams | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The LRM's log-probs and hidden states at Ω, computed once for every model compared with it."""
-    ref_p, ref_h = _at_omega(load_model(lrm_dir)[0], encoded)
+    ref_p, ref_h = _at_omega(load_model(lrm_dir, runtime)[0], encoded)
     return ref_p, torch.cat(ref_h, dim=1)
 
 
-def think_invariance(lrm_dir: str | Path, model_dirs: dict[str, Path], traces: list[dict], radius: int) -> dict[str, dict]:
+def think_invariance(lrm_dir: str | Path, model_dirs: dict[str, Path], traces: list[dict], radius: int,
+                     runtime: RuntimeParams | None = None) -> dict[str, dict]:
     """Per model, teacher forced on the traces, at Ω_think: L_think = mean KL(p_LRM ‖ p_model), and
     h_drift = mean over layers of ‖h_model − h_LRM‖ / ‖h_LRM‖ (both 0 for the LRM itself)."""
     encoded = _encode_traces(lrm_dir, traces, radius)
-    reference = _reference(lrm_dir, encoded)
-    return {name: _invariance(reference, load_model(path)[0], encoded) for name, path in model_dirs.items()}
+    reference = _reference(lrm_dir, encoded, runtime)
+    return {name: _invariance(reference, load_model(path, runtime)[0], encoded) for name, path in model_dirs.items()}
 
 
 def evaluate_models(
@@ -147,42 +152,84 @@ def evaluate_models(
     batch_size: int,
     radius: int,
     max_eval: int | None = None,
+    *,
+    runtime: RuntimeParams | None = None,
+    sampling: Sampling = GREEDY,
 ) -> dict[str, dict]:
-    """Metrics for every model (model_dirs includes the LRM itself under some name); each model is loaded once."""
+    """Metrics for every model (model_dirs includes the LRM itself under some name); each model is loaded once,
+    on `runtime`'s device and dtype, and replies are drawn with `sampling`."""
     problems = load_records(instruction_eval, "instruction_eval")[:max_eval]
     encoded = _encode_traces(lrm_dir, load_records(reasoning_eval, "reasoning")[:max_eval], radius)
-    reference = _reference(lrm_dir, encoded)
+    reference = _reference(lrm_dir, encoded, runtime)
     results = {}
     for name, path in tqdm(model_dirs.items(), desc="evaluate", unit="model"):
-        model, tok = load_model(path)
-        m = behaviour_metrics(model, tok, problems, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        model, tok = load_model(path, runtime)
+        m = behaviour_metrics(model, tok, problems, max_new_tokens=max_new_tokens, batch_size=batch_size, sampling=sampling)
         results[name] = {**m, **_invariance(reference, model, encoded)}
         log.info("%s: %s", name, {k: results[name][k] for k in TABLE_COLUMNS if k in results[name]})
     return results
 
 
 def lm_eval_scores(model_dirs: dict[str, Path], tasks: list[str], limit: int | None,
-                   include: str | Path | None = None) -> dict[str, dict[str, dict[str, float]]]:
-    """Per model, lm-eval harness scores (task -> metric -> value) through HFLM on the model directory.
+                   include: str | Path | None = None, *, runtime: RuntimeParams | None = None,
+                   evaluate: EvaluateParams | None = None) -> dict[str, dict[str, dict[str, float]]]:
+    """Per model, lm-eval harness scores (task -> metric -> value) on the model directory.
 
     For real checkpoints (`evaluate.lm_eval_tasks` in params.yaml): lm-eval reads task data through
     `datasets`, so offline runs need it in the local datasets cache; `include` adds a folder of task
-    YAMLs. Needs lm-eval's [hf] extras (accelerate, peft) beside requirements-eval.txt. The tokenizer
-    is the pipeline's own (`load_tokenizer`: HFLM's AutoTokenizer would mangle a non-BPE tokenizer.json).
+    YAMLs. Backend (`evaluate.lm_eval_backend`): vLLM where installed and chosen, else HFLM (needs
+    lm-eval's [hf] extras beside requirements-eval.txt) on `runtime`'s device and dtype with the
+    pipeline's own tokenizer (`load_tokenizer`: HFLM's AutoTokenizer would mangle a non-BPE
+    tokenizer.json). Sampling and per-task generation budgets come from `evaluate`.
     """
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
+    evaluate = evaluate or EvaluateParams()
     manager = TaskManager(include_path=str(include) if include else None)
+    runs = lm_eval_runs(tasks, evaluate)
     scores = {}
     for name, path in model_dirs.items():
-        lm = HFLM(pretrained=str(path), tokenizer=load_tokenizer(path), device="cuda" if torch.cuda.is_available() else "cpu")
-        out = simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=manager, log_samples=False)
-        scores[name] = {task: {k: float(v) for k, v in res.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-                        for task, res in out["results"].items()}
+        lm = _lm_eval_model(path, runtime or RuntimeParams(), evaluate)
+        scores[name] = {}
+        for task_list, gen_kwargs in runs:
+            out = simple_evaluate(model=lm, tasks=task_list, limit=limit, task_manager=manager, log_samples=False,
+                                  gen_kwargs=gen_kwargs or None, random_seed=evaluate.seed)
+            scores[name] |= {task: {k: float(v) for k, v in res.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+                             for task, res in out["results"].items()}
         log.info("lm-eval %s: %s", name, scores[name])
     return scores
+
+
+def lm_eval_runs(tasks: list[str], evaluate: EvaluateParams) -> list[tuple[list[str], str]]:
+    """(tasks, lm-eval gen_kwargs string) per simple_evaluate call: tasks with their own budget run alone."""
+    sampling = Sampling(evaluate.temperature, evaluate.top_p, evaluate.num_samples, evaluate.seed)
+    common = ",".join(f"{k}={v}" for k, v in sampling.generate_kwargs().items() if k != "num_return_sequences")
+    own = [t for t in tasks if t in evaluate.lm_eval_max_new_tokens]
+    rest = [t for t in tasks if t not in evaluate.lm_eval_max_new_tokens]
+    runs = [([t], f"{common},max_gen_toks={evaluate.lm_eval_max_new_tokens[t]}") for t in own]
+    return ([(rest, common)] if rest else []) + runs
+
+
+def lm_eval_backend(choice: str) -> str:
+    """'vllm' or 'hf': auto takes vLLM where it is installed and a GPU is present; vllm refuses when it is missing."""
+    available = importlib.util.find_spec("vllm") is not None
+    if choice == "vllm" and not available:
+        raise RuntimeError("evaluate.lm_eval_backend is vllm but vllm is not installed; install it or use hf / auto")
+    return "vllm" if choice == "vllm" or (choice == "auto" and available and torch.cuda.is_available()) else "hf"
+
+
+def _lm_eval_model(path: Path, runtime: RuntimeParams, evaluate: EvaluateParams):
+    """An lm-eval model object for one checkpoint on the chosen backend, device and dtype."""
+    dtype = str(forward_dtype(path, runtime)).removeprefix("torch.")
+    if lm_eval_backend(evaluate.lm_eval_backend) == "vllm":
+        from lm_eval.models.vllm_causallms import VLLM
+
+        return VLLM(pretrained=str(path), dtype=dtype, batch_size="auto", seed=evaluate.seed,
+                    tensor_parallel_size=max(1, torch.cuda.device_count()) if runtime.device_map else 1)
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=load_causal_lm(path, runtime), tokenizer=load_tokenizer(path), batch_size=evaluate.batch_size)
 
 
 def format_table(results: dict[str, dict], labels: dict[str, str] | None = None) -> str:

@@ -101,9 +101,9 @@ def _features(p: Params, r: Path) -> None:
     from rain_tasks.checkpoint import load_causal_lm
     from rain_tasks.features import accumulate_features
 
-    load_lrm = functools.cache(functools.partial(load_causal_lm, r / p.models.lrm))  # one load for both sets
-    accumulate_features(r / p.models.lrm, r / p.calibration.reasoning, p.features, r / FEAT, load_model=load_lrm)
-    accumulate_features(r / p.models.lrm, r / p.calibration.reasoning_heldout, p.features, r / FEAT_HELDOUT, load_model=load_lrm)
+    load_lrm = functools.cache(functools.partial(load_causal_lm, r / p.models.lrm, p.runtime))  # one load for both sets
+    for calibration, out in ((p.calibration.reasoning, FEAT), (p.calibration.reasoning_heldout, FEAT_HELDOUT)):
+        accumulate_features(r / p.models.lrm, r / calibration, p.features, r / out, load_model=load_lrm, runtime=p.runtime)
 
 
 def _projection(p: Params, r: Path) -> None:
@@ -117,7 +117,8 @@ def _attention_stats(p: Params, r: Path) -> None:
     from rain_tasks.attention import attention_stats
 
     attention_stats(
-        r / p.models.lrm, r / PROJ, r / p.calibration.instruction, p.attention, r / ATTN / "stats.parquet", r / ATTN / "report.json"
+        r / p.models.lrm, r / PROJ, r / p.calibration.instruction, p.attention, r / ATTN / "stats.parquet", r / ATTN / "report.json",
+        runtime=p.runtime,
     )
 
 
@@ -256,6 +257,7 @@ def _evaluate(p: Params, r: Path) -> None:
     from rain_tasks.evaluation import (
         evaluate_models, format_table, lambda_table, lm_eval_scores, read_merge_times, write_lambda_sweep, write_outputs,
     )
+    from rain_tasks.generation import Sampling
 
     contamination = _contamination(p, r)  # before any model runs: contaminated numbers are not worth computing
     labels = {"LRM": "reasoning model θ_R", "ITM": "instruction model θ_I"}
@@ -267,12 +269,14 @@ def _evaluate(p: Params, r: Path) -> None:
     e = p.evaluate
     results = evaluate_models(
         r / p.models.lrm, models, r / EVAL_DIR / "instruction_eval.jsonl", r / EVAL_DIR / "reasoning_eval.jsonl",
-        e.max_new_tokens, e.batch_size, e.neighbour_radius, e.max_eval,
+        e.max_new_tokens, e.batch_size, e.neighbour_radius, e.max_eval, runtime=p.runtime,
+        sampling=Sampling(e.temperature, e.top_p, e.num_samples, e.seed),
     )
     for name, seconds in read_merge_times(r / path for path in MERGE_TIMES.values()).items():
         results[name]["merge_time_s"] = seconds
     if e.lm_eval_tasks:
-        for name, scores in lm_eval_scores(models, e.lm_eval_tasks, e.lm_eval_limit, e.lm_eval_include).items():
+        for name, scores in lm_eval_scores(models, e.lm_eval_tasks, e.lm_eval_limit, e.lm_eval_include,
+                                           runtime=p.runtime, evaluate=e).items():
             results[name]["lm_eval"] = scores
     runs = [run.model_dump(mode="json") for run in p.baselines.runs]
     figures = [("orthogonality of Δ_R and Δ_I", f"../{ORTHO_PNG}")]
@@ -295,14 +299,14 @@ STAGES: tuple[Stage, ...] = (
           code=("rain_tasks/orthogonality.py", "rain_tasks/plots.py"), params=("orthogonality",), plots=(ORTHO_CSV, ORTHO_PNG),
           desc="principal-angle cosines between the top-r singular subspaces of Δ_R and Δ_I per module"),
     Stage("features", _features, deps=("${models.lrm}", "${calibration.reasoning}", "${calibration.reasoning_heldout}"),
-          code=("rain_tasks/features.py", "rain_tasks/capture.py", "rain_tasks/calibration.py"), params=("features",),
+          code=("rain_tasks/features.py", "rain_tasks/capture.py", "rain_tasks/calibration.py"), params=("features", "runtime.dtype"),
           outs=(FEAT, FEAT_HELDOUT), desc="Stage 1: LRM features at Ω_think (calibration and held-out), Gram accumulation"),
     Stage("projection", _projection, deps=(TV, FEAT, FEAT_HELDOUT), code=("rain_tasks/projection.py",), params=("projection",),
           outs=(PROJ, "reports/projection.parquet"), metrics=("metrics/projection.json",),
           desc="Stage 1: null-space projection Δ⊥ and its invariance residuals"),
     Stage("attention_stats", _attention_stats, deps=("${models.lrm}", PROJ, "${calibration.instruction}"),
           code=("rain_tasks/attention.py", "rain_tasks/capture.py", "rain_tasks/calibration.py"),
-          params=("attention",), outs=(ATTN,), desc="Stage 2: instruction-attention statistics, two passes"),
+          params=("attention", "runtime.dtype"), outs=(ATTN,), desc="Stage 2: instruction-attention statistics, two passes"),
     Stage("alpha", _alpha, deps=(ATTN, "${models.lrm}/config.json"), code=("rain_tasks/alpha.py",), params=("alpha", "attention.prior"),
           outs=(ALPHA,), plots=("plots/alpha_heatmap.csv", ALPHA_PNG), desc="Stage 2: closed-form α per head, mapped to modules"),
     Stage("merge", _merge, deps=("${models.lrm}", PROJ, ALPHA, TV), code=("rain_tasks/merge.py", "rain_tasks/lineage.py", "rain_tasks/card.py"), params=("merge",), outs=(MERGED,),
@@ -318,7 +322,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("evaluate", _evaluate, deps=("${models.lrm}", "${models.itm}", MERGED, ABLATIONS, BASELINES, EVAL_DIR, ALPHA,
                                        "${calibration.reasoning}", "${calibration.instruction}", ORTHO_PNG, *MERGE_TIMES.values()),
           code=("rain_tasks/evaluation.py", "rain_tasks/generation.py", "rain_tasks/instructions.py", "rain_tasks/plots.py"),
-          params=("evaluate", "baselines"), outs=("reports/report.md", "reports/report.json"), metrics=("metrics/eval.json",),
+          params=("evaluate", "baselines", "runtime.dtype"), outs=("reports/report.md", "reports/report.json"), metrics=("metrics/eval.json",),
           plots=("plots/eval.csv", LAMBDA_CSV, LAMBDA_PNG),
           desc="contamination check, behaviour, L_think and the comparison report"),
 )

@@ -110,7 +110,8 @@ def test_eager_and_recompute_match_brute_force(tiny_family, lrm, row):
 
 
 def test_eager_path_refuses_missing_attention_weights():
-    fake = SimpleNamespace(set_attn_implementation=lambda _: None, base_model=lambda **_: SimpleNamespace(attentions=()))
+    fake = SimpleNamespace(set_attn_implementation=lambda _: None, base_model=lambda **_: SimpleNamespace(attentions=()),
+                           get_input_embeddings=lambda: SimpleNamespace(weight=torch.zeros(1)))
     spans = SampleSpans(pairs=(((0,), (1,)),), instruction=(0,), unrelated=(), unmapped={}, unusable_instructions=0)
     with pytest.raises(RuntimeError, match="no attention weights"):
         eager_sample_stats(fake, torch.tensor([[1, 2]]), spans)
