@@ -59,6 +59,11 @@ def opens_think(prompt_text: str) -> bool:
     return prompt_text.rstrip().endswith(THINK_OPEN)
 
 
+def whole_turn(prompt_text: str, continuation: str) -> str:
+    """The model's turn as scored: the continuation, behind the `<think>` the template wrote if it opened the block."""
+    return f"{THINK_OPEN}\n{continuation}" if opens_think(prompt_text) else continuation
+
+
 @torch.no_grad()
 def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
              max_new_tokens: int, batch_size: int = 64, sampling: Sampling = GREEDY) -> list[str]:
@@ -89,8 +94,7 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
                     break
                 if tok not in drop:
                     ids.append(tok)
-            opened = THINK_OPEN + "\n" if opens_think(texts[n // sampling.num_samples]) else ""
-            outputs.append(opened + tokenizer.decode(ids, skip_special_tokens=False))
+            outputs.append(whole_turn(texts[n // sampling.num_samples], tokenizer.decode(ids, skip_special_tokens=False)))
     return outputs
 
 
