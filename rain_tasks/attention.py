@@ -36,7 +36,7 @@ from tqdm import tqdm
 from rain_tasks.arch import ModelShape, module_of, read_shape
 from rain_tasks.calibration import Rendered, load_tokenizer, render, span_positions
 from rain_tasks.capture import attention_probs, forward_batch_with_hooks, pad_right, token_batches
-from rain_tasks.checkpoint import atomic_path, load_causal_lm, load_tensors
+from rain_tasks.checkpoint import CPU, atomic_path, load_causal_lm, load_tensors
 from rain_tasks.params import AttentionParams, RuntimeParams
 from rain_tasks.runtime import add_to_parameter, input_device
 from rain_tasks.schemas import STATS_SCHEMA, load_records
@@ -299,7 +299,7 @@ def attention_stats(
 
     `runtime` places the LRM (device, dtype, device_map) and sets the padded tokens per forward pass.
     """
-    runtime = runtime or RuntimeParams()
+    runtime = runtime or CPU
     shape = read_shape(lrm_dir)
     rows = load_records(instruction_path, "instruction")[: params.max_samples]
     samples, report = prepare_samples(rows, load_tokenizer(lrm_dir), params.max_tokens)

@@ -30,15 +30,19 @@ SINGLE_NAME = "model.safetensors"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
+#: what a caller that passes no runtime gets: float32 on the CPU (the stages pass params.yaml's `runtime`)
+CPU = RuntimeParams(device="cpu")
+
+
 def load_causal_lm(model_dir: str | Path, runtime: RuntimeParams | None = None, attn_implementation: str = "eager"):
-    """A local causal LM in eval mode, on `runtime`'s device and dtype (default: float32 on the CPU or the first GPU).
+    """A local causal LM in eval mode, on `runtime`'s device and dtype (default: float32 on the CPU).
 
     With `runtime.device_map: auto`, accelerate places the layers over the GPUs, the CPU and
     `offload_folder` within `max_memory`. Eager attention is the only kind that returns weights.
     """
     from transformers import AutoModelForCausalLM
 
-    runtime = runtime or RuntimeParams()
+    runtime = runtime or CPU
     device = resolve_device(runtime.device)
     kwargs: dict = {"dtype": forward_dtype(model_dir, runtime), "attn_implementation": attn_implementation}
     if runtime.device_map is None:
@@ -52,7 +56,7 @@ def load_causal_lm(model_dir: str | Path, runtime: RuntimeParams | None = None, 
 
 def forward_dtype(model_dir: str | Path, runtime: RuntimeParams | None = None) -> torch.dtype:
     """The dtype `load_causal_lm` runs a checkpoint in under `runtime` (recorded with the artifacts it makes)."""
-    runtime = runtime or RuntimeParams()
+    runtime = runtime or CPU
     return resolve_dtype(runtime.dtype, checkpoint_dtype(model_dir), resolve_device(runtime.device))
 
 

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from rain_tasks.calibration import load_tokenizer, render, think_positions
-from rain_tasks.checkpoint import atomic_path, forward_dtype, load_causal_lm
+from rain_tasks.checkpoint import CPU, atomic_path, forward_dtype, load_causal_lm
 from rain_tasks.generation import GREEDY, Sampling, behaviour_metrics, load_model
 from rain_tasks.params import EvaluateParams, RuntimeParams
 from rain_tasks.runtime import input_device
@@ -190,7 +190,7 @@ def lm_eval_scores(model_dirs: dict[str, Path], tasks: list[str], limit: int | N
     runs = lm_eval_runs(tasks, evaluate)
     scores = {}
     for name, path in model_dirs.items():
-        lm = _lm_eval_model(path, runtime or RuntimeParams(), evaluate)
+        lm = _lm_eval_model(path, runtime or CPU, evaluate)
         scores[name] = {}
         for task_list, gen_kwargs in runs:
             out = simple_evaluate(model=lm, tasks=task_list, limit=limit, task_manager=manager, log_samples=False,

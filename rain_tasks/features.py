@@ -33,7 +33,7 @@ from tqdm import tqdm
 from rain_tasks.arch import MODULES, ModelShape, read_shape
 from rain_tasks.calibration import load_tokenizer, render, think_positions, think_token_ids
 from rain_tasks.capture import LayerCapture, attention_probs, forward_batch_with_hooks, token_batches
-from rain_tasks.checkpoint import Checkpoint, atomic_path, forward_dtype, load_causal_lm, save_tensors
+from rain_tasks.checkpoint import CPU, Checkpoint, atomic_path, forward_dtype, load_causal_lm, save_tensors
 from rain_tasks.digest import json_digest, path_digest
 from rain_tasks.params import FeaturesParams, RuntimeParams
 from rain_tasks.schemas import load_records
@@ -204,7 +204,7 @@ def accumulate_features(
     the LRM when there is work to do (pass a cached loader to share one load between calibration sets);
     `runtime` places it (device, dtype, device_map) and sets the tokens per batched forward pass.
     """
-    runtime = runtime or RuntimeParams()
+    runtime = runtime or CPU
     lrm_dir, out_dir = Path(lrm_dir), Path(out_dir)
     shape = read_shape(lrm_dir)
     tokenizer = load_tokenizer(lrm_dir)
