@@ -24,7 +24,7 @@ PHASES: tuple[tuple[str, str], ...] = (
     ("tensor I/O", "rain_tasks.checkpoint:TensorFile.get_tensor"),
     ("tensor I/O", "rain_tasks.checkpoint:_put"),
     ("tensor I/O", "rain_tasks.checkpoint:ShardWriter.close"),
-    ("forward passes", "rain_tasks.capture:forward_with_hooks"),
+    ("forward passes", "rain_tasks.capture:forward_batch_with_hooks"),
     ("forward passes", "rain_tasks.attention:run_pass"),
     ("feature rows", "rain_tasks.features:layer_rows"),
     ("Gram / rows accumulation", "rain_tasks.features:RowAccumulator.add"),

@@ -40,10 +40,11 @@ from tqdm import tqdm
 
 from rain_tasks.arch import ModelShape, module_of, read_shape
 from rain_tasks.calibration import Rendered, load_tokenizer, render, span_positions
-from rain_tasks.capture import attention_probs, forward_with_hooks
-from rain_tasks.checkpoint import atomic_path, load_causal_lm, load_tensors
+from rain_tasks.capture import attention_probs, forward_batch_with_hooks, pad_right, token_batches
+from rain_tasks.checkpoint import CPU, atomic_path, load_causal_lm, load_tensors
 from rain_tasks.guards import require_finite
-from rain_tasks.params import AttentionParams
+from rain_tasks.params import AttentionParams, RuntimeParams
+from rain_tasks.runtime import add_to_parameter, input_device
 from rain_tasks.schemas import STATS_SCHEMA, load_records
 from rain_tasks.task_vectors import MANIFEST, layer_file
 
@@ -117,65 +118,93 @@ def span_stats(probs: torch.Tensor, rows: Sequence[int], spans: SampleSpans) -> 
     return a, u
 
 
-def eager_bytes(shape: ModelShape, n_tokens: int) -> int:
+def eager_bytes(shape: ModelShape, n_tokens: int, batch: int = 1) -> int:
     """Bytes of the fp32 attention weights of all layers and heads that `output_attentions` returns."""
-    return shape.num_layers * shape.num_heads * n_tokens * n_tokens * 4
+    return batch * shape.num_layers * shape.num_heads * n_tokens * n_tokens * 4
 
 
-def pick_mode(mode: str, shape: ModelShape, n_tokens: int) -> str:
-    """Resolve "auto" to eager for texts whose full attention fits the budget, recompute otherwise."""
+def pick_mode(mode: str, shape: ModelShape, n_tokens: int, batch: int = 1) -> str:
+    """Resolve "auto" to eager for batches whose full attention fits the budget, recompute otherwise."""
     if mode != "auto":
         return mode
-    return "eager" if eager_bytes(shape, n_tokens) <= EAGER_BUDGET_BYTES else "recompute"
+    return "eager" if eager_bytes(shape, n_tokens, batch) <= EAGER_BUDGET_BYTES else "recompute"
+
+
+PerSample = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def eager_batch_stats(model, sequences: Sequence[Sequence[int]], spans: Sequence[SampleSpans]) -> PerSample:
+    """Per sequence, per-layer a, u [layers, heads] from full eager attention weights of one padded forward (short texts)."""
+    model.set_attn_implementation("eager")
+    ids = pad_right([torch.as_tensor(s) for s in sequences]).to(input_device(model))
+    out = model.base_model(input_ids=ids, output_attentions=True)
+    if not out.attentions or any(att is None for att in out.attentions):
+        raise RuntimeError("the model returned no attention weights; it must run with attn_implementation='eager'")
+    results = []
+    for b, (seq, sp) in enumerate(zip(sequences, spans, strict=True)):
+        rows = sp.query_rows
+        stats = [span_stats(att[b][:, rows, : len(seq)], rows, sp) for att in out.attentions]
+        results.append((torch.stack([a for a, _ in stats]).cpu(), torch.stack([u for _, u in stats]).cpu()))
+    return results
+
+
+def recompute_batch_stats(model, sequences: Sequence[Sequence[int]], spans: Sequence[SampleSpans]) -> PerSample:
+    """Per sequence, per-layer a, u [layers, heads] recomputing only its R ∪ U attention rows from captured layer inputs."""
+    results: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in sequences]
+
+    def on_layer(b: int, cap) -> None:
+        rows = spans[b].query_rows
+        results[b][cap.layer] = span_stats(attention_probs(model, cap.layer, cap.attn_in, rows), rows, spans[b])
+
+    model.set_attn_implementation("sdpa")  # the forward itself materialises no attention weights
+    forward_batch_with_hooks(model, [torch.as_tensor(s) for s in sequences], on_layer)
+    layers = list(range(model.config.num_hidden_layers))
+    out = []
+    for found in results:
+        if sorted(found) != layers:
+            raise RuntimeError(f"capture reported layers {sorted(found)}, expected {layers}")
+        out.append((torch.stack([found[l][0] for l in layers]).cpu(), torch.stack([found[l][1] for l in layers]).cpu()))
+    return out
 
 
 def eager_sample_stats(model, input_ids: torch.Tensor, spans: SampleSpans) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-layer a, u [layers, heads] from full eager attention weights (short texts)."""
-    model.set_attn_implementation("eager")
-    out = model.base_model(input_ids=input_ids, output_attentions=True)
-    if not out.attentions or any(att is None for att in out.attentions):
-        raise RuntimeError("the model returned no attention weights; it must run with attn_implementation='eager'")
-    rows = spans.query_rows
-    stats = [span_stats(att[0][:, rows, :], rows, spans) for att in out.attentions]
-    return torch.stack([a for a, _ in stats]), torch.stack([u for _, u in stats])
+    """Per-layer a, u [layers, heads] of one sample from full eager attention weights."""
+    return eager_batch_stats(model, [input_ids.reshape(-1).tolist()], [spans])[0]
 
 
 def recompute_sample_stats(model, input_ids: torch.Tensor, spans: SampleSpans) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-layer a, u [layers, heads] recomputing only the R ∪ U attention rows from captured layer inputs."""
-    rows = spans.query_rows
-    results: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def on_layer(cap) -> None:
-        results[cap.layer] = span_stats(attention_probs(model, cap.layer, cap.attn_in, rows), rows, spans)
-
-    model.set_attn_implementation("sdpa")  # the forward itself materialises no attention weights
-    forward_with_hooks(model, input_ids, on_layer)
-    layers = range(model.config.num_hidden_layers)
-    if sorted(results) != list(layers):
-        raise RuntimeError(f"capture reported layers {sorted(results)}, expected {list(layers)}")
-    return torch.stack([results[l][0] for l in layers]), torch.stack([results[l][1] for l in layers])
+    """Per-layer a, u [layers, heads] of one sample, recomputing only its R ∪ U attention rows."""
+    return recompute_batch_stats(model, [input_ids.reshape(-1).tolist()], [spans])[0]
 
 
-_PATHS = {"eager": eager_sample_stats, "recompute": recompute_sample_stats}
+_PATHS = {"eager": eager_batch_stats, "recompute": recompute_batch_stats}
 
 
 @torch.no_grad()
-def run_pass(model, samples: Sequence[Sample], shape: ModelShape, mode: str, desc: str) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
-    """a and u per sample, each [samples, layers, heads] float64, plus how many samples each path served."""
+def run_pass(
+    model, samples: Sequence[Sample], shape: ModelShape, mode: str, desc: str, batch_tokens: int = 1
+) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """a and u per sample, each [samples, layers, heads] float64, plus how many samples each path served.
+
+    Samples go through in order, in batches of at most `batch_tokens` padded tokens (one sample per
+    forward when a sample alone exceeds it); a batch takes the eager path only if its whole
+    attention tensor fits EAGER_BUDGET_BYTES.
+    """
     a_all = np.zeros((len(samples), shape.num_layers, shape.num_heads))
     u_all = np.zeros_like(a_all)
     used = Counter()
-    for i, s in enumerate(tqdm(samples, desc=desc, unit="sample")):
-        path = pick_mode(mode, shape, len(s.input_ids))
-        a, u = _PATHS[path](model, torch.tensor([s.input_ids]), s.spans)
-        a_all[i], u_all[i] = a.numpy(), u.numpy()
-        used[path] += 1
+    for batch in tqdm(token_batches([len(s.input_ids) for s in samples], batch_tokens), desc=desc, unit="batch"):
+        group = [samples[i] for i in batch]
+        path = pick_mode(mode, shape, max(len(s.input_ids) for s in group), len(group))
+        for i, (a, u) in zip(batch, _PATHS[path](model, [s.input_ids for s in group], [s.spans for s in group])):
+            a_all[i], u_all[i] = a.numpy(), u.numpy()
+        used[path] += len(group)
     return a_all, u_all, dict(used)
 
 
-def load_lrm(lrm_dir: str | Path):
-    """The LRM in fp32 with eager attention (the only implementation that returns attention weights)."""
-    return load_causal_lm(lrm_dir)
+def load_lrm(lrm_dir: str | Path, runtime: RuntimeParams | None = None):
+    """The LRM on `runtime`'s device and dtype with eager attention (the only implementation that returns weights)."""
+    return load_causal_lm(lrm_dir, runtime)
 
 
 @torch.no_grad()
@@ -199,7 +228,7 @@ def add_update(model, projected_dir: str | Path, shape: ModelShape, step: float,
             if name not in expected:
                 ignored.append(name)
                 continue
-            _add(params[name], delta, step, name, path)
+            _add(model, name, params[name], delta, step, path)
             seen.add(name)
     missing = sorted(expected - seen)
     if missing:
@@ -212,15 +241,15 @@ def add_update(model, projected_dir: str | Path, shape: ModelShape, step: float,
             delta = others.get(name)
             if delta is None:
                 raise ValueError(f"{other_dir}: no Δ_I for {name}, which merge scope 'all' updates")
-            _add(params[name], delta, step, name, Path(other_dir))
+            _add(model, name, params[name], delta, step, Path(other_dir))
     return sorted(ignored)
 
 
-def _add(param: torch.Tensor, delta: torch.Tensor, step: float, name: str, source: Path) -> None:
-    """param += step·delta, refusing a shape mismatch."""
+def _add(model, name: str, param: torch.Tensor, delta: torch.Tensor, step: float, source: Path) -> None:
+    """param += step·delta (where accelerate holds it, offloaded or not), refusing a shape mismatch."""
     if tuple(delta.shape) != tuple(param.shape):
         raise ValueError(f"{source}: {name} has shape {tuple(delta.shape)}, the model has {tuple(param.shape)}")
-    param.add_(delta.to(param.dtype), alpha=step)
+    add_to_parameter(model, name, delta, step)
 
 
 def prepare_samples(rows: Sequence[dict], tokenizer, max_tokens: int) -> tuple[list[Sample], dict]:
@@ -282,22 +311,27 @@ def attention_stats(
     *,
     lam: float = 1.0,
     other_dir: str | Path | None = None,
+    runtime: RuntimeParams | None = None,
 ) -> Path:
     """Run the passes at θ_R + t·D, t = 0, p(, 2p), D = λ·(Δ⊥ and, with `other_dir`, Δ_I elsewhere): exactly the
-    merge's update at α = 1; write the per-sample table and a JSON report."""
+    merge's update at α = 1; write the per-sample table and a JSON report.
+
+    `runtime` places the LRM (device, dtype, device_map) and sets the padded tokens per forward pass.
+    """
+    runtime = runtime or CPU
     shape = read_shape(lrm_dir)
     rows = load_records(instruction_path, "instruction")[: params.max_samples]
     samples, report = prepare_samples(rows, load_tokenizer(lrm_dir), params.max_tokens)
     if not samples:
         raise ValueError(f"{instruction_path}: no usable sample (too long: {report['skipped_too_long']}, no usable instruction: {report['skipped_no_usable_instruction']})")
-    model = load_lrm(lrm_dir)
+    model = load_lrm(lrm_dir, runtime)
     step = lam * params.prior
     a, u, modes = [], [], []
     ignored: list[str] = []
     for k in range(3 if params.curvature_pass else 2):
         if k:  # θ_R + k·p·D, one more step of the merge's update per pass
             ignored = add_update(model, projected_dir, shape, step, other_dir)
-        a_k, u_k, used = run_pass(model, samples, shape, params.mode, f"attention pass {k} (θ_R + {k}·p·D)")
+        a_k, u_k, used = run_pass(model, samples, shape, params.mode, f"attention pass {k} (θ_R + {k}·p·D)", runtime.batch_tokens)
         a.append(a_k), u.append(u_k), modes.append(used)
     table = stats_table(a, u)
     require_finite(table.dropna(axis=1, how="all"), f"attention statistics {out_path}")  # pass 2's columns: NaN if not run

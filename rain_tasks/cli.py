@@ -29,6 +29,15 @@ def _check(args: argparse.Namespace) -> None:
     print(f"rain check: ok (base {params.models.base}, ITM {params.models.itm}, LRM {params.models.lrm})")
 
 
+def _plan(args: argparse.Namespace) -> None:
+    from rain_tasks.params import load_params
+    from rain_tasks.plan import format_plan, stage_plans
+
+    root = Path(args.project)
+    facts, plans = stage_plans(load_params(root / args.params), root)
+    print(format_plan(facts, plans))
+
+
 def _dvc_yaml(args: argparse.Namespace) -> None:
     from rain_tasks.stages import dvc_yaml
 
@@ -120,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--no-scan", action="store_true", help="skip the NaN/Inf scan (it reads every weight once)")
     p.set_defaults(fn=_check)
+    p = sub.add_parser("plan", help="before heavy work: parameters, tokens per stage, peak memory, disk and time estimates")
+    p.add_argument("--project", default=".")
+    p.add_argument("--params", default="params.yaml")
+    p.set_defaults(fn=_plan)
     p = sub.add_parser("dvc-yaml", help="write dvc.yaml from the stage registry")
     p.add_argument("-o", "--output", default="dvc.yaml")
     p.set_defaults(fn=_dvc_yaml)

@@ -12,6 +12,7 @@ positions (closing early), and the KL on the thinking the model itself generates
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 from collections.abc import Iterable
@@ -23,9 +24,11 @@ import torch
 from tqdm import tqdm
 
 from rain_tasks.calibration import load_tokenizer, render, think_positions, think_token_ids
-from rain_tasks.checkpoint import atomic_path
-from rain_tasks.generation import behaviour_metrics, generate_ids, load_model
+from rain_tasks.checkpoint import CPU, atomic_path, forward_dtype, load_causal_lm
+from rain_tasks.generation import GREEDY, Sampling, behaviour_metrics, generate_ids, load_model
+from rain_tasks.params import EvaluateParams, RuntimeParams
 from rain_tasks.plots import lines, scatter_lines
+from rain_tasks.runtime import input_device
 from rain_tasks.schemas import load_records
 
 log = logging.getLogger(__name__)
@@ -131,16 +134,17 @@ class AtOmega(NamedTuple):
 
 @torch.no_grad()
 def _at_omega(model, traces: list[Trace], close_id: int) -> AtOmega:
-    """The model's distributions and hidden states on the traces (see AtOmega)."""
+    """The model's distributions and hidden states on the traces (see AtOmega), gathered on the CPU."""
     log_probs, close, hidden, early = [], [], [], []
+    device = input_device(model)
     for t in traces:
-        out = model(torch.tensor([t.ids]), output_hidden_states=True)
-        logits = torch.log_softmax(out.logits[0].float(), dim=-1)
+        out = model(torch.tensor([t.ids], device=device), output_hidden_states=True)
+        logits = torch.log_softmax(out.logits[0].float(), dim=-1).cpu()
         log_probs.append(logits[t.omega])
         close.append(logits[t.close_pred])
         early.append(logits[t.early, close_id].exp().sum())
         # hidden_states[0] is the embedding output; 1..L-1 are layer outputs and the last is after the final norm
-        hidden.append(torch.stack([h[0, t.omega].double() for h in out.hidden_states[1:]]))
+        hidden.append(torch.stack([h[0, t.omega].to("cpu", torch.float64) for h in out.hidden_states[1:]]))
     return AtOmega(log_probs, torch.stack(close), hidden, torch.stack(early))
 
 
@@ -187,20 +191,20 @@ def own_generation_kl(reference_model, model, tokenizer, prompts: list[str], max
         thinking = generated[: generated.index(close_id) + 1] if close_id in generated else generated
         if not thinking:
             continue
-        ids = torch.tensor([prompt + thinking])
         at = slice(len(prompt) - 1, len(prompt) - 1 + len(thinking))  # the positions predicting the thinking tokens
-        p = torch.log_softmax(reference_model(ids).logits[0, at].float(), -1)
-        q = torch.log_softmax(model(ids).logits[0, at].float(), -1)
+        p, q = (torch.log_softmax(m(torch.tensor([prompt + thinking], device=input_device(m))).logits[0, at].float(), -1).cpu()
+                for m in (reference_model, model))
         kls.append(_kl(p, q))
     return float(torch.cat(kls).mean()) if kls else float("nan")
 
 
-def think_invariance(lrm_dir: str | Path, model_dirs: dict[str, Path], traces: list[dict], radius: int) -> dict[str, dict]:
+def think_invariance(lrm_dir: str | Path, model_dirs: dict[str, Path], traces: list[dict], radius: int,
+                     runtime: RuntimeParams | None = None) -> dict[str, dict]:
     """Per model, teacher forced on the traces: L_think = mean KL(p_LRM ‖ p_model) at Ω, h_drift = mean over layers
     of ‖h_model − h_LRM‖ / ‖h_LRM‖ at Ω (both 0 for the LRM itself), kl_close and early_close_mass."""
     encoded, close_id = _encode_traces(lrm_dir, traces, radius)
-    reference = _at_omega(load_model(lrm_dir)[0], encoded, close_id)
-    return {name: _invariance(reference, load_model(path)[0], encoded, close_id) for name, path in model_dirs.items()}
+    reference = _at_omega(load_model(lrm_dir, runtime)[0], encoded, close_id)
+    return {name: _invariance(reference, load_model(path, runtime)[0], encoded, close_id) for name, path in model_dirs.items()}
 
 
 def evaluate_models(
@@ -212,18 +216,22 @@ def evaluate_models(
     batch_size: int,
     radius: int,
     max_eval: int | None = None,
+    *,
+    runtime: RuntimeParams | None = None,
+    sampling: Sampling = GREEDY,
 ) -> dict[str, dict]:
     """Metrics for every model (model_dirs includes the LRM itself under some name); each model is loaded once,
-    the LRM once more as the reference of the KL on each model's own generations."""
+    the LRM once more as the reference of the KL on each model's own generations; all on `runtime`'s device and
+    dtype, and replies are drawn with `sampling`."""
     problems = load_records(instruction_eval, "instruction_eval")[:max_eval]
     traces = load_records(reasoning_eval, "reasoning")[:max_eval]
     encoded, close_id = _encode_traces(lrm_dir, traces, radius)
-    lrm = load_model(lrm_dir)[0]
+    lrm = load_model(lrm_dir, runtime)[0]
     reference = _at_omega(lrm, encoded, close_id)
     results = {}
     for name, path in tqdm(model_dirs.items(), desc="evaluate", unit="model"):
-        model, tok = load_model(path)
-        m = behaviour_metrics(model, tok, problems, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        model, tok = load_model(path, runtime)
+        m = behaviour_metrics(model, tok, problems, max_new_tokens=max_new_tokens, batch_size=batch_size, sampling=sampling)
         kl_own = own_generation_kl(lrm, model, tok, [t["prompt"] for t in traces], max_new_tokens, batch_size)
         results[name] = {**m, **_invariance(reference, model, encoded, close_id), "kl_own": kl_own}
         log.info("%s: %s", name, {k: results[name][k] for k in TABLE_COLUMNS if k in results[name]})
@@ -231,27 +239,65 @@ def evaluate_models(
 
 
 def lm_eval_scores(model_dirs: dict[str, Path], tasks: list[str], limit: int | None,
-                   include: str | Path | None = None) -> dict[str, dict[str, dict[str, float]]]:
-    """Per model, lm-eval harness scores (task -> metric -> value) through HFLM on the model directory.
+                   include: str | Path | None = None, *, runtime: RuntimeParams | None = None,
+                   evaluate: EvaluateParams | None = None) -> dict[str, dict[str, dict[str, float]]]:
+    """Per model, lm-eval harness scores (task -> metric -> value) on the model directory.
 
     For real checkpoints (`evaluate.lm_eval_tasks` in params.yaml): lm-eval reads task data through
     `datasets`, so offline runs need it in the local datasets cache; `include` adds a folder of task
-    YAMLs. Needs lm-eval's [hf] extras (accelerate, peft) beside requirements-eval.txt. The tokenizer
-    is the pipeline's own (`load_tokenizer`: HFLM's AutoTokenizer would mangle a non-BPE tokenizer.json).
+    YAMLs. Backend (`evaluate.lm_eval_backend`): vLLM where installed and chosen, else HFLM (needs
+    lm-eval's [hf] extras beside requirements-eval.txt) on `runtime`'s device and dtype with the
+    pipeline's own tokenizer (`load_tokenizer`: HFLM's AutoTokenizer would mangle a non-BPE
+    tokenizer.json). Sampling and per-task generation budgets come from `evaluate`.
     """
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
+    evaluate = evaluate or EvaluateParams()
     manager = TaskManager(include_path=str(include) if include else None)
+    runs = lm_eval_runs(tasks, evaluate)
     scores = {}
     for name, path in model_dirs.items():
-        lm = HFLM(pretrained=str(path), tokenizer=load_tokenizer(path), device="cuda" if torch.cuda.is_available() else "cpu")
-        out = simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=manager, log_samples=False)
-        scores[name] = {task: {k: float(v) for k, v in res.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-                        for task, res in out["results"].items()}
+        lm = _lm_eval_model(path, runtime or CPU, evaluate)
+        scores[name] = {}
+        for task_list, gen_kwargs in runs:
+            out = simple_evaluate(model=lm, tasks=task_list, limit=limit, task_manager=manager, log_samples=False,
+                                  gen_kwargs=gen_kwargs or None, random_seed=evaluate.seed)
+            scores[name] |= {task: {k: float(v) for k, v in res.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+                             for task, res in out["results"].items()}
         log.info("lm-eval %s: %s", name, scores[name])
     return scores
+
+
+def lm_eval_runs(tasks: list[str], evaluate: EvaluateParams) -> list[tuple[list[str], str]]:
+    """(tasks, lm-eval gen_kwargs string) per simple_evaluate call: tasks with their own budget run alone."""
+    sampling = Sampling(evaluate.temperature, evaluate.top_p, evaluate.num_samples, evaluate.seed)
+    common = ",".join(f"{k}={v}" for k, v in sampling.generate_kwargs().items() if k != "num_return_sequences")
+    own = [t for t in tasks if t in evaluate.lm_eval_max_new_tokens]
+    rest = [t for t in tasks if t not in evaluate.lm_eval_max_new_tokens]
+    runs = [([t], f"{common},max_gen_toks={evaluate.lm_eval_max_new_tokens[t]}") for t in own]
+    return ([(rest, common)] if rest else []) + runs
+
+
+def lm_eval_backend(choice: str) -> str:
+    """'vllm' or 'hf': auto takes vLLM where it is installed and a GPU is present; vllm refuses when it is missing."""
+    available = importlib.util.find_spec("vllm") is not None
+    if choice == "vllm" and not available:
+        raise RuntimeError("evaluate.lm_eval_backend is vllm but vllm is not installed; install it or use hf / auto")
+    return "vllm" if choice == "vllm" or (choice == "auto" and available and torch.cuda.is_available()) else "hf"
+
+
+def _lm_eval_model(path: Path, runtime: RuntimeParams, evaluate: EvaluateParams):
+    """An lm-eval model object for one checkpoint on the chosen backend, device and dtype."""
+    dtype = str(forward_dtype(path, runtime)).removeprefix("torch.")
+    if lm_eval_backend(evaluate.lm_eval_backend) == "vllm":
+        from lm_eval.models.vllm_causallms import VLLM
+
+        return VLLM(pretrained=str(path), dtype=dtype, batch_size="auto", seed=evaluate.seed,
+                    tensor_parallel_size=max(1, torch.cuda.device_count()) if runtime.device_map else 1)
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=load_causal_lm(path, runtime), tokenizer=load_tokenizer(path), batch_size=evaluate.batch_size)
 
 
 def format_table(results: dict[str, dict], labels: dict[str, str] | None = None) -> str:

@@ -35,11 +35,11 @@ from tqdm import tqdm
 
 from rain_tasks.arch import MODULES, ModelShape, read_shape
 from rain_tasks.calibration import load_tokenizer, render, think_positions, think_token_ids
-from rain_tasks.capture import LayerCapture, attention_probs, forward_with_hooks
-from rain_tasks.checkpoint import Checkpoint, atomic_path, load_causal_lm, save_tensors
+from rain_tasks.capture import LayerCapture, attention_probs, forward_batch_with_hooks, token_batches
+from rain_tasks.checkpoint import CPU, Checkpoint, atomic_path, forward_dtype, load_causal_lm, save_tensors
 from rain_tasks.guards import require_finite
 from rain_tasks.digest import json_digest, path_digest
-from rain_tasks.params import FeaturesParams
+from rain_tasks.params import FeaturesParams, RuntimeParams
 from rain_tasks.schemas import load_records
 from rain_tasks.task_vectors import MANIFEST, is_current, layer_file
 
@@ -96,7 +96,7 @@ class RowAccumulator:
 
     def add(self, rows: torch.Tensor) -> None:
         """Add rows [m, dim]; switch to a Gram once the row count reaches the width."""
-        rows = rows.to(torch.float64)
+        rows = rows.to("cpu", torch.float64)  # captures may live on an accelerator; sums live here
         self.n += rows.shape[0]
         if self._gram is None and self.low_rank and self.n < self.dim:
             self._rows.append(rows)
@@ -205,12 +205,15 @@ def accumulate_features(
     low_rank: bool = True,
     memory_budget_bytes: int = 8 * 2**30,
     load_model: Callable[[], torch.nn.Module] | None = None,
+    runtime: RuntimeParams | None = None,
 ) -> Path:
     """Collect Stage 1 constraint statistics of the LRM at Ω_think into `out_dir`; return the manifest path.
 
     `low_rank=False` forces Grams for every set (used to check both paths agree). `load_model` returns
-    the LRM when there is work to do (pass a cached loader to share one load between calibration sets).
+    the LRM when there is work to do (pass a cached loader to share one load between calibration sets);
+    `runtime` places it (device, dtype, device_map) and sets the tokens per batched forward pass.
     """
+    runtime = runtime or CPU
     lrm_dir, out_dir = Path(lrm_dir), Path(out_dir)
     shape = read_shape(lrm_dir)
     tokenizer = load_tokenizer(lrm_dir)
@@ -225,6 +228,7 @@ def accumulate_features(
         "lrm": path_digest(lrm_dir, remembered=True),
         "calibration": path_digest(reasoning_path, remembered=True),
         "params": json_digest(params.model_dump()),
+        "forward_dtype": str(forward_dtype(lrm_dir, runtime)).removeprefix("torch."),
         "low_rank": str(low_rank),
         "samples": str(len(samples)),
         "skipped": str(skipped),
@@ -236,9 +240,9 @@ def accumulate_features(
         ckpt = Checkpoint(lrm_dir)
         biases = {layer: set_biases(ckpt, shape, layer) for layer in todo}
         per_layer = max(layer_bytes(set_dims(shape, b), samples, shape, low_rank) for b in biases.values())
-        model = load_model() if load_model is not None else load_causal_lm(lrm_dir)
+        model = load_model() if load_model is not None else load_causal_lm(lrm_dir, runtime)
         for chunk in layer_chunks(todo, per_layer, memory_budget_bytes):
-            _accumulate_chunk(model, samples, shape, params, chunk, biases, low_rank, out_dir, meta)
+            _accumulate_chunk(model, samples, shape, params, chunk, biases, low_rank, out_dir, meta, runtime.batch_tokens)
     manifest = {**meta, "num_layers": shape.num_layers, "shape": asdict(shape), "params_json": params.model_dump()}
     with atomic_path(out_dir / MANIFEST) as tmp:
         tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -255,8 +259,9 @@ def _accumulate_chunk(
     low_rank: bool,
     out_dir: Path,
     meta: dict[str, str],
+    batch_tokens: int,
 ) -> None:
-    """Stream every sample through the layers of `chunk` and write their feature files."""
+    """Stream every sample through the layers of `chunk` (batches of `batch_tokens` padded tokens) and write their feature files."""
     dims = {layer: set_dims(shape, biases[layer]) for layer in chunk}
     accs = {layer: {name: RowAccumulator(d, low_rank) for name, d in dims[layer].items()} for layer in chunk}
 
@@ -264,8 +269,10 @@ def _accumulate_chunk(
         for name, rows in layer_rows(model, cap, omega, shape, params.key_mass, biases[cap.layer]).items():
             accs[cap.layer][name].add(rows)
 
-    for sample in tqdm(samples, desc=f"features layers {chunk[0]}-{chunk[-1]}", unit="sample"):
-        forward_with_hooks(model, sample.input_ids, lambda cap: reduce(cap, sample.omega), layers=chunk)
+    batches = token_batches([len(s.input_ids) for s in samples], batch_tokens)
+    for batch in tqdm(batches, desc=f"features layers {chunk[0]}-{chunk[-1]}", unit="batch"):
+        group = [samples[i] for i in batch]
+        forward_batch_with_hooks(model, [s.input_ids for s in group], lambda b, cap: reduce(cap, group[b].omega), layers=chunk)
     for layer in chunk:
         layer_accs = accs.pop(layer)
         rows = {name: acc.n for name, acc in layer_accs.items()}

@@ -1,4 +1,11 @@
-"""Batched greedy generation, output parsing and behaviour metrics (think format, accuracy, compliance)."""
+"""Batched generation (greedy or sampled), output parsing and behaviour metrics (think format, accuracy, compliance).
+
+Templates differ in who writes `<think>`: Qwen-style templates leave it to the model, DeepSeek-R1-Distill's
+ends the generation prompt in `<think>\\n` so the model starts inside the block. `generate` returns the
+model's whole turn in both cases (the template's `<think>` put back in front), so parsing, the think rate,
+the `</think>` missing rate and the instruction checkers (which read only the answer after `</think>`)
+mean the same for both styles.
+"""
 
 from __future__ import annotations
 
@@ -7,59 +14,101 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rain_tasks import instructions
 from rain_tasks.calibration import load_tokenizer
+from rain_tasks.checkpoint import load_causal_lm
+from rain_tasks.params import RuntimeParams
+from rain_tasks.runtime import input_device
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
-def load_model(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a local checkpoint with eager attention (attention weights available), in eval mode."""
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
-    tokenizer = load_tokenizer(path)
-    return model.eval(), tokenizer
+def load_model(path: str | Path, runtime: RuntimeParams | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a local checkpoint with eager attention on `runtime`'s device and dtype, in eval mode, with its tokenizer."""
+    return load_causal_lm(path, runtime), load_tokenizer(path)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How replies are drawn: greedy (temperature 0) or sampled with top-p, `num_samples` replies per prompt."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    num_samples: int = 1
+    seed: int = 0
+
+    def generate_kwargs(self) -> dict:
+        """Keyword arguments of `model.generate` for this sampling."""
+        if self.temperature <= 0:
+            return {"do_sample": False, "num_return_sequences": self.num_samples}
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "num_return_sequences": self.num_samples}
+
+
+GREEDY = Sampling()
+
+
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
+    """A single-turn chat prompt with the generation prompt (which an R1-style template ends in `<think>`)."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+
+
+def opens_think(prompt_text: str) -> bool:
+    """True when the template opened the thinking block itself (DeepSeek-R1-Distill: the prompt ends in `<think>\\n`)."""
+    return prompt_text.rstrip().endswith(THINK_OPEN)
+
+
+def whole_turn(prompt_text: str, continuation: str) -> str:
+    """The model's turn as scored: the continuation, behind the `<think>` the template wrote if it opened the block."""
+    return f"{THINK_OPEN}\n{continuation}" if opens_think(prompt_text) else continuation
 
 
 @torch.no_grad()
-def generate_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
-                 max_new_tokens: int, batch_size: int = 64, reply_prefix: str = "") -> list[tuple[list[int], list[int]]]:
-    """Greedy continuations of single-turn chat prompts (left padding): per prompt, its rendered ids and the
-    generated ids up to (not including) the first stop token.
+@torch.no_grad()
+def generate_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int,
+                 batch_size: int = 64, sampling: Sampling = GREEDY, reply_prefix: str = "") -> list[tuple[list[int], list[int]]]:
+    """Replies to single-turn chat prompts (left padding, batched on the model's device): per reply, prompt-major with
+    `sampling.num_samples` per prompt, the rendered prompt's ids and the generated ids up to the first stop token.
 
-    `reply_prefix` is written at the start of every assistant reply (e.g. an empty, closed thinking block) and the
-    continuation after it is returned.
+    `reply_prefix` is written at the start of every assistant reply (e.g. an empty, closed thinking block) and only
+    the continuation after it is generated.
     """
     stop_ids = model.generation_config.eos_token_id
     stop_ids = set(stop_ids if isinstance(stop_ids, list) else [stop_ids]) - {None}
+    device = input_device(model)
     outputs: list[tuple[list[int], list[int]]] = []
     for start in range(0, len(prompts), batch_size):
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                               add_generation_prompt=True) + reply_prefix
-                 for p in prompts[start:start + batch_size]]
+        texts = [chat_prompt(tokenizer, p) + reply_prefix for p in prompts[start:start + batch_size]]
         enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left",
-                        add_special_tokens=False)
+                        add_special_tokens=False).to(device)
+        torch.manual_seed(sampling.seed + start)  # sampled replies are reproducible batch by batch
         generated = model.generate(
-            **enc, max_new_tokens=max_new_tokens, do_sample=False,
+            **enc, max_new_tokens=max_new_tokens, **sampling.generate_kwargs(),
             pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(stop_ids) or None,
         )
-        width = enc["input_ids"].shape[1]
-        for mask, prompt, row in zip(enc["attention_mask"].tolist(), enc["input_ids"].tolist(), generated[:, width:].tolist()):
+        rendered = [[t for t, m in zip(ids, mask) if m]
+                    for ids, mask in zip(enc["input_ids"].tolist(), enc["attention_mask"].tolist())]
+        for n, row in enumerate(generated[:, enc["input_ids"].shape[1]:].tolist()):
             ids = []
             for tok in row:
                 if tok in stop_ids:
                     break
                 ids.append(tok)
-            outputs.append(([t for t, m in zip(prompt, mask) if m], ids))
+            outputs.append((rendered[n // sampling.num_samples], ids))
     return outputs
 
 
-def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
-             max_new_tokens: int, batch_size: int = 64, reply_prefix: str = "") -> list[str]:
-    """Greedy continuations of single-turn chat prompts as text (after `reply_prefix`); keeps <think> tags visible."""
-    return [tokenizer.decode([t for t in ids if t != tokenizer.pad_token_id], skip_special_tokens=False)
-            for _, ids in generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size, reply_prefix)]
+def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int,
+             batch_size: int = 64, sampling: Sampling = GREEDY, reply_prefix: str = "") -> list[str]:
+    """Replies as text (`generate_ids`), keeping <think> tags visible. Where the template opened the thinking block
+    itself, the reply is prefixed with that `<think>`, so every reply reads as the model's whole turn whichever
+    template style produced it (after `reply_prefix`, only the continuation)."""
+    texts = [chat_prompt(tokenizer, p) + reply_prefix for p in prompts]
+    replies = generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size, sampling, reply_prefix)
+    return [whole_turn(texts[n // sampling.num_samples],
+                       tokenizer.decode([t for t in ids if t != tokenizer.pad_token_id], skip_special_tokens=False))
+            for n, (_, ids) in enumerate(replies)]
 
 
 @dataclass(frozen=True)
@@ -92,8 +141,8 @@ def extract_answer_number(answer_text: str) -> str | None:
 
 
 def behaviour_metrics(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                      eval_rows: list[dict], max_new_tokens: int, batch_size: int = 64) -> dict:
-    """Behaviour on instruction-eval rows from greedy generations within `max_new_tokens`.
+                      eval_rows: list[dict], max_new_tokens: int, batch_size: int = 64, sampling: Sampling = GREEDY) -> dict:
+    """Behaviour on instruction-eval rows from generations within `max_new_tokens` (rates over all samples).
 
     think/close: the reply opens `<think>` / closes it within the budget (a truncated thinking
     block counts as missing `</think>`); correct: 'answer is N' after the block is right;
@@ -102,8 +151,8 @@ def behaviour_metrics(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     close_correct_rate: the reply closes `</think>` and is correct (the reasoning survived the merge);
     close_correct_comply_rate: share of replies that close `</think>`, are correct and comply, all three at once.
     """
-    texts = generate(model, tokenizer, [r["prompt"] for r in eval_rows], max_new_tokens, batch_size)
-    return score_outputs(eval_rows, texts)
+    texts = generate(model, tokenizer, [r["prompt"] for r in eval_rows], max_new_tokens, batch_size, sampling)
+    return score_outputs([r for r in eval_rows for _ in range(sampling.num_samples)], texts)
 
 
 def score_outputs(eval_rows: list[dict], texts: list[str]) -> dict:

@@ -30,6 +30,47 @@ def _size(value: str) -> str:
 Size = Annotated[str, AfterValidator(_size)]
 
 
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+_MEMORY_KEY = re.compile(r"^(cpu|\d+)$")
+
+
+def _device(value: str) -> str:
+    """Accept auto, cpu, cuda or cuda:N; anything else is refused up front."""
+    if not _DEVICE.match(value):
+        raise ValueError(f"{value!r} is not a device; write auto, cpu, cuda or cuda:N")
+    return value
+
+
+def _memory_keys(value: dict[str, str] | None) -> dict[str, str] | None:
+    """max_memory keys are accelerate's: 'cpu' or a GPU index ('0', '1', ...)."""
+    bad = sorted(k for k in value or {} if not _MEMORY_KEY.match(k))
+    if bad:
+        raise ValueError(f"max_memory keys must be 'cpu' or a GPU index such as '0' (got {bad})")
+    return value
+
+
+class RuntimeParams(_Section):
+    """Where and in which precision every stage that runs a model runs it (statistics stay float32/float64)."""
+
+    #: auto: the first CUDA device when one is present, else the CPU
+    device: Annotated[str, AfterValidator(_device)] = "auto"
+    #: auto: the checkpoint's own dtype on an accelerator, float32 on the CPU
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    #: auto: accelerate spreads the layers over the GPUs, the CPU and `offload_folder` (models larger than a device)
+    device_map: Literal["auto"] | None = None
+    #: per-device budget for device_map auto, e.g. {"0": "70GB", "cpu": "100GB"}; the rest goes to offload_folder
+    max_memory: Annotated[dict[str, Size], AfterValidator(_memory_keys)] | None = None
+    offload_folder: str | None = None
+    #: padded tokens (batch × longest sample) per calibration forward pass in features and attention_stats
+    batch_tokens: int = Field(16384, ge=16)
+
+    @model_validator(mode="after")
+    def _map(self):
+        if self.device_map is None and (self.max_memory or self.offload_folder):
+            raise ValueError("max_memory and offload_folder only apply with device_map: auto; set it or remove them")
+        return self
+
+
 class ModelsParams(_Section):
     """Where the three checkpoints are (the zoo's outputs by default)."""
 
@@ -55,7 +96,9 @@ class FeaturesParams(_Section):
     #: their space is d_out·d_in wide per KV group)
     k_mode: Literal["keys"] = "keys"
     max_samples: int | None = Field(None, ge=1)
-    max_tokens: int = Field(4096, ge=16)
+    #: longer samples are skipped (refused up front unless check.max_skipped_share allows); the published sets
+    #: reach 1,972 (reasoning) and 13,273 (instruction) tokens with Qwen's tokenizer and an R1 template
+    max_tokens: int = Field(16384, ge=16)
 
 
 class ProjectionParams(_Section):
@@ -88,7 +131,7 @@ class AttentionParams(_Section):
     prior: float = Field(1.0, gt=0.0)
     curvature_pass: bool = True  # the third pass, at 2·prior: alpha.variant 'curvature' needs it
     max_samples: int | None = Field(None, ge=1)
-    max_tokens: int = Field(4096, ge=16)
+    max_tokens: int = Field(16384, ge=16)
     mode: Literal["auto", "eager", "recompute"] = "auto"
 
 
@@ -227,27 +270,49 @@ class OrthogonalityParams(_Section):
 
 
 class EvaluateParams(_Section):
+    """Held-out behaviour and invariance, and optional lm-eval tasks, with the sampling R1-style models are run with."""
+
+    #: new tokens per reply on the held-out instruction problems (64 suits the tiny family; R1 models think for thousands)
     max_new_tokens: int = Field(64, ge=1)
     batch_size: int = Field(64, ge=1)
     max_eval: int | None = Field(None, ge=1)
     neighbour_radius: int = Field(5, ge=0)
+    #: 0 = greedy; DeepSeek-R1-Distill is evaluated with temperature 0.6, top_p 0.95 and several samples per prompt
+    temperature: float = Field(0.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    num_samples: int = Field(1, ge=1)
+    seed: int = 0
     # optional lm-eval harness tasks (e.g. [ifeval, gsm8k]) run through HFLM on every model: for real checkpoints
     # with the task data available locally (HF_HUB_OFFLINE runs read the datasets cache); empty = not run
     lm_eval_tasks: list[str] = Field(default_factory=list)
     lm_eval_limit: int | None = Field(None, ge=1)  # examples per task (None: all)
     lm_eval_include: str | None = None  # a folder of extra task YAMLs (lm-eval's --include_path)
+    #: new tokens per lm-eval task (its max_gen_toks), e.g. {gsm8k: 32768}; tasks not listed keep their own
+    lm_eval_max_new_tokens: dict[str, Annotated[int, Field(ge=1)]] = Field(default_factory=dict)
+    #: hf: lm-eval's HFLM; vllm: its vLLM backend (must be installed); auto: vLLM where installed and a GPU is present
+    lm_eval_backend: Literal["auto", "hf", "vllm"] = "auto"
+
+    @model_validator(mode="after")
+    def _budgets(self):
+        unknown = sorted(set(self.lm_eval_max_new_tokens) - set(self.lm_eval_tasks))
+        if unknown:
+            raise ValueError(f"lm_eval_max_new_tokens names tasks not in lm_eval_tasks: {unknown}")
+        return self
 
 
 class CheckParams(_Section):
-    """Up-front validation (`rain check`): disk headroom to keep free beyond the estimated outputs."""
+    """Up-front validation (`rain check`): disk headroom beyond the estimated outputs; calibration samples allowed to be skipped."""
 
     min_free_space: Size = "1GB"
+    #: share of a calibration set's samples that may exceed max_tokens (and be skipped); 0: every sample is used
+    max_skipped_share: float = Field(0.0, ge=0.0, le=1.0)
 
 
 class Params(_Section):
     """All of params.yaml."""
 
     zoo: ZooParams = Field(default_factory=ZooParams)
+    runtime: RuntimeParams = Field(default_factory=RuntimeParams)
     models: ModelsParams = Field(default_factory=ModelsParams)
     calibration: CalibrationParams = Field(default_factory=CalibrationParams)
     features: FeaturesParams = Field(default_factory=FeaturesParams)

@@ -1,4 +1,4 @@
-"""Process-wide settings that make stages deterministic and offline."""
+"""Process-wide settings that make stages deterministic and offline, and where a model's tensors live."""
 
 from __future__ import annotations
 
@@ -14,3 +14,58 @@ def configure(threads: int | None = None) -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(threads or int(os.environ.get("RAIN_THREADS", "2")))
+
+
+def resolve_device(name: str) -> torch.device:
+    """`runtime.device` as a torch device: auto is the first CUDA device when one is present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"runtime.device is {name!r} but torch sees no CUDA device; set runtime.device: cpu (or auto)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise RuntimeError(f"runtime.device is {name!r} but torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return torch.device("cuda:0") if device.type == "cuda" and device.index is None else device
+
+
+def resolve_dtype(name: str, checkpoint_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """`runtime.dtype` as a torch dtype: auto is the checkpoint's dtype on an accelerator and float32 on the CPU."""
+    if name != "auto":
+        return getattr(torch, name)
+    return checkpoint_dtype if device.type != "cpu" else torch.float32
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where a model's input ids go: its embedding's device (the CPU when accelerate offloaded it to disk)."""
+    weight = model.get_input_embeddings().weight
+    return torch.device("cpu") if weight.device.type == "meta" else weight.device
+
+
+@torch.no_grad()
+def add_to_parameter(model: torch.nn.Module, name: str, delta: torch.Tensor, alpha: float) -> None:
+    """param += alpha·delta in place, also for a parameter accelerate offloaded (a meta tensor on the module).
+
+    An offloaded weight lives in its hook's weights map: held in CPU memory (patched there) or read
+    from disk (the patched weight is written to the offload folder and the map pointed at it, so
+    memory stays one tensor).
+    """
+    param = model.get_parameter(name)
+    if param.device.type != "meta":
+        param.add_(delta.to(param.device, param.dtype), alpha=alpha)
+        return
+    module_name, _, leaf = name.rpartition(".")
+    weights = getattr(getattr(model.get_submodule(module_name), "_hf_hook", None), "weights_map", None)
+    if weights is None:
+        raise RuntimeError(f"{name} is on the meta device but no accelerate offload hook holds its weights")
+    loader, key = weights.dataset, weights.prefix + leaf
+    current = loader[key]
+    current = torch.as_tensor(current) if not isinstance(current, torch.Tensor) else current
+    patched = current.to(param.dtype) + alpha * delta.to(param.dtype)
+    if key in loader.state_dict:
+        loader.state_dict[key] = patched
+        return
+    if loader.save_folder is None:
+        raise RuntimeError(f"{name} is offloaded to disk without an offload folder to write its patched copy to")
+    from accelerate.utils import offload_weight
+
+    offload_weight(patched, key, loader.save_folder, index=loader.index)

@@ -109,9 +109,9 @@ def _features(p: Params, r: Path) -> None:
     from rain_tasks.checkpoint import load_causal_lm
     from rain_tasks.features import accumulate_features
 
-    load_lrm = functools.cache(functools.partial(load_causal_lm, r / p.models.lrm))  # one load for both sets
-    accumulate_features(r / p.models.lrm, r / p.calibration.reasoning, p.features, r / FEAT, load_model=load_lrm)
-    accumulate_features(r / p.models.lrm, r / p.calibration.reasoning_heldout, p.features, r / FEAT_HELDOUT, load_model=load_lrm)
+    load_lrm = functools.cache(functools.partial(load_causal_lm, r / p.models.lrm, p.runtime))  # one load for both sets
+    for calibration, out in ((p.calibration.reasoning, FEAT), (p.calibration.reasoning_heldout, FEAT_HELDOUT)):
+        accumulate_features(r / p.models.lrm, r / calibration, p.features, r / out, load_model=load_lrm, runtime=p.runtime)
 
 
 def _projection(p: Params, r: Path) -> None:
@@ -126,7 +126,7 @@ def _attention_stats(p: Params, r: Path) -> None:
 
     attention_stats(
         r / p.models.lrm, r / PROJ, r / p.calibration.instruction, p.attention, r / ATTN / "stats.parquet", r / ATTN / "report.json",
-        lam=p.merge.lam, other_dir=r / TV if p.merge.scope == "all" else None,
+        lam=p.merge.lam, other_dir=r / TV if p.merge.scope == "all" else None, runtime=p.runtime,
     )
 
 
@@ -245,7 +245,7 @@ def _paper_preset(p: Params, r: Path) -> None:
     q, work, lrm = with_overrides(p, PAPER_PRESET), r / PAPER_WORK, r / p.models.lrm
     project(r / TV, r / FEAT, q.projection, work / "projected", work / "projection.parquet")
     attention_stats(lrm, work / "projected", r / q.calibration.instruction, q.attention, work / "stats.parquet",
-                    work / "attention.json", lam=q.merge.lam)
+                    work / "attention.json", lam=q.merge.lam, runtime=p.runtime)
     solve_alpha(work / "stats.parquet", lrm, q.alpha, q.attention.prior, work / "alpha.parquet", work / "scales.safetensors")
     plan = DeltaPlan(linear=TensorDir(work / "projected"), scales=TensorDir(None, single_file=work / "scales.safetensors"))
     merge_checkpoint(lrm, r / PAPER_MODEL, "rain", {"lam": q.merge.lam}, plan, q.merge.max_shard_size)
@@ -296,6 +296,7 @@ def _evaluate(p: Params, r: Path) -> None:
         evaluate_models, format_table, frontier_table, lambda_table, lm_eval_scores, write_frontier, write_lambda_sweep,
         write_outputs,
     )
+    from rain_tasks.generation import Sampling
 
     contamination = _contamination(p, r)  # before any model runs: contaminated numbers are not worth computing
     labels = {"LRM": "reasoning model θ_R", "ITM": "instruction model θ_I"}
@@ -311,10 +312,12 @@ def _evaluate(p: Params, r: Path) -> None:
     e = p.evaluate
     results = evaluate_models(
         r / p.models.lrm, models, r / EVAL_DIR / "instruction_eval.jsonl", r / EVAL_DIR / "reasoning_eval.jsonl",
-        e.max_new_tokens, e.batch_size, e.neighbour_radius, e.max_eval,
+        e.max_new_tokens, e.batch_size, e.neighbour_radius, e.max_eval, runtime=p.runtime,
+        sampling=Sampling(e.temperature, e.top_p, e.num_samples, e.seed),
     )
     if e.lm_eval_tasks:
-        for name, scores in lm_eval_scores(models, e.lm_eval_tasks, e.lm_eval_limit, e.lm_eval_include).items():
+        for name, scores in lm_eval_scores(models, e.lm_eval_tasks, e.lm_eval_limit, e.lm_eval_include,
+                                           runtime=p.runtime, evaluate=e).items():
             results[name]["lm_eval"] = scores
     runs = [run.model_dump(mode="json") for run in p.baselines.runs]
     figures = [("orthogonality of Δ_R and Δ_I", f"../{ORTHO_PNG}")]
@@ -341,14 +344,14 @@ STAGES: tuple[Stage, ...] = (
           code=("rain_tasks/orthogonality.py", "rain_tasks/plots.py"), params=("orthogonality",), plots=(ORTHO_CSV, ORTHO_PNG),
           desc="principal-angle cosines between the top-r singular subspaces of Δ_R and Δ_I per module"),
     Stage("features", _features, deps=("${models.lrm}", "${calibration.reasoning}", "${calibration.reasoning_heldout}"),
-          code=("rain_tasks/features.py", "rain_tasks/capture.py", "rain_tasks/calibration.py"), params=("features",),
+          code=("rain_tasks/features.py", "rain_tasks/capture.py", "rain_tasks/calibration.py"), params=("features", "runtime.dtype"),
           outs=(FEAT, FEAT_HELDOUT), desc="Stage 1: LRM features at Ω_think (calibration and held-out), Gram accumulation"),
     Stage("projection", _projection, deps=(TV, FEAT, FEAT_HELDOUT), code=("rain_tasks/projection.py",), params=("projection",),
           outs=(PROJ, "reports/projection.parquet"), metrics=("metrics/projection.json",),
           desc="Stage 1: null-space projection Δ⊥ and its invariance residuals"),
     Stage("attention_stats", _attention_stats, deps=("${models.lrm}", PROJ, TV, "${calibration.instruction}"),
           code=("rain_tasks/attention.py", "rain_tasks/capture.py", "rain_tasks/calibration.py"),
-          params=("attention", "merge.lam", "merge.scope"), outs=(ATTN,),
+          params=("attention", "merge.lam", "merge.scope", "runtime.dtype"), outs=(ATTN,),
           desc="Stage 2: instruction-attention statistics along the merge's update (passes at 0, p, 2p)"),
     Stage("alpha", _alpha, deps=(ATTN, "${models.lrm}/config.json"), code=("rain_tasks/alpha.py",), params=("alpha", "attention.prior"),
           outs=(ALPHA,), metrics=(ALPHA_METRICS,), plots=("plots/alpha_heatmap.csv", ALPHA_PNG),
@@ -360,7 +363,7 @@ STAGES: tuple[Stage, ...] = (
           desc="the paper's ablations (Stage 1 only, Stage 2 only), α controls (uniform, permuted) and RAIN over λ, same engine"),
     Stage("paper_preset", _paper_preset, deps=("${models.lrm}", TV, FEAT, "${calibration.instruction}"),
           code=("rain_tasks/projection.py", "rain_tasks/attention.py", "rain_tasks/alpha.py", "rain_tasks/merge.py"),
-          params=("attention", "alpha", "merge.max_shard_size"), outs=(PAPER_WORK, PAPER_MODEL),
+          params=("attention", "alpha", "merge.max_shard_size", "runtime.dtype"), outs=(PAPER_WORK, PAPER_MODEL),
           desc="RAIN as METHOD.md publishes it (PAPER_PRESET), beside the configured RAIN in the report"),
     Stage("baselines", _baselines, deps=("${models.lrm}", "${models.base}", TV),
           code=("rain_tasks/merge.py", "rain_tasks/baselines.py", "rain_tasks/lineage.py", "rain_tasks/card.py"),
@@ -370,7 +373,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("evaluate", _evaluate, deps=("${models.lrm}", "${models.itm}", MERGED, ABLATIONS, PAPER_MODEL, BASELINES, EVAL_DIR, ALPHA,
                                        "${calibration.reasoning}", "${calibration.instruction}", ORTHO_PNG),
           code=("rain_tasks/evaluation.py", "rain_tasks/generation.py", "rain_tasks/instructions.py", "rain_tasks/plots.py"),
-          params=("evaluate", "baselines"), outs=("reports/report.md", "reports/report.json"), metrics=("metrics/eval.json",),
+          params=("evaluate", "baselines", "runtime.dtype"), outs=("reports/report.md", "reports/report.json"), metrics=("metrics/eval.json",),
           plots=("plots/eval.csv", LAMBDA_CSV, LAMBDA_PNG, FRONTIER_CSV, FRONTIER_PNG),
           desc="contamination check, behaviour, L_think and the comparison report"),
 )

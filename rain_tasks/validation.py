@@ -7,7 +7,8 @@
   tensor at a time, never a whole model; shards found finite are remembered by path, size, mtime
   and inode in the user's cache (`FINITE_SHARDS`), so reruns on unchanged checkpoints skip the scan),
 - the LRM's tokenizer has `<think>`/`</think>` as single tokens and a chat template,
-- the calibration sets pass their schemas (schemas.py),
+- the calibration sets pass their schemas (schemas.py) and, rendered with the LRM's template and
+  tokenizer, fit max_tokens (no more than check.max_skipped_share of them would be skipped),
 - the output locations are writable directories with room for the outputs still to write.
 `preflight` runs the same checks except the value scan (which reads every weight) before each
 stage that reads inputs, so `dvc repro` refuses bad inputs too. Checks only read inputs: the
@@ -29,7 +30,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from rain_tasks.arch import arch_for, module_of
-from rain_tasks.calibration import load_tokenizer, think_token_ids
+from rain_tasks.calibration import load_tokenizer, render, think_token_ids
 from rain_tasks.checkpoint import INDEX_NAME, Checkpoint, parse_size
 from rain_tasks.digest import file_identity, load_memo, save_memo
 from rain_tasks.params import Params, ParamsError, load_params
@@ -249,6 +250,39 @@ def calibration_problems(params: Params, root: Path) -> list[Problem]:
     return problems
 
 
+#: calibration field -> (schema kind, field holding the chain of thought, params section whose max_tokens/max_samples apply)
+LENGTH_LIMITS = {"reasoning": ("reasoning", "reasoning", "features"), "reasoning_heldout": ("reasoning", "reasoning", "features"),
+                 "instruction": ("instruction", "reason", "attention")}
+
+
+def _sample_name(record: dict, index: int) -> str:
+    """How a sample is named in messages: its id (instruction sets), sample_id (reasoning sets) or row number."""
+    return str(record.get("id", record.get("sample_id", f"row {index}")))
+
+
+def length_problems(params: Params, root: Path, tokenizer) -> list[Problem]:
+    """Each calibration set rendered and tokenized as its stage will: refuse when more than
+    check.max_skipped_share of the samples used would be skipped for exceeding max_tokens, naming them."""
+    problems = []
+    for field, (kind, thought, section) in LENGTH_LIMITS.items():
+        path, limit = root / getattr(params.calibration, field), getattr(params, section)
+        try:
+            records = load_records(path, kind)[: limit.max_samples]
+            lengths = [len(render(tokenizer, r["prompt"], r[thought], r["response"])) for r in records]
+        except (OSError, ValueError):  # missing or malformed: calibration_problems reports it, the stage names the row
+            continue
+        over = [(_sample_name(r, i), n) for i, (r, n) in enumerate(zip(records, lengths)) if n > limit.max_tokens]
+        share = len(over) / max(len(records), 1)
+        if over and share > params.check.max_skipped_share:
+            problems.append(Problem(
+                f"calibration.{field} ({path})",
+                f"{len(over)} of {len(records)} samples are longer than {section}.max_tokens={limit.max_tokens} and would "
+                f"be skipped: {_listed([f'{name} ({n} tokens)' for name, n in over])}",
+                f"raise {section}.max_tokens to at least {max(n for _, n in over)} (Stage 1 and 2 memory grows linearly "
+                f"with it), or accept skipping them with check.max_skipped_share >= {share:.3f}"))
+    return problems
+
+
 # --- outputs: writable, and room for what is still to write -----------------------------------
 
 
@@ -354,7 +388,8 @@ def input_problems(params: Params, root: Path, outputs: Iterable[str], *, scan_v
     if scan_values:
         problems += scan_checkpoint_values(ckpts)
     if (root / params.models.lrm).is_dir():
-        problems += tokenizer_problems(root / params.models.lrm)
+        found = tokenizer_problems(root / params.models.lrm)
+        problems += found or length_problems(params, root, load_tokenizer(root / params.models.lrm))
     problems += calibration_problems(params, root)
     estimates = output_estimates(params, ckpts.get("lrm"), ckpts.get("base"))
     problems += output_problems(params, root, [resolve(o, params) for o in outputs], estimates)

@@ -110,7 +110,8 @@ def test_eager_and_recompute_match_brute_force(tiny_family, lrm, row):
 
 
 def test_eager_path_refuses_missing_attention_weights():
-    fake = SimpleNamespace(set_attn_implementation=lambda _: None, base_model=lambda **_: SimpleNamespace(attentions=()))
+    fake = SimpleNamespace(set_attn_implementation=lambda _: None, base_model=lambda **_: SimpleNamespace(attentions=()),
+                           get_input_embeddings=lambda: SimpleNamespace(weight=torch.zeros(1)))
     spans = SampleSpans(pairs=(((0,), (1,)),), instruction=(0,), unrelated=(), unmapped={}, unusable_instructions=0)
     with pytest.raises(RuntimeError, match="no attention weights"):
         eager_sample_stats(fake, torch.tensor([[1, 2]]), spans)
@@ -191,3 +192,19 @@ def test_add_update_requires_every_merged_tensor(tiny_family, lrm, tmp_path):
     (tmp_path / MANIFEST).write_text("{}")
     with pytest.raises(ValueError, match="down_proj"):
         add_update(lrm, tmp_path, shape, 1.0)
+
+
+def test_spans_map_to_the_same_text_whether_or_not_the_template_opens_think():
+    from tiny import CHAT_TEMPLATE
+
+    r1 = CHAT_TEMPLATE.replace("<|im_start|>assistant\n{% endif %}", "<|im_start|>assistant\n<think>\n{% endif %}")
+    for row in instruction_rows(3):
+        mapped = []
+        for template in (CHAT_TEMPLATE, r1):
+            tok = make_tokenizer(template)
+            r = render(tok, row["prompt"], row["reason"], row["response"])
+            assert r.text.count("<think>") == 1  # an R1 template's own <think> is not doubled
+            spans = map_sample_spans(r, row)
+            words = lambda positions: [r.input_ids[p] for p in positions]  # noqa: E731 - token ids, position-free
+            mapped.append(([(words(i), words(k)) for i, k in spans.pairs], words(spans.instruction), words(spans.unrelated)))
+        assert mapped[0] == mapped[1] and mapped[0][0]

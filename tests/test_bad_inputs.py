@@ -40,6 +40,7 @@ def _params(models: dict[str, str] | None = None, **sections: dict) -> dict:
                         "reasoning_heldout": "calib/heldout.jsonl"},
         "merge": {"max_shard_size": "20KB"},
         "check": {"min_free_space": "0B"},
+        "attention": {"max_tokens": 48},
     }
     for section, values in sections.items():
         params[section] = {**params.get(section, {}), **values}
@@ -234,6 +235,11 @@ CASES: list[tuple[str, Callable[[Path], None], str]] = [
      r"reasoning\.jsonl: line 2 is not valid JSON"),
     ("calibration_file_missing", lambda r: (r / "calib/instruction.jsonl").unlink(),
      r"calibration\.instruction \(.*instruction\.jsonl\): file not found"),
+    ("instruction_samples_too_long", lambda r: _write_calib(r, "instruction", _rows_with("instruction", 4, reason=" ".join(["step"] * 40))),
+     r"calibration\.instruction \(.*\): 1 of 6 samples are longer than attention\.max_tokens=48 and would be skipped: 5 \(\d+ tokens\)"
+     r".*raise attention\.max_tokens to at least \d+ .*check\.max_skipped_share >= 0\.167"),
+    ("reasoning_samples_too_long", lambda r: _write_params(r, _params(features={"max_tokens": 20})),
+     r"calibration\.reasoning \(.*\): 6 of 6 samples are longer than features\.max_tokens=20 and would be skipped: r1 \(30 tokens\)"),
     ("energy_out_of_range", lambda r: _write_params(r, _params(projection={"energy": 1.5})),
      r"params\.yaml: projection\.energy: Input should be less than or equal to 1"),
     ("box_lo_above_hi", lambda r: _write_params(r, _params(alpha={"box_lo": 2.0, "box_hi": 1.0})),
@@ -267,6 +273,13 @@ def test_bad_input_is_refused_naming_it_and_nothing_is_written(project, capsys, 
     assert re.search(message, err), f"{case}: expected /{message}/ in:\n{err}"
     assert "Fix: " in err
     assert _snapshot(project) == before
+
+
+def test_skipping_within_max_skipped_share_is_allowed(project, capsys):
+    _write_calib(project, "instruction", _rows_with("instruction", 4, reason=" ".join(["step"] * 40)))
+    assert _check(project, capsys)[0] != 0
+    _write_params(project, _params(check={"max_skipped_share": 0.2}))
+    assert _check(project, capsys) == (0, "")
 
 
 def test_all_problems_are_reported_together(project, capsys):

@@ -145,3 +145,22 @@ def test_frontier_table_and_figure(tmp_path):
     assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list(pd.read_csv(tmp_path / "f.csv").columns) == ["model", "method", "lam", "comply_rate", "close_correct_rate",
                                                             "l_think", "kl_own"]
+
+
+def test_lm_eval_runs_give_each_budgeted_task_its_own_call_with_the_sampling():
+    from rain_tasks.evaluation import lm_eval_backend, lm_eval_runs
+    from rain_tasks.params import EvaluateParams
+
+    e = EvaluateParams(lm_eval_tasks=["ifeval", "gsm8k", "mmlu"], lm_eval_max_new_tokens={"gsm8k": 32768},
+                       temperature=0.6, top_p=0.95, num_samples=4)
+    assert lm_eval_runs(e.lm_eval_tasks, e) == [
+        (["ifeval", "mmlu"], "do_sample=True,temperature=0.6,top_p=0.95"),
+        (["gsm8k"], "do_sample=True,temperature=0.6,top_p=0.95,max_gen_toks=32768"),
+    ]
+    assert lm_eval_runs(["ifeval"], EvaluateParams(lm_eval_tasks=["ifeval"])) == [(["ifeval"], "do_sample=False")]
+    with pytest.raises(ValueError, match="not in lm_eval_tasks"):
+        EvaluateParams(lm_eval_tasks=["ifeval"], lm_eval_max_new_tokens={"gsm8k": 10})
+    assert lm_eval_backend("auto") == "hf"  # vLLM is not installed here (and there is no GPU)
+    assert lm_eval_backend("hf") == "hf"
+    with pytest.raises(RuntimeError, match="vllm is not installed"):
+        lm_eval_backend("vllm")
