@@ -62,7 +62,7 @@ ROW = {"prompt": "add 1 and 2 . finish with DONE .", "answer": 3,
 
 def _random_model_and_tokenizer():
     params = ZooParams(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64, max_operand=5)
-    tokenizer = build_tokenizer(params.max_operand)
+    tokenizer = build_tokenizer(params)
     model = new_model(params, tokenizer)
     torch.manual_seed(1)
     with torch.no_grad():
