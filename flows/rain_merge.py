@@ -260,6 +260,7 @@ def rain_merge(
     if pull:
         _transfer(pull_task, storage, "dvc pull", str(root), remote)
     params = validate(root, params_file)  # every input problem at once, before any stage runs
+    dvc_state.require_project(root)
     runner = layer_runner(task_runner, dask_address)
     summary = {stage.name: _run(stage, root, params_file, params, runner, storage) for stage in STAGES}
     print("stages: " + ", ".join(f"{name} {r['state']}" for name, r in summary.items()))

@@ -44,6 +44,15 @@ def _repo(root: str | Path) -> Iterator:
         yield repo
 
 
+def require_project(root: str | Path) -> None:
+    """Refuse, before any work, a project directory DVC cannot keep the record for."""
+    root = Path(root)
+    missing = [name for name in (".dvc", "dvc.yaml") if not (root / name).exists()]
+    if missing:
+        raise ValueError(f"{root} is not a DVC project (no {' or '.join(missing)}); the flow keeps DVC's record of what "
+                         "is up to date there. Run it on the repository (its clone), or `dvc init` and `rain dvc-yaml` first")
+
+
 def reuse(root: str | Path, name: str) -> str | None:
     """Why stage `name` need not run (UP_TO_DATE, or RESTORED after checking its outputs out and committing
     them as `dvc repro` would), or None when it must run."""
