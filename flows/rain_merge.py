@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Literal
 
 from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State, TaskRun
 from prefect.states import Completed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
@@ -82,7 +81,9 @@ def _retry_transient(task: Task, task_run: TaskRun, state: State) -> bool:
 
 
 _TASK_OPTIONS = dict(
-    cache_policy=NO_CACHE,  # what is up to date is DVC's record (rain_tasks.dvc_state), not Prefect's cache
+    # results are persisted (for the UI and the API) under the task run's own id, so Prefect never takes one for a
+    # cache hit: what is up to date is DVC's record (rain_tasks.dvc_state)
+    result_storage_key="{task_run.id}",
     persist_result=True,
     result_serializer="json",
     retries=3,
