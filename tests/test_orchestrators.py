@@ -149,7 +149,8 @@ def test_scheduled_run_on_a_fresh_clone_pulls_runs_pushes_and_releases(repro_pro
                     _set_box_hi(clone, 1.0)
                     dead = f"http://127.0.0.1:{free_port()}"
                     sh(["dvc", "remote", "modify", "--local", "storage", "endpointurl", dead], clone, env)
-                    failed = subprocess.run(["rain", "flow", "--project", str(clone), "--push"], cwd=clone, env=env,
+                    failed = subprocess.run(["rain", "flow", "--project", str(clone), "--push"], cwd=clone,
+                                            env={**env, "AWS_MAX_ATTEMPTS": "1"},  # fail fast: no botocore retries
                                             capture_output=True, text=True)
                     assert failed.returncode == 2 and "rain: error: dvc push to" in failed.stderr, failed.stderr[-3000:]
                     sh(["dvc", "remote", "modify", "--local", "storage", "endpointurl", endpoint], clone, env)
