@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Literal
 
 from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State, TaskRun
 from prefect.states import Completed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
@@ -82,7 +81,9 @@ def _retry_transient(task: Task, task_run: TaskRun, state: State) -> bool:
 
 
 _TASK_OPTIONS = dict(
-    cache_policy=NO_CACHE,  # what is up to date is DVC's record (rain_tasks.dvc_state), not Prefect's cache
+    # results are persisted (for the UI and the API) under the task run's own id, so Prefect never takes one for a
+    # cache hit: what is up to date is DVC's record (rain_tasks.dvc_state)
+    result_storage_key="{task_run.id}",
     persist_result=True,
     result_serializer="json",
     retries=3,
@@ -145,16 +146,28 @@ def push_task(project_dir: str, remote: str | None) -> str:
 @task(**_TASK_OPTIONS)
 def release_task(project_dir: str, release_uri: str) -> str:
     """`rain release` of the merged model to RELEASE_URI/<its run name>, named after its lineage, unless that
-    version is already complete there (the lineage has not changed since the last release)."""
+    version is already complete there (the lineage has not changed since the last release). An incomplete
+    version of that name is an interrupted upload of these same files: it is cleared and uploaded again."""
     from rain_tasks.lineage import LINEAGE, run_name
     from rain_tasks.release import S3Files, S3Location, release, s3_client
 
     model_dir = Path(project_dir) / MERGED
     uri = f"{release_uri.rstrip('/')}/{run_name(json.loads((model_dir / LINEAGE).read_text())['core'])}"
-    client = s3_client()
-    if S3Files(S3Location.parse(uri), client).read_bytes(LINEAGE) is not None:
+    client, target = s3_client(), S3Location.parse(uri)
+    if S3Files(target, client).read_bytes(LINEAGE) is not None:
         return _cached(f"{uri} is already released (same lineage)", {"release": uri})
+    _clear_prefix(client, target)
     return release(model_dir, uri, project_dir, client=client).format()
+
+
+def _clear_prefix(client, target) -> None:
+    """Delete the objects of an incomplete release version (no lineage.json: its upload was interrupted)."""
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=target.bucket, Prefix=target.prefix + "/")
+    for page in pages:
+        keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+        if keys:
+            log.warning("clearing %d object(s) of the incomplete release %s", len(keys), target)
+            client.delete_objects(Bucket=target.bucket, Delete={"Objects": keys})
 
 
 def layer_runner(kind: TaskRunnerKind, dask_address: str | None = None, dask_workers: int = 2) -> TaskRunner:
@@ -248,6 +261,7 @@ def rain_merge(
     if pull:
         _transfer(pull_task, storage, "dvc pull", str(root), remote)
     params = validate(root, params_file)  # every input problem at once, before any stage runs
+    dvc_state.require_project(root)
     runner = layer_runner(task_runner, dask_address)
     summary = {stage.name: _run(stage, root, params_file, params, runner, storage) for stage in STAGES}
     print("stages: " + ", ".join(f"{name} {r['state']}" for name, r in summary.items()))

@@ -86,9 +86,10 @@ def render(core: dict, root: Path, evaluation_row: str) -> str:
         "",
         "## Lineage",
         "",
-        f"`lineage.json` beside this card records every input file's sha256, the params, the code version and the "
-        f"digest of every file here; each shard's safetensors metadata names lineage `{json_digest(core)[:12]}`. "
-        "Audit with `rain verify DIR_OR_S3_URI [--project ROOT]`; print the chain with `rain lineage DIR`.",
+        f"`lineage.json` beside this card records every input file's sha256, the params and the digest of every "
+        f"file here; each shard's safetensors metadata names lineage `{json_digest(core)[:12]}`. Audit with "
+        "`rain verify DIR_OR_S3_URI [--project ROOT]`; print the chain, and the run's provenance (code version, "
+        "Prefect flow run) where the project holds its run record, with `rain lineage DIR --project ROOT`.",
         "",
     ])
 

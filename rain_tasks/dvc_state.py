@@ -11,8 +11,11 @@ DVC's Python API (dvc.repo.Repo, what the `dvc` commands call):
   into the DVC cache, dvc.lock gets the stage's entry and the run cache an entry for its deps and
   params, exactly what `dvc repro` leaves behind.
 
-DVC resolves a stage's paths against the working directory, so each call runs with the project
-root as the working directory (the flow makes these calls one at a time, between stages).
+The calls are DVC's public Repo methods (`status`, `commit`) and its stage-cache `restore`, with
+one private look-up (`stage_cache._load`: is there a run-cache entry, before anything is removed);
+dvc is pinned in requirements.txt. DVC resolves a stage's paths against the working directory,
+so each call runs with the project root as the working directory (the flow makes these calls one
+at a time, between stages).
 
 So `dvc repro` after a flow run (or the reverse) recomputes nothing, `dvc status` stays clean,
 and a param change reruns the same downstream stages whichever orchestrator runs next.
@@ -39,6 +42,15 @@ def _repo(root: str | Path) -> Iterator:
     root = Path(root).resolve()
     with chdir(root), Repo(str(root)) as repo:
         yield repo
+
+
+def require_project(root: str | Path) -> None:
+    """Refuse, before any work, a project directory DVC cannot keep the record for."""
+    root = Path(root)
+    missing = [name for name in (".dvc", "dvc.yaml") if not (root / name).exists()]
+    if missing:
+        raise ValueError(f"{root} is not a DVC project (no {' or '.join(missing)}); the flow keeps DVC's record of what "
+                         "is up to date there. Run it on the repository (its clone), or `dvc init` and `rain dvc-yaml` first")
 
 
 def reuse(root: str | Path, name: str) -> str | None:
@@ -78,9 +90,3 @@ def commit(root: str | Path, name: str) -> None:
     """`dvc commit -f STAGE`: record the outputs a stage just wrote in dvc.lock, the DVC cache and the run cache."""
     with _repo(root) as repo:
         repo.commit(name, force=True)
-
-
-def changed_stages(root: str | Path) -> list[str]:
-    """The stages `dvc status` reports as changed ([] when everything is up to date)."""
-    with _repo(root) as repo:
-        return sorted(key.split(":")[-1] for key in repo.status())

@@ -5,7 +5,8 @@
   the old param value again is restored from DVC's run cache, bit for bit;
 - a scheduled deployment served on a real Prefect server, on a fresh clone that has only the repository
   and the S3 remote: it pulls and recomputes nothing the remote holds, releases the merged model once
-  per lineage, and after a param change recomputes only what follows it and pushes the new outputs.
+  per lineage, and after a param change recomputes only what follows it and pushes the new outputs; a
+  failed push fails the run, and the next run retries it without recomputing.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import yaml
 
 from projects import MINI_OVERRIDES, MINI_ZOO, ROOT, fresh_project, project_env, sh
 from rain_tasks.digest import tree_digests
-from rain_tasks.s3server import DUMMY_CREDENTIALS, local_s3
+from rain_tasks.s3server import DUMMY_CREDENTIALS, free_port, local_s3
 from rain_tasks.stages import LAYER_SPLITS, STAGES
 from test_operations import _start_prefect_server, _stop, _task_states, _wait_for_deployment
 
@@ -143,6 +144,20 @@ def test_scheduled_run_on_a_fresh_clone_pulls_runs_pushes_and_releases(repro_pro
                     assert states == Counter({"Cached": len(STAGES) - len(AFTER_ALPHA),
                                               "Completed": len(AFTER_ALPHA) + layers + 3}), states
                     assert len(_released_versions(s3)) == 2  # the merged model's lineage changed
+
+                    # a push that fails fails the run visibly; the next tick retries it without recomputing
+                    _set_box_hi(clone, 1.0)
+                    dead = f"http://127.0.0.1:{free_port()}"
+                    sh(["dvc", "remote", "modify", "--local", "storage", "endpointurl", dead], clone, env)
+                    failed = subprocess.run(["rain", "flow", "--project", str(clone), "--push"], cwd=clone,
+                                            env={**env, "AWS_MAX_ATTEMPTS": "1"},  # fail fast: no botocore retries
+                                            capture_output=True, text=True)
+                    assert failed.returncode == 2 and "rain: error: dvc push to" in failed.stderr, failed.stderr[-3000:]
+                    sh(["dvc", "remote", "modify", "--local", "storage", "endpointurl", endpoint], clone, env)
+                    third = run_deployment("rain_merge/test", timeout=900)
+                    assert third.state.is_completed(), serve_log.read_text()[-3000:]
+                    assert _task_states(client, third.id) == Counter({"Cached": len(STAGES), "Completed": 3})
+                    assert len(_released_versions(s3)) == 3
             finally:
                 _stop(serve)
             assert "up to date" in sh(["dvc", "status"], clone, env)
