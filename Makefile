@@ -14,6 +14,8 @@ export PREFECT_HOME := $(abspath .prefect)
 export PREFECT_LOCAL_STORAGE_PATH := $(abspath .prefect/storage)
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_LOGGING_LEVEL := WARNING
+# a loaded 2-core machine can take longer than Prefect's default 20 s to start the temporary API server
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
 .PHONY: venv demo test flow clean
 venv: $(VENV)/.installed
