@@ -13,6 +13,9 @@ import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+#: errors a retry cannot fix (credentials, permissions, a bucket that does not exist): reported at once
+PERMANENT = ("AccessDenied", "Access Denied", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+             "NoSuchBucket", "bucket does not exist")
 
 
 class PushFailed(RuntimeError):
@@ -26,6 +29,11 @@ def _last_error(output: str) -> str:
     return (errors or lines or ["no output"])[-1]
 
 
+def is_permanent(output: str) -> bool:
+    """True when a failed push names an error a retry cannot fix (see PERMANENT)."""
+    return any(p.lower() in output.lower() for p in PERMANENT)
+
+
 def push(root: str | Path = ".", remote: str | None = None, attempts: int = 3, backoff_s: float = 2.0) -> None:
     """`dvc push` with up to `attempts` tries and exponential backoff; raise PushFailed after the last one."""
     cmd = ["dvc", "push", *(["-r", remote] if remote else [])]
@@ -35,6 +43,10 @@ def push(root: str | Path = ".", remote: str | None = None, attempts: int = 3, b
             return
         error = _last_error(proc.stdout + proc.stderr)
         log.warning("dvc push attempt %d/%d failed: %s", attempt, attempts, error)
+        if is_permanent(proc.stdout + proc.stderr):
+            raise PushFailed(f"dvc push to {remote or 'the default remote'} was refused: {error}. Retrying cannot fix "
+                             "this: check the credentials, the bucket's name and permissions (`dvc remote list`), then "
+                             "rerun `dvc push`.")
         if attempt < attempts:
             time.sleep(backoff_s * 2 ** (attempt - 1))
     raise PushFailed(
