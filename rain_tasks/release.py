@@ -88,12 +88,13 @@ class S3Location:
         return f"s3://{self.bucket}/{self.prefix}"
 
 
-def s3_client() -> Any:
-    """A boto3 S3 client from the standard AWS configuration (AWS_ENDPOINT_URL, credentials, region)."""
+def s3_client(endpoint_url: str | None = None) -> Any:
+    """A boto3 S3 client from the standard AWS configuration (AWS_ENDPOINT_URL unless `endpoint_url`, credentials,
+    region), retrying throttling and transient errors with backoff (botocore's standard mode)."""
     import boto3
     from botocore.config import Config
 
-    return boto3.client("s3", config=Config(retries={"mode": "standard", "max_attempts": RETRIES}))
+    return boto3.client("s3", endpoint_url=endpoint_url, config=Config(retries={"mode": "standard", "max_attempts": RETRIES}))
 
 
 # --- checksums ----------------------------------------------------------------------------------

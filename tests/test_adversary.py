@@ -413,3 +413,15 @@ def test_a_stage_producing_non_finite_values_names_it_and_writes_nothing(tiny_fa
     err = capsys.readouterr().err
     assert "rain: error: features " in err and ": NaN or Inf in " in err and "Traceback" not in err, err
     assert not list(root.rglob("artifacts/**/layer_*.safetensors")), "no features file was written"
+
+
+def test_the_demo_signs_its_release_with_a_key_pair_outside_git(model, project, s3):
+    """`make demo`'s release step: a key pair under .rain/keys (git-ignored), a release that verifies with it."""
+    from rain_tasks.demo import DEMO_KEYS, release_signed
+
+    client, bucket, endpoint = s3
+    uri = release_signed(project, endpoint, bucket)
+    assert (project / DEMO_KEYS / "release-key.pem").stat().st_mode & 0o077 == 0
+    assert COMMIT in _objects(client, bucket, uri.removeprefix(f"s3://{bucket}/"))
+    root_gitignore = (Path(__file__).resolve().parents[1] / ".gitignore").read_text().splitlines()
+    assert "/.rain/" in root_gitignore
