@@ -53,7 +53,11 @@ def is_transient(exc: BaseException) -> bool:
     try:
         from botocore.exceptions import BotoCoreError, ClientError
 
-        if isinstance(exc, (BotoCoreError, ClientError)):
+        from rain_tasks.remote import PERMANENT_S3_CODES
+
+        if isinstance(exc, ClientError):  # throttling and 5xx are worth a retry; refused credentials are not
+            return exc.response.get("Error", {}).get("Code") not in PERMANENT_S3_CODES
+        if isinstance(exc, BotoCoreError):
             return True
     except ImportError:  # without botocore there is no S3 client to fail
         pass

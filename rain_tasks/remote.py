@@ -13,9 +13,11 @@ import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
-#: errors a retry cannot fix (credentials, permissions, a bucket that does not exist): reported at once
-PERMANENT = ("AccessDenied", "Access Denied", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch",
-             "NoSuchBucket", "bucket does not exist")
+#: S3 error codes a retry cannot fix (credentials, permissions, a bucket that does not exist)
+PERMANENT_S3_CODES = frozenset({"AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                                "NoSuchBucket", "InvalidBucketName", "AccountProblem"})
+#: the same, as they appear in `dvc push` output: reported at once
+PERMANENT = (*sorted(PERMANENT_S3_CODES), "Access Denied", "Forbidden", "bucket does not exist")
 
 
 class PushFailed(RuntimeError):
