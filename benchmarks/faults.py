@@ -112,9 +112,10 @@ def _released_model(tmp: Path) -> tuple[Path, Path, Path]:
     import yaml
 
     from merged_project import make_project, merge_with_lineage
-    from tiny import make_family
+    from tiny import make_family, reasoning_rows, write_jsonl
 
     family = make_family(tmp / "family")
+    family["reasoning"] = write_jsonl(tmp / "family/reasoning.jsonl", reasoning_rows())
     root = make_project(family, tmp / "project")
     first = merge_with_lineage(root, root / "models/merged")
     (root / "params.yaml").write_text(yaml.safe_dump({"merge": {"lam": 2.0}}))
