@@ -33,7 +33,7 @@ PHASES: tuple[tuple[str, str], ...] = (
     ("projection", "rain_tasks.projection:project_block_with_coefficients"),
     ("residual diagnostics", "rain_tasks.projection:RowStats.quad_before_after"),
     ("attention statistics", "rain_tasks.attention:span_stats"),
-    ("prior Δ⊥ added", "rain_tasks.attention:add_projected"),
+    ("update added", "rain_tasks.attention:add_update"),
     ("alpha solve", "rain_tasks.alpha:solve_box_qp"),
     ("alpha solve", "rain_tasks.alpha:closed_form_alpha"),
     ("merge arithmetic", "rain_tasks.merge:_merged"),

@@ -1,16 +1,26 @@
-"""Prefect flow `rain_merge`: the DVC stages as Prefect tasks cached on content digests.
+"""Prefect flow `rain_merge`: the DVC stages as Prefect tasks, sharing DVC's record of what is up to date.
 
-Each task's cache key is its stage name, the params keys it reads, the digests of its input
-files (code included) and the task's source: a second run with nothing changed is all cache
-hits, and a param change reruns only the stages downstream of it. Results are small JSON
-manifests of output digests (never pickles); a cached result whose outputs were removed or
-altered on disk is recomputed.
+A stage is skipped (its task ends 'Cached') when DVC says `dvc repro` would skip it: up to date
+in dvc.lock, or its outputs for these exact deps and params are in DVC's run cache, whence they
+are checked out (rain_tasks.dvc_state). A stage that runs is committed through DVC afterwards
+(dvc.lock, the DVC cache and the run cache), so `dvc repro` after a flow run, or a flow run
+after `dvc repro`, recomputes nothing, and a param change reruns the same downstream stages
+whichever orchestrator runs next. Results are small JSON manifests of output digests (never
+pickles).
+
+A scheduled run can do the whole job on a machine that has only the repository and the DVC
+remote: `pull` first fetches what the remote holds (calibration sets, stage outputs, the run
+cache), `push` afterwards uploads new outputs and run-cache entries, and `release_uri` releases
+the merged model (`rain release`) under a version named after its lineage when that version is
+not there yet. A failed pull, push or release fails the flow run; the next run finds every stage
+committed, so it only retries the transfer.
 
 Operations:
-- Result storage: Prefect's default (PREFECT_LOCAL_STORAGE_PATH, or the block named by
-  PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK), or the flow parameter `result_storage`: a local
-  path, or the slug of a saved storage block (e.g. `remote-file-system/rain-results`, an
-  s3:// RemoteFileSystem) so a team shares one cache.
+- Result storage (the task results: output digests, for the UI and the API): Prefect's default
+  (PREFECT_LOCAL_STORAGE_PATH, or the block named by PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK), or
+  the flow parameter `result_storage`: a local path, or the slug of a saved storage block (e.g.
+  `remote-file-system/rain-results`, an s3:// RemoteFileSystem). What is up to date is DVC's
+  record, not these results.
 - Retries: transient storage and network errors (S3, sockets, disk I/O) are retried with
   exponential backoff and jitter; bad inputs, bad params and bugs fail at once.
 - Scale-out: the stages in LAYER_SPLITS (projection, merge) run one task per layer on a
@@ -21,22 +31,25 @@ Operations:
 """
 
 # no `from __future__ import annotations`: Prefect validates the flow's parameter types at run time
+import json
 import logging
 import shutil
 from pathlib import Path
 from typing import Literal
 
 from prefect import flow, task
-from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State, TaskRun
+from prefect.states import Completed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from prefect.tasks import Task, exponential_backoff
 
+from rain_tasks import dvc_state
 from rain_tasks.arch import read_shape
-from rain_tasks.digest import json_digest, path_digest
+from rain_tasks.digest import path_digest
 from rain_tasks.params import Params, load_params
 from rain_tasks.runtime import configure
-from rain_tasks.stages import LAYER_SPLITS, STAGES, Stage, get_stage, param_values, resolve, run_stage
+from rain_tasks.stages import LAYER_SPLITS, MERGED, STAGES, Stage, get_stage, run_stage
 from rain_tasks.validation import out_of_space_message, validate
 
 log = logging.getLogger(__name__)
@@ -73,7 +86,7 @@ def _retry_transient(task: Task, task_run: TaskRun, state: State) -> bool:
 
 
 _TASK_OPTIONS = dict(
-    cache_policy=INPUTS + TASK_SOURCE,
+    cache_policy=NO_CACHE,  # what is up to date is DVC's record (rain_tasks.dvc_state), not Prefect's cache
     persist_result=True,
     result_serializer="json",
     retries=3,
@@ -83,28 +96,70 @@ _TASK_OPTIONS = dict(
 )
 
 
-def _digests(root: Path, paths: list[str]) -> dict[str, str]:
+def _digests(root: Path, paths: tuple[str, ...]) -> dict[str, str]:
     return {p: path_digest(root / p, remembered=True) for p in paths}
 
 
+def _cached(message: str, outputs: dict[str, str]) -> State:
+    """The final state of a task whose work DVC already holds (shown as 'Cached' in Prefect)."""
+    return Completed(name="Cached", message=message, data=outputs)
+
+
 @task(**_TASK_OPTIONS)
-def stage_task(
-    name: str, project_dir: str, params_file: str, params: dict, inputs: dict[str, str], parts: str | None = None
-) -> dict[str, str]:
-    """Run one stage (finishing from per-layer `parts` where given); return its output digests (the cached result)."""
-    root = Path(project_dir)
+def stage_task(name: str, project_dir: str, params_file: str, parts: str | None = None,
+               reused: str | None = None) -> dict[str, str]:
+    """Run one stage (finishing from per-layer `parts` where given) and commit it through DVC; return its output
+    digests. With `reused` (why DVC needs no run), only report the outputs DVC already records."""
+    root, outputs = Path(project_dir), get_stage(name).outputs
+    if reused:
+        return _cached(f"stage {name}: {reused}", _digests(root, outputs))
     configure()
     run_stage(name, load_params(root / params_file), root, Path(parts) if parts else None)
-    return _digests(root, list(get_stage(name).outputs))
+    dvc_state.commit(root, name)
+    return _digests(root, outputs)
 
 
 @task(**_TASK_OPTIONS)
-def layer_task(name: str, layer: int, project_dir: str, params_file: str, parts: str, params: dict, inputs: dict[str, str]) -> str:
-    """Do one layer of a split stage into `parts` (`params` and `inputs` are the cache key: the stage's own)."""
+def layer_task(name: str, layer: int, project_dir: str, params_file: str, parts: str) -> str:
+    """Do one layer of a split stage into `parts`."""
     root = Path(project_dir)
     configure()
     LAYER_SPLITS[name].run(load_params(root / params_file), root, layer, Path(parts))
     return f"{name} layer {layer}"
+
+
+@task(**_TASK_OPTIONS)
+def pull_task(project_dir: str, remote: str | None) -> str:
+    """`dvc pull --run-cache`: what the remote holds of the outputs dvc.lock names, and its run cache."""
+    from rain_tasks.remote import pull
+
+    pull(project_dir, remote)
+    return f"pulled from {remote or 'the default remote'}"
+
+
+@task(**_TASK_OPTIONS)
+def push_task(project_dir: str, remote: str | None) -> str:
+    """`dvc push --run-cache`: the outputs and run-cache entries the remote lacks (a failure fails the run)."""
+    from rain_tasks.remote import push
+
+    push(project_dir, remote)
+    return f"pushed to {remote or 'the default remote'}"
+
+
+@task(**_TASK_OPTIONS)
+def release_task(project_dir: str, release_uri: str) -> str:
+    """`rain release` of the merged model to RELEASE_URI/<its run name>, named after its lineage, unless that
+    version is already complete there (the lineage has not changed since the last release)."""
+    from rain_tasks.lineage import LINEAGE, run_name
+    from rain_tasks.release import S3Location, committed, release, s3_client
+    from rain_tasks.signing import SigningConfig
+
+    model_dir = Path(project_dir) / MERGED
+    uri = f"{release_uri.rstrip('/')}/{run_name(json.loads((model_dir / LINEAGE).read_text())['core'])}"
+    client = s3_client()
+    if committed(client, S3Location.parse(uri)):
+        return _cached(f"{uri} is already released (same lineage)", {"release": uri})
+    return release(model_dir, uri, project_dir, client=client, signing=SigningConfig.from_env()).format()
 
 
 def layer_runner(kind: TaskRunnerKind, dask_address: str | None = None, dask_workers: int = 2) -> TaskRunner:
@@ -142,17 +197,17 @@ def _with_storage(t: Task, storage, name: str) -> Task:
     return t.with_options(task_run_name=name, **({"result_storage": storage} if storage is not None else {}))
 
 
-def _fan_out(stage: Stage, runner: TaskRunner, storage, args: tuple, root: Path, params: Params) -> tuple[str, list[str]]:
+def _fan_out(stage: Stage, runner: TaskRunner, storage, root: Path, params_file: str, params: Params) -> tuple[str, list[str]]:
     """Run the stage's per-layer tasks on `runner`; return the parts directory and their final state names."""
-    name, project_dir, params_file, param_vals, inputs = args
-    parts = root / PARTS_DIR / name / json_digest({"params": param_vals, "inputs": inputs})[:16]
-    verb = LAYER_SPLITS[name].verb
+    parts = root / PARTS_DIR / stage.name
+    shutil.rmtree(parts, ignore_errors=True)  # layers of an earlier, interrupted run may be of other inputs
+    verb = LAYER_SPLITS[stage.name].verb
     layers = range(read_shape(root / params.models.lrm).num_layers)
     with runner.duplicate() as r:
         futures = [
             r.submit(_with_storage(layer_task, storage, f"{verb} layer {layer}"),
-                     {"name": name, "layer": layer, "project_dir": project_dir, "params_file": params_file,
-                      "parts": str(parts), "params": param_vals, "inputs": inputs})
+                     {"name": stage.name, "layer": layer, "project_dir": str(root), "params_file": params_file,
+                      "parts": str(parts)})
             for layer in layers
         ]
         for f in futures:
@@ -161,21 +216,21 @@ def _fan_out(stage: Stage, runner: TaskRunner, storage, args: tuple, root: Path,
 
 
 def _run(stage: Stage, root: Path, params_file: str, params: Params, runner: TaskRunner, storage) -> dict:
-    """Run (or take from cache) one stage, per layer first where it splits; return state names and output digests."""
-    deps = [resolve(d, params) for d in (*stage.deps, *stage.code)]
-    args = (stage.name, str(root), params_file, param_values(params, stage.params), _digests(root, deps))
-    parts, layer_states = _fan_out(stage, runner, storage, args, root, params) if stage.name in LAYER_SPLITS else (None, [])
+    """Run one stage, per layer first where it splits, unless DVC holds its outputs; return state names and digests."""
+    reused = dvc_state.reuse(root, stage.name)
+    parts, layer_states = (None, [])
+    if reused is None and stage.name in LAYER_SPLITS:
+        parts, layer_states = _fan_out(stage, runner, storage, root, params_file, params)
     call = _with_storage(stage_task, storage, f"{stage.name}: {stage.desc}")
-    state = call(*args, parts, return_state=True)
-    outputs = state.result()
-    on_disk = {p: (path_digest(root / p, remembered=True) if (root / p).exists() else None) for p in outputs}
-    if on_disk != outputs:
-        log.warning("stage %s: cached outputs are missing or changed on disk; recomputing", stage.name)
-        state = call.with_options(refresh_cache=True)(*args, parts, return_state=True)
-        outputs = state.result()
+    state = call(stage.name, str(root), params_file, parts, reused, return_state=True)
     if parts is not None:
         shutil.rmtree(parts, ignore_errors=True)
-    return {"state": state.name, "outputs": outputs, "layers": layer_states}
+    return {"state": state.name, "outputs": state.result(), "layers": layer_states}
+
+
+def _transfer(t: Task, storage, name: str, *args) -> None:
+    """Run a pull, push or release task; its failure fails the flow run (the next run retries it, stages committed)."""
+    _with_storage(t, storage, name)(*args)
 
 
 @flow(name="rain_merge", log_prints=True)
@@ -185,13 +240,24 @@ def rain_merge(
     task_runner: TaskRunnerKind = "thread",
     dask_address: str | None = None,
     result_storage: str | None = None,
+    pull: bool = False,
+    push: bool = False,
+    remote: str | None = None,
+    release_uri: str | None = None,
 ) -> dict[str, dict]:
-    """Run every stage in DAG order; return per stage its state ('Completed' or 'Cached'), its per-layer
-    task states and its output digests."""
+    """Pull (if asked), run every stage in DAG order that DVC does not hold, then push and release (if asked);
+    return per stage its state ('Completed' or 'Cached'), its per-layer task states and its output digests."""
     root = Path(project_dir).resolve()
-    params = validate(root, params_file)  # every input problem at once, before any stage runs
+    load_params(root / params_file)  # a bad params file fails before any transfer
     storage = resolve_result_storage(result_storage)
+    if pull:
+        _transfer(pull_task, storage, "dvc pull", str(root), remote)
+    params = validate(root, params_file)  # every input problem at once, before any stage runs
     runner = layer_runner(task_runner, dask_address)
     summary = {stage.name: _run(stage, root, params_file, params, runner, storage) for stage in STAGES}
     print("stages: " + ", ".join(f"{name} {r['state']}" for name, r in summary.items()))
+    if push:
+        _transfer(push_task, storage, "dvc push", str(root), remote)
+    if release_uri:
+        _transfer(release_task, storage, "rain release", str(root), release_uri)
     return summary

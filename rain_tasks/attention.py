@@ -1,4 +1,4 @@
-"""Stage 2 statistics: how much response tokens attend to their instructions, before and after adding Δ⊥.
+"""Stage 2 statistics: how much response tokens attend to their instructions along the merge's update.
 
 Attention is read in the causal direction: rows are response queries, columns are instruction
 keys. Per sample x, layer l and query head h (A = that head's softmax attention):
@@ -6,10 +6,15 @@ keys. Per sample x, layer l and query head h (A = that head's softmax attention)
   leakage   u(x) = mean_{i∈U} Σ_{j∈I} A[i, j]        (I = union of all I_k; u = 0 where U is empty)
 An instruction is usable when both its prompt spans (I_k) and its response spans (R_k) map to
 tokens; a sample without a usable instruction is skipped (counted in the report).
-Pass 0 runs on θ_R, pass 1 on θ_R + prior·Δ⊥ (added in place: one model in memory).
 
-Output table (one row per (layer, head)): a0, a1, u0, u1 = Σ over the S used samples of
-a(x), u(x) in pass 0 / pass 1 (float64 sums, not means) and n_samples = S.
+The passes run at θ_R + t·D for t = 0, p and (with `curvature_pass`) 2p, where D is exactly what the
+merge adds at α = 1: λ·Δ⊥ on the Linear modules and, under merge scope 'all', λ·Δ_I on embeddings
+and norms (added in place: one model in memory). The third pass measures the curvature along D,
+which gives α its units (alpha.py).
+
+Output table (STATS_SCHEMA): one row per (sample, layer, head) with a0, a1, a2, u0, u1, u2 (pass
+2's columns NaN without the curvature pass), so α can be solved from means with per-sample
+standard errors and checked for split-half reliability.
 
 Two paths give the same numbers: "eager" reads `output_attentions` (holds layers × heads × T²,
 for short texts); "recompute" captures each layer's attention input during a forward without
@@ -156,17 +161,16 @@ _PATHS = {"eager": eager_sample_stats, "recompute": recompute_sample_stats}
 
 @torch.no_grad()
 def run_pass(model, samples: Sequence[Sample], shape: ModelShape, mode: str, desc: str) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
-    """Σ over samples of a and u, each [layers, heads] float64, plus how many samples each path served."""
-    a_sum = np.zeros((shape.num_layers, shape.num_heads))
-    u_sum = np.zeros_like(a_sum)
+    """a and u per sample, each [samples, layers, heads] float64, plus how many samples each path served."""
+    a_all = np.zeros((len(samples), shape.num_layers, shape.num_heads))
+    u_all = np.zeros_like(a_all)
     used = Counter()
-    for s in tqdm(samples, desc=desc, unit="sample"):
+    for i, s in enumerate(tqdm(samples, desc=desc, unit="sample")):
         path = pick_mode(mode, shape, len(s.input_ids))
         a, u = _PATHS[path](model, torch.tensor([s.input_ids]), s.spans)
-        a_sum += a.numpy()
-        u_sum += u.numpy()
+        a_all[i], u_all[i] = a.numpy(), u.numpy()
         used[path] += 1
-    return a_sum, u_sum, dict(used)
+    return a_all, u_all, dict(used)
 
 
 def load_lrm(lrm_dir: str | Path):
@@ -175,11 +179,12 @@ def load_lrm(lrm_dir: str | Path):
 
 
 @torch.no_grad()
-def add_projected(model, projected_dir: str | Path, shape: ModelShape, prior: float) -> list[str]:
-    """Add prior·Δ⊥ to every merged Linear parameter in place; return the ignored non-module tensor names.
+def add_update(model, projected_dir: str | Path, shape: ModelShape, step: float, other_dir: str | Path | None = None) -> list[str]:
+    """Add step·D in place, D = Δ⊥ on every merged Linear parameter and, with `other_dir` (the task vectors,
+    merge scope 'all'), Δ_I on every other parameter; return the Δ⊥ file's ignored non-module tensor names.
 
-    The directory must be complete (its manifest written last) and hold a Δ⊥ of the same shape
-    for every q/k/v/o/gate/up/down weight and bias of the model.
+    The Δ⊥ directory must be complete (its manifest written last) and hold a Δ⊥ of the same shape
+    for every q/k/v/o/gate/up/down weight and bias of the model; `other_dir` one for every other parameter.
     """
     if not (Path(projected_dir) / MANIFEST).is_file():
         raise FileNotFoundError(f"{projected_dir}: no {MANIFEST}; the Stage 1 output is incomplete")
@@ -194,14 +199,28 @@ def add_projected(model, projected_dir: str | Path, shape: ModelShape, prior: fl
             if name not in expected:
                 ignored.append(name)
                 continue
-            if tuple(delta.shape) != tuple(params[name].shape):
-                raise ValueError(f"{path}: {name} has shape {tuple(delta.shape)}, the model has {tuple(params[name].shape)}")
-            params[name].add_(delta.to(params[name].dtype), alpha=prior)
+            _add(params[name], delta, step, name, path)
             seen.add(name)
     missing = sorted(expected - seen)
     if missing:
         raise ValueError(f"{projected_dir}: no Δ⊥ for {len(missing)} merged tensor(s), e.g. {missing[:3]}")
+    if other_dir is not None:
+        from rain_tasks.merge import TensorDir
+
+        others = TensorDir(other_dir)
+        for name in sorted(set(params) - expected):
+            delta = others.get(name)
+            if delta is None:
+                raise ValueError(f"{other_dir}: no Δ_I for {name}, which merge scope 'all' updates")
+            _add(params[name], delta, step, name, Path(other_dir))
     return sorted(ignored)
+
+
+def _add(param: torch.Tensor, delta: torch.Tensor, step: float, name: str, source: Path) -> None:
+    """param += step·delta, refusing a shape mismatch."""
+    if tuple(delta.shape) != tuple(param.shape):
+        raise ValueError(f"{source}: {name} has shape {tuple(delta.shape)}, the model has {tuple(param.shape)}")
+    param.add_(delta.to(param.dtype), alpha=step)
 
 
 def prepare_samples(rows: Sequence[dict], tokenizer, max_tokens: int) -> tuple[list[Sample], dict]:
@@ -236,20 +255,15 @@ def prepare_samples(rows: Sequence[dict], tokenizer, max_tokens: int) -> tuple[l
     return samples, report
 
 
-def stats_table(a0: np.ndarray, a1: np.ndarray, u0: np.ndarray, u1: np.ndarray, n_samples: int) -> pd.DataFrame:
-    """Long table, one row per (layer, head), of the per-pass sums."""
-    layers, heads = np.indices(a0.shape)
-    return pd.DataFrame(
-        {
-            "layer": layers.ravel().astype(np.int64),
-            "head": heads.ravel().astype(np.int64),
-            "a0": a0.ravel(),
-            "a1": a1.ravel(),
-            "u0": u0.ravel(),
-            "u1": u1.ravel(),
-            "n_samples": np.full(a0.size, n_samples, dtype=np.int64),
-        }
-    )
+def stats_table(a: list[np.ndarray], u: list[np.ndarray]) -> pd.DataFrame:
+    """Long table, one row per (sample, layer, head), of a and u per pass (pass 2's NaN where it did not run)."""
+    n, layers, heads = a[0].shape
+    sample, layer, head = np.indices((n, layers, heads))
+    table = {"sample": sample.ravel().astype(np.int64), "layer": layer.ravel().astype(np.int64), "head": head.ravel().astype(np.int64)}
+    for kind, passes in (("a", a), ("u", u)):
+        for k in range(3):
+            table[f"{kind}{k}"] = passes[k].ravel() if k < len(passes) else np.full(n * layers * heads, np.nan)
+    return pd.DataFrame(table)
 
 
 def write_json(path: str | Path, obj: dict) -> None:
@@ -265,20 +279,32 @@ def attention_stats(
     params: AttentionParams,
     out_path: str | Path,
     report_path: str | Path,
+    *,
+    lam: float = 1.0,
+    other_dir: str | Path | None = None,
 ) -> Path:
-    """Run both passes over the instruction set; write the (layer, head) sums table and a JSON report."""
+    """Run the passes at θ_R + t·D, t = 0, p(, 2p), D = λ·(Δ⊥ and, with `other_dir`, Δ_I elsewhere): exactly the
+    merge's update at α = 1; write the per-sample table and a JSON report."""
     shape = read_shape(lrm_dir)
     rows = load_records(instruction_path, "instruction")[: params.max_samples]
     samples, report = prepare_samples(rows, load_tokenizer(lrm_dir), params.max_tokens)
     if not samples:
         raise ValueError(f"{instruction_path}: no usable sample (too long: {report['skipped_too_long']}, no usable instruction: {report['skipped_no_usable_instruction']})")
     model = load_lrm(lrm_dir)
-    a0, u0, modes0 = run_pass(model, samples, shape, params.mode, "attention pass 0 (θ_R)")
-    ignored = add_projected(model, projected_dir, shape, params.prior)
-    a1, u1, modes1 = run_pass(model, samples, shape, params.mode, "attention pass 1 (θ_R + p·Δ⊥)")
-    table = STATS_SCHEMA.validate(require_finite(stats_table(a0, a1, u0, u1, len(samples)), f"attention statistics {out_path}"))
+    step = lam * params.prior
+    a, u, modes = [], [], []
+    ignored: list[str] = []
+    for k in range(3 if params.curvature_pass else 2):
+        if k:  # θ_R + k·p·D, one more step of the merge's update per pass
+            ignored = add_update(model, projected_dir, shape, step, other_dir)
+        a_k, u_k, used = run_pass(model, samples, shape, params.mode, f"attention pass {k} (θ_R + {k}·p·D)")
+        a.append(a_k), u.append(u_k), modes.append(used)
+    table = stats_table(a, u)
+    require_finite(table.dropna(axis=1, how="all"), f"attention statistics {out_path}")  # pass 2's columns: NaN if not run
+    table = STATS_SCHEMA.validate(table)
     with atomic_path(out_path) as tmp:
         table.to_parquet(tmp, index=False)
-    report.update(mode=params.mode, paths_pass0=modes0, paths_pass1=modes1, prior=params.prior, ignored_projected_tensors=ignored)
+    report.update(mode=params.mode, paths=modes, prior=params.prior, lam=lam, step=step, scope="all" if other_dir else "linear",
+                  ignored_projected_tensors=ignored)
     write_json(report_path, report)
     return Path(out_path)

@@ -45,13 +45,15 @@ def _flow(args: argparse.Namespace) -> None:
     from flows.rain_merge import rain_merge
 
     rain_merge(project_dir=args.project, params_file=args.params, task_runner=args.task_runner,
-               dask_address=args.dask_address, result_storage=args.result_storage)
+               dask_address=args.dask_address, result_storage=args.result_storage, pull=args.pull, push=args.push,
+               remote=args.remote, release_uri=args.release_uri)
 
 
 def _serve(args: argparse.Namespace) -> None:
     from flows.deployment import deployment_parameters, serve_deployment
 
-    params = deployment_parameters(args.project, args.params, args.task_runner, args.dask_address, args.result_storage)
+    params = deployment_parameters(args.project, args.params, args.task_runner, args.dask_address, args.result_storage,
+                                   pull=args.pull, push=args.push, remote=args.remote, release_uri=args.release_uri)
     serve_deployment(params, args.name, args.cron)
 
 
@@ -70,15 +72,14 @@ def _verify(args: argparse.Namespace) -> int:
 def _lineage(args: argparse.Namespace) -> None:
     from rain_tasks.lineage import describe
 
-    print(describe(args.model_dir))
+    print(describe(args.model_dir, args.project))
 
 
 def _release(args: argparse.Namespace) -> None:
     from rain_tasks.release import release
     from rain_tasks.signing import SigningConfig
 
-    key = args.key or os.environ.get("RAIN_SIGNING_KEY")
-    signing = SigningConfig(key=key and Path(key), password=os.environ.get("RAIN_SIGNING_KEY_PASSWORD"), sigstore=args.sigstore)
+    signing = SigningConfig.from_env(args.key, args.sigstore)
     print(release(args.model_dir, args.uri, args.project, args.part_size, signing=signing).format())
 
 
@@ -99,6 +100,11 @@ def _execution_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task-runner", choices=("thread", "dask"), default="thread", help="per-layer tasks: here, or on Dask")
     p.add_argument("--dask-address", default=None, help="Dask scheduler (tcp://host:8786); default: a local cluster")
     p.add_argument("--result-storage", default=None, help="local path or storage block slug (e.g. remote-file-system/rain-results)")
+    p.add_argument("--pull", action="store_true", help="first `dvc pull --run-cache` what the DVC remote holds")
+    p.add_argument("--push", action="store_true", help="afterwards `dvc push --run-cache` the new outputs")
+    p.add_argument("--remote", default=None, help="DVC remote for --pull/--push (default: the project's default remote)")
+    p.add_argument("--release-uri", default=None, metavar="S3_URI",
+                   help="release models/merged to S3_URI/<run name> when that version (its lineage) is not there yet")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_verify)
     p = sub.add_parser("lineage", help="print a merged model's chain: inputs → stages → output")
     p.add_argument("model_dir")
+    p.add_argument("--project", default=".", help="project root whose run records (.rain/runs) hold the run's provenance")
     p.set_defaults(fn=_lineage)
     p = sub.add_parser("release", help="upload a merged model, signed, to s3://BUCKET/PREFIX/NAME/VERSION (never overwriting a version)")
     p.add_argument("model_dir")

@@ -4,7 +4,9 @@ Behaviour (think rate, IFEval prompt- and instruction-level strict accuracy, ans
 `</think>` missing rate) comes from greedy generation (`rain_tasks.generation`); L_think =
 mean KL(p_LRM ‖ p_model) of next-token distributions at Ω_think positions of held-out reasoning
 traces, teacher forced, and h_drift the relative change of the hidden states there (Stage 1's
-end-to-end invariance). The held-out sets must share no prompt with a calibration set
+end-to-end invariance). Because Stage 1 constrains exactly Ω, three metrics look elsewhere: the KL
+at the `</think>`-predicting position alone, the `</think>` probability mass over the other thinking
+positions (closing early), and the KL on the thinking the model itself generates. The held-out sets must share no prompt with a calibration set
 (`contaminated_prompts`), or the numbers would measure memorised calibration data.
 """
 
@@ -14,14 +16,15 @@ import json
 import logging
 from collections.abc import Iterable
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 import torch
 from tqdm import tqdm
 
-from rain_tasks.calibration import load_tokenizer, render, think_positions
+from rain_tasks.calibration import load_tokenizer, render, think_positions, think_token_ids
 from rain_tasks.checkpoint import atomic_path
-from rain_tasks.generation import behaviour_metrics, load_model
+from rain_tasks.generation import behaviour_metrics, generate_ids, load_model
 from rain_tasks.plots import lines
 from rain_tasks.schemas import load_records
 
@@ -35,8 +38,10 @@ TABLE_COLUMNS = {
     "think_rate": "think",
     "missing_close_rate": "`</think>` missing",
     "l_think": "L_think",
+    "kl_close": "KL at `</think>`",
+    "early_close_mass": "early close mass",
+    "kl_own": "KL own thinking",
     "h_drift": "h drift",
-    "merge_time_s": "merge time (s)",
 }
 #: metrics drawn against λ for the task-arithmetic baselines
 LAMBDA_METRICS = ["comply_rate", "correct_rate", "missing_close_rate", "l_think"]
@@ -69,14 +74,6 @@ def require_uncontaminated(found: dict[str, list[str]]) -> dict[str, int]:
     return counts
 
 
-def read_merge_times(paths: Iterable[Path]) -> dict[str, float]:
-    """Model name -> merge wall seconds, from the merging stages' time files."""
-    times: dict[str, float] = {}
-    for path in paths:
-        times.update({name: entry["merge_time_s"] for name, entry in json.loads(Path(path).read_text()).items()})
-    return times
-
-
 def lambda_table(results: dict[str, dict], runs: list[dict]) -> pd.DataFrame:
     """The task-arithmetic baselines' metrics against λ (one row per run), by scope."""
     rows = [{"model": r["name"], "lam": r["lam"], "scope": r["scope"], **{k: results[r["name"]][k] for k in LAMBDA_METRICS}}
@@ -92,50 +89,98 @@ def write_lambda_sweep(table: pd.DataFrame, csv_path: Path, png_path: Path) -> b
     return bool(len(table)) and int(table.groupby("scope")["lam"].nunique().max()) >= 2
 
 
+class Trace(NamedTuple):
+    """A held-out reasoning trace as the LRM sees it: token ids, Ω_think, the position that predicts `</think>`,
+    and the other thinking positions (where predicting `</think>` would close the block early)."""
+
+    ids: list[int]
+    omega: list[int]
+    close_pred: int
+    early: list[int]
+
+
+class AtOmega(NamedTuple):
+    """One model's teacher-forced view of the traces: log next-token distributions at Ω and at the `</think>`-
+    predicting position, decoder-layer outputs at Ω, and p(`</think>`) summed over each trace's other thinking positions."""
+
+    log_probs: list[torch.Tensor]  # per trace [|Ω|, V]
+    close_log_probs: torch.Tensor  # [traces, V]
+    hidden: list[torch.Tensor]  # per trace [L, |Ω|, d]
+    early_close_mass: torch.Tensor  # [traces]
+
+
 @torch.no_grad()
-def _at_omega(model, encoded: list[tuple[list[int], list[int]]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per encoded trace: log next-token distributions [|Ω|, V] and decoder-layer outputs [L, |Ω|, d] at Ω."""
-    log_probs, hidden = [], []
-    for ids, omega in encoded:
-        out = model(torch.tensor([ids]), output_hidden_states=True)
-        log_probs.append(torch.log_softmax(out.logits[0, omega].float(), dim=-1))
+def _at_omega(model, traces: list[Trace], close_id: int) -> AtOmega:
+    """The model's distributions and hidden states on the traces (see AtOmega)."""
+    log_probs, close, hidden, early = [], [], [], []
+    for t in traces:
+        out = model(torch.tensor([t.ids]), output_hidden_states=True)
+        logits = torch.log_softmax(out.logits[0].float(), dim=-1)
+        log_probs.append(logits[t.omega])
+        close.append(logits[t.close_pred])
+        early.append(logits[t.early, close_id].exp().sum())
         # hidden_states[0] is the embedding output; 1..L-1 are layer outputs and the last is after the final norm
-        hidden.append(torch.stack([h[0, omega].double() for h in out.hidden_states[1:]]))
-    return log_probs, hidden
+        hidden.append(torch.stack([h[0, t.omega].double() for h in out.hidden_states[1:]]))
+    return AtOmega(log_probs, torch.stack(close), hidden, torch.stack(early))
 
 
-def _encode_traces(lrm_dir: str | Path, traces: list[dict], radius: int) -> list[tuple[list[int], list[int]]]:
-    """(token ids, Ω_think positions) of each trace, rendered with the LRM's tokenizer and template."""
+def _encode_traces(lrm_dir: str | Path, traces: list[dict], radius: int) -> tuple[list[Trace], int]:
+    """Each trace rendered with the LRM's tokenizer and template (see Trace), and the `</think>` token id."""
     tok = load_tokenizer(lrm_dir)
     encoded = []
     for row in traces:
         r = render(tok, row["prompt"], row["reasoning"], row["response"])
-        encoded.append((r.input_ids, think_positions(r, radius)))
-    return encoded
+        omega = think_positions(r, radius)
+        early = [p for p in range(r.think_open + 1, r.think_close - 1) if p not in set(omega)]
+        encoded.append(Trace(r.input_ids, omega, r.think_close - 1, early))
+    return encoded, think_token_ids(tok)[1]
 
 
-def _invariance(reference: tuple[list[torch.Tensor], torch.Tensor], model, encoded) -> dict[str, float]:
-    """L_think and h_drift of one model against the LRM's (log-probs, stacked hidden states) at Ω."""
-    ref_p, ref_hidden = reference
-    logq, hidden = _at_omega(model, encoded)
-    kls = [(p.exp() * (p - q)).sum(-1) for p, q in zip(ref_p, logq)]
-    diff = torch.linalg.vector_norm(torch.cat(hidden, dim=1) - ref_hidden, dim=(1, 2))
+def _kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """KL(p ‖ q) over the last axis, from log-probabilities."""
+    return (p.exp() * (p - q)).sum(-1)
+
+
+def _invariance(reference: AtOmega, model, traces: list[Trace], close_id: int) -> dict[str, float]:
+    """Thinking-format metrics of one model against the LRM's view of the traces: L_think (KL at Ω), h_drift (hidden
+    states at Ω), kl_close (KL at the `</think>`-predicting position alone) and early_close_mass (mean over traces
+    of Σ p(`</think>`) at the other thinking positions: a merge that pins Ω can still close the block early)."""
+    view = _at_omega(model, traces, close_id)
+    ref_hidden = torch.cat(reference.hidden, dim=1)
+    diff = torch.linalg.vector_norm(torch.cat(view.hidden, dim=1) - ref_hidden, dim=(1, 2))
     drift = diff / torch.linalg.vector_norm(ref_hidden, dim=(1, 2))
-    return {"l_think": float(torch.cat(kls).mean()), "h_drift": float(drift.mean())}
+    return {
+        "l_think": float(torch.cat([_kl(p, q) for p, q in zip(reference.log_probs, view.log_probs)]).mean()),
+        "h_drift": float(drift.mean()),
+        "kl_close": float(_kl(reference.close_log_probs, view.close_log_probs).mean()),
+        "early_close_mass": float(view.early_close_mass.mean()),
+    }
 
 
-def _reference(lrm_dir: str | Path, encoded) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """The LRM's log-probs and hidden states at Ω, computed once for every model compared with it."""
-    ref_p, ref_h = _at_omega(load_model(lrm_dir)[0], encoded)
-    return ref_p, torch.cat(ref_h, dim=1)
+@torch.no_grad()
+def own_generation_kl(reference_model, model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> float:
+    """Mean KL(p_LRM ‖ p_model) over the thinking tokens (up to and including the first `</think>`) of the model's
+    OWN greedy continuations, both teacher forced on them: the thinking it really produces, not only LRM traces."""
+    close_id = think_token_ids(tokenizer)[1]
+    kls = []
+    for prompt, generated in generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size):
+        thinking = generated[: generated.index(close_id) + 1] if close_id in generated else generated
+        if not thinking:
+            continue
+        ids = torch.tensor([prompt + thinking])
+        at = slice(len(prompt) - 1, len(prompt) - 1 + len(thinking))  # the positions predicting the thinking tokens
+        p = torch.log_softmax(reference_model(ids).logits[0, at].float(), -1)
+        q = torch.log_softmax(model(ids).logits[0, at].float(), -1)
+        kls.append(_kl(p, q))
+    return float(torch.cat(kls).mean()) if kls else float("nan")
 
 
 def think_invariance(lrm_dir: str | Path, model_dirs: dict[str, Path], traces: list[dict], radius: int) -> dict[str, dict]:
-    """Per model, teacher forced on the traces, at Ω_think: L_think = mean KL(p_LRM ‖ p_model), and
-    h_drift = mean over layers of ‖h_model − h_LRM‖ / ‖h_LRM‖ (both 0 for the LRM itself)."""
-    encoded = _encode_traces(lrm_dir, traces, radius)
-    reference = _reference(lrm_dir, encoded)
-    return {name: _invariance(reference, load_model(path)[0], encoded) for name, path in model_dirs.items()}
+    """Per model, teacher forced on the traces: L_think = mean KL(p_LRM ‖ p_model) at Ω, h_drift = mean over layers
+    of ‖h_model − h_LRM‖ / ‖h_LRM‖ at Ω (both 0 for the LRM itself), kl_close and early_close_mass."""
+    encoded, close_id = _encode_traces(lrm_dir, traces, radius)
+    reference = _at_omega(load_model(lrm_dir)[0], encoded, close_id)
+    return {name: _invariance(reference, load_model(path)[0], encoded, close_id) for name, path in model_dirs.items()}
 
 
 def evaluate_models(
@@ -148,15 +193,19 @@ def evaluate_models(
     radius: int,
     max_eval: int | None = None,
 ) -> dict[str, dict]:
-    """Metrics for every model (model_dirs includes the LRM itself under some name); each model is loaded once."""
+    """Metrics for every model (model_dirs includes the LRM itself under some name); each model is loaded once,
+    the LRM once more as the reference of the KL on each model's own generations."""
     problems = load_records(instruction_eval, "instruction_eval")[:max_eval]
-    encoded = _encode_traces(lrm_dir, load_records(reasoning_eval, "reasoning")[:max_eval], radius)
-    reference = _reference(lrm_dir, encoded)
+    traces = load_records(reasoning_eval, "reasoning")[:max_eval]
+    encoded, close_id = _encode_traces(lrm_dir, traces, radius)
+    lrm = load_model(lrm_dir)[0]
+    reference = _at_omega(lrm, encoded, close_id)
     results = {}
     for name, path in tqdm(model_dirs.items(), desc="evaluate", unit="model"):
         model, tok = load_model(path)
         m = behaviour_metrics(model, tok, problems, max_new_tokens=max_new_tokens, batch_size=batch_size)
-        results[name] = {**m, **_invariance(reference, model, encoded)}
+        kl_own = own_generation_kl(lrm, model, tok, [t["prompt"] for t in traces], max_new_tokens, batch_size)
+        results[name] = {**m, **_invariance(reference, model, encoded, close_id), "kl_own": kl_own}
         log.info("%s: %s", name, {k: results[name][k] for k in TABLE_COLUMNS if k in results[name]})
     return results
 
@@ -238,8 +287,9 @@ def write_outputs(
         "IF prompt / IF instr.: IFEval strict accuracy, prompt level (every instruction followed) and instruction",
         "level; reasoning acc.: the final answer after `</think>` is right; think: emits `<think>`; `</think>` missing:",
         "no `</think>` within the token budget (truncated thinking counts); L_think: mean KL(p_LRM ‖ p_model) at",
-        "Ω_think (teacher forced); h drift: mean over layers of ‖h_model − h_LRM‖/‖h_LRM‖ at Ω_think; merge time: wall",
-        "seconds of the streamed merge that wrote the model (RAIN's Stage 1–2 statistics not included).",
+        "Ω_think (teacher forced); h drift: mean over layers of ‖h_model − h_LRM‖/‖h_LRM‖ at Ω_think.",
+        "Merge wall times are in the merging stages' run records (`.rain/runs/`), not here: this report depends on",
+        "its inputs only.",
         "",
         *(f"![{title}]({path})\n" for title, path in figures),
         *sections,

@@ -4,10 +4,13 @@ One teacher-forced LRM forward per reasoning sample; per layer and row set (see 
   q        attn_in at Ω                     (q_proj)
   k.g<g>   attn_in of the keys that Ω rows of KV group g's heads attend to (key_mass)  (k_proj rows of group g)
   v.g<g>   S_t^h = Σ_s A^h[t,s] attn_in_s for t ∈ Ω and the query heads h of group g   (v_proj rows of group g)
-  o        attn_out at Ω                    (o_proj)
+  o.h<h>   head h's slice of attn_out at Ω   (o_proj columns of head h: Stage 2 scales them by α_h, so each
+           head's block is protected on its own slice; a whole-vector constraint would hold only by
+           cancellation between heads, which any non-uniform α breaks)
   mlp_in   post-attention-layernorm output at Ω (gate_proj and up_proj share it)
   down     act(gate)·up at Ω                (down_proj)
-A module with a bias gets a constant-1 column ([W|b] acts on [x; 1]).
+A module with a bias gets a constant-1 column ([W|b] acts on [x; 1]); o_proj's bias, an output-side term
+that Stage 2 scales by the layer mean, is protected against that constant on its own (see projection).
 
 Layout of the output directory:
   layer_000.safetensors …  per row set either `gram.<set>` = Σ x xᵀ [d, d] (float64), or, when the
@@ -43,14 +46,17 @@ from rain_tasks.task_vectors import MANIFEST, is_current, layer_file
 log = logging.getLogger(__name__)
 
 GRAM, ROWS = "gram", "rows"
-_SHARED_SETS = {"q_proj": "q", "o_proj": "o", "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "down"}
+_SHARED_SETS = {"q_proj": "q", "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "down"}
 _BYTES = 8  # float64
 
 
-def row_sets(module: str, num_kv_heads: int) -> list[tuple[int, str]]:
-    """(KV group, row-set name) pairs that constrain `module`: one per KV group for k/v, else group -1."""
+def row_sets(module: str, shape: ModelShape) -> list[tuple[int, str]]:
+    """(block, row-set name) pairs that constrain `module`: a block per KV group for k/v (rows), per query
+    head for o_proj (columns), else one block (-1). Each block is projected on its own set's basis."""
     if module in ("k_proj", "v_proj"):
-        return [(g, f"{module[0]}.g{g}") for g in range(num_kv_heads)]
+        return [(g, f"{module[0]}.g{g}") for g in range(shape.num_kv_heads)]
+    if module == "o_proj":
+        return [(h, f"o.h{h}") for h in range(shape.num_heads)]
     return [(-1, _SHARED_SETS[module])]
 
 
@@ -61,22 +67,23 @@ def feature_key(kind: str, set_name: str) -> str:
 
 def set_modules(shape: ModelShape) -> dict[str, str]:
     """Row-set name -> the module whose input width (and bias) defines it."""
-    return {name: module for module in MODULES for _, name in row_sets(module, shape.num_kv_heads)}
+    return {name: module for module in MODULES for _, name in row_sets(module, shape)}
 
 
 def set_dims(shape: ModelShape, biases: dict[str, bool]) -> dict[str, int]:
-    """Row width per set: the module's input width, plus 1 for a bias column."""
-    width = {"q": shape.hidden_size, "o": shape.num_heads * shape.head_dim, "mlp_in": shape.hidden_size, "down": shape.intermediate_size}
-    return {name: width.get(name, shape.hidden_size) + int(biases[name]) for name in set_modules(shape)}
+    """Row width per set: the module's input width (one head's for o_proj), plus 1 for a bias column."""
+    width = {"q": shape.hidden_size, "mlp_in": shape.hidden_size, "down": shape.intermediate_size}
+    return {name: (shape.head_dim if name.startswith("o.") else width.get(name, shape.hidden_size)) + int(biases[name])
+            for name in set_modules(shape)}
 
 
 def set_biases(ckpt: Checkpoint, shape: ModelShape, layer: int) -> dict[str, bool]:
-    """Whether each row set's module has a bias in the checkpoint (gate and up must agree)."""
+    """Whether each row set carries a bias column (gate and up must agree; o_proj's per-head sets never do)."""
     names = set(ckpt.layer_names(layer))
     has = {m: shape.spec.param_name(layer, m, "bias") in names for m in MODULES}
     if has["gate_proj"] != has["up_proj"]:
         raise ValueError(f"layer {layer}: gate_proj and up_proj disagree on having a bias; they share one row set")
-    return {name: has[module] for name, module in set_modules(shape).items()}
+    return {name: has[module] and module != "o_proj" for name, module in set_modules(shape).items()}
 
 
 class RowAccumulator:
@@ -133,7 +140,9 @@ def layer_rows(
     x = cap.attn_in.to(torch.float64)
     probs = attention_probs(model, cap.layer, cap.attn_in, omega)  # [H, |Ω|, T]
     weighted = probs.to(torch.float64) @ x  # [H, |Ω|, hidden]: S_t^h
-    rows = {"q": x[idx], "o": cap.attn_out[idx], "mlp_in": cap.mlp_in[idx], "down": cap.mlp_act[idx]}
+    rows = {"q": x[idx], "mlp_in": cap.mlp_in[idx], "down": cap.mlp_act[idx]}
+    heads_out = cap.attn_out[idx].reshape(len(idx), shape.num_heads, shape.head_dim)
+    rows |= {f"o.h{h}": heads_out[:, h] for h in range(shape.num_heads)}
     for g in range(shape.num_kv_heads):
         heads = slice(g * shape.n_rep, (g + 1) * shape.n_rep)
         rows[f"v.g{g}"] = weighted[heads].reshape(-1, x.shape[1])
@@ -174,10 +183,9 @@ def layer_bytes(dims: dict[str, int], samples: list[Sample], shape: ModelShape, 
     """Upper bound on one layer's accumulator memory over all samples."""
     omega = sum(len(s.omega) for s in samples)
     keys = sum(len(s.input_ids) for s in samples)
-    n = {"q": omega, "o": omega, "mlp_in": omega, "down": omega}
     bound = 0
     for name, d in dims.items():
-        rows = n.get(name, shape.n_rep * omega if name.startswith("v.") else keys)
+        rows = keys if name.startswith("k.") else shape.n_rep * omega if name.startswith("v.") else omega
         bound += (min(rows, d) if low_rank else d) * d * _BYTES
     return bound
 

@@ -23,13 +23,13 @@ def load_model(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
 
 
 @torch.no_grad()
-def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
-             max_new_tokens: int, batch_size: int = 64) -> list[str]:
-    """Greedy continuations of single-turn chat prompts (left padding); keeps <think> tags visible."""
+def generate_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+                 max_new_tokens: int, batch_size: int = 64) -> list[tuple[list[int], list[int]]]:
+    """Greedy continuations of single-turn chat prompts (left padding): per prompt, its rendered ids and the
+    generated ids up to (not including) the first stop token."""
     stop_ids = model.generation_config.eos_token_id
     stop_ids = set(stop_ids if isinstance(stop_ids, list) else [stop_ids]) - {None}
-    drop = stop_ids | {tokenizer.pad_token_id}
-    outputs: list[str] = []
+    outputs: list[tuple[list[int], list[int]]] = []
     for start in range(0, len(prompts), batch_size):
         texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                add_generation_prompt=True)
@@ -40,15 +40,22 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
             **enc, max_new_tokens=max_new_tokens, do_sample=False,
             pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(stop_ids) or None,
         )
-        for row in generated[:, enc["input_ids"].shape[1]:].tolist():
+        width = enc["input_ids"].shape[1]
+        for mask, prompt, row in zip(enc["attention_mask"].tolist(), enc["input_ids"].tolist(), generated[:, width:].tolist()):
             ids = []
             for tok in row:
                 if tok in stop_ids:
                     break
-                if tok not in drop:
-                    ids.append(tok)
-            outputs.append(tokenizer.decode(ids, skip_special_tokens=False))
+                ids.append(tok)
+            outputs.append(([t for t, m in zip(prompt, mask) if m], ids))
     return outputs
+
+
+def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+             max_new_tokens: int, batch_size: int = 64) -> list[str]:
+    """Greedy continuations of single-turn chat prompts as text; keeps <think> tags visible."""
+    return [tokenizer.decode([t for t in ids if t != tokenizer.pad_token_id], skip_special_tokens=False)
+            for _, ids in generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size)]
 
 
 @dataclass(frozen=True)

@@ -10,18 +10,17 @@ its lineage or not at all. Its parts:
   core_digest  sha256 of `core` (canonical JSON). Every output shard's safetensors `__metadata__`
                carries it (`rain_lineage`) and the run name made from it (`rain_run`), so a shard
                found on its own still names the lineage it belongs to.
-  provenance   how it was made: git commit and dirty flag, a digest of the package sources, the
-               dvc.lock stage digests as found, the Prefect flow-run id (null under `dvc repro`)
-               and library versions.
   outputs      sha256 of every other file in the directory (the model card included; hidden files too).
   lineage_digest  sha256 of {core_digest, outputs}: one digest that pins the whole model, printed by
                `rain verify` and checked against `--lineage-digest` (and covered by a release's signature).
 
-Determinism: shard bytes depend only on `core`, so identical inputs give bit-identical shards
-whichever orchestrator ran them (DVC and Prefect caches and the determinism tests rely on it).
-Volatile facts (flow-run id, commit, versions) live only in `provenance`, outside the digest the
-shards carry, and no timestamp is recorded (the Prefect flow run and git have theirs). Compare
-two runs by their shards and `core_digest`, not by lineage.json's bytes.
+Determinism: lineage.json and the shards depend only on `core`, so identical inputs give
+bit-identical model directories whichever orchestrator ran them (the shared DVC record of what
+is up to date, rain_tasks.dvc_state, and the determinism tests rely on it). The volatile facts
+of a run (`provenance`: git commit and dirty flag, a digest of the package sources, the
+dvc.lock stage digests as found, the Prefect flow-run id, null under `dvc repro`, library
+versions; plus host, wall time and when) go to the stage's run record (rain_tasks.runs,
+`.rain/runs/`, ignored by git and DVC), found again by the model's `core_digest`.
 
 `audit` checks a model wherever its files are (`ModelFiles`: a local directory here, a released
 S3 version in rain_tasks.release) and reports every difference; `describe` prints the chain
@@ -87,7 +86,7 @@ def shard_metadata(core: dict) -> dict[str, str]:
 
 
 def provenance(root: str | Path) -> dict:
-    """Where and how the merge ran: code version, dvc.lock, Prefect flow run, library versions."""
+    """Where and how a stage ran: code version, dvc.lock, Prefect flow run, library versions (for its run record)."""
     root = Path(root)
     return {
         "git": _git(root),
@@ -99,11 +98,12 @@ def provenance(root: str | Path) -> dict:
     }
 
 
-def write_lineage(model_dir: str | Path, core: dict, prov: dict) -> Path:
-    """Write lineage.json into `model_dir` (call it on the temporary directory, before the rename)."""
+def write_lineage(model_dir: str | Path, core: dict) -> Path:
+    """Write lineage.json into `model_dir` (call it on the temporary directory, before the rename); its bytes
+    depend only on `core` and the files (the run's volatile provenance goes to its run record, rain_tasks.runs)."""
     model_dir = Path(model_dir)
     outputs = {name: sha for name, sha in tree_digests(model_dir, hidden=True).items() if name != LINEAGE}
-    doc = {"core": core, "core_digest": json_digest(core), "provenance": prov, "outputs": outputs,
+    doc = {"core": core, "core_digest": json_digest(core), "outputs": outputs,
            "lineage_digest": lineage_digest(json_digest(core), outputs)}
     with atomic_path(model_dir / LINEAGE) as tmp:
         tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
@@ -122,7 +122,7 @@ def write_records(model_dir: str | Path, core: dict, root: str | Path, evaluatio
     from rain_tasks.card import write_card
 
     write_card(Path(model_dir), core, Path(root), evaluation_row)
-    write_lineage(model_dir, core, provenance(root))
+    write_lineage(model_dir, core)
 
 
 def _git(root: Path) -> dict:
@@ -428,15 +428,18 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
 # --- the readable chain -------------------------------------------------------------------------
 
 
-def describe(model_dir: str | Path) -> str:
-    """The chain inputs → stages → output of a merged model, from its lineage.json (with the dvc.lock
-    digests recorded when it ran)."""
+def describe(model_dir: str | Path, project: str | Path = ".") -> str:
+    """The chain inputs → stages → output of a merged model, from its lineage.json, with the provenance and the
+    dvc.lock digests of the run that wrote it where `project` holds its run record (rain_tasks.runs)."""
+    from rain_tasks.runs import find_run
+
     model_dir = Path(model_dir)
     report = LineageReport(str(model_dir))
     doc = _load(LocalFiles(model_dir), report)
     if doc is None:
         raise FileNotFoundError(report.problems[0])
-    core, prov = doc["core"], doc.get("provenance", {})
+    core, run = doc["core"], find_run(project, doc["core_digest"])
+    prov = (run or {}).get("provenance", {})
     return "\n".join([
         f"{model_dir}: run {run_name(core)}, lineage {doc['core_digest'][:12]}…",
         "inputs",
@@ -446,7 +449,7 @@ def describe(model_dir: str | Path) -> str:
         "output",
         f"  {model_dir}  {core['method']} {json.dumps(core['method_params'], sort_keys=True)}",
         *(f"    {name:<44} sha256 {sha[:16]}" for name, sha in sorted(doc["outputs"].items())),
-        _describe_provenance(prov),
+        _describe_provenance(run, project),
     ])
 
 
@@ -469,13 +472,17 @@ def _describe_stages(stages: list[str], dvc_lock: dict[str, dict[str, str]]) -> 
         elif name in dvc_lock:
             outs = ", ".join(f"{path} {md5[:12]}" for path, md5 in sorted(dvc_lock[name].items()))
         else:
-            outs = "not in dvc.lock (run outside DVC, e.g. by the Prefect flow)"
+            outs = "not in dvc.lock when the merge ran"
         lines.append(f"  {'→ ' if i else ''}{name}: {desc} [{outs}]")
     return lines
 
 
-def _describe_provenance(prov: dict) -> str:
+def _describe_provenance(run: dict | None, project: str | Path) -> str:
+    if run is None:
+        return f"provenance: no run record in {project} (made elsewhere, e.g. pulled from the DVC remote)"
+    prov = run["provenance"]
     git = prov.get("git", {})
     commit = f"git {git.get('commit') or 'none'}" + (" (dirty)" if git.get("dirty") else "")
     flow = f"Prefect flow run {prov['prefect_flow_run_id']}" if prov.get("prefect_flow_run_id") else "no Prefect flow run"
-    return f"provenance: {commit}, code {str(prov.get('code_digest'))[:12]}, {flow}, python {prov.get('python')}"
+    return (f"provenance: {commit}, code {str(prov.get('code_digest'))[:12]}, {flow}, python {prov.get('python')}; "
+            f"stage {run['stage']} ran on {run['host']} at {run['finished_at']} ({run['seconds']} s)")

@@ -59,27 +59,48 @@ class FeaturesParams(_Section):
 
 
 class ProjectionParams(_Section):
-    """Stage 1 protected subspace: by energy fraction, fixed rank, or relative eigenvalue threshold."""
+    """Stage 1 protected subspace per row set: one rule of max_leftover / rank / rel_threshold (or ridge), else energy.
+
+    max_leftover: per block, the smallest set of eigen-directions whose removal leaves ‖Δ⊥Xᵀ‖/‖ΔXᵀ‖ on the
+    calibration rows at most this (the directions where Δ acts, whatever their share of the feature energy);
+    rank: the top `rank` directions; rel_threshold: directions with λ > rel_threshold·λ_max; ridge > 0: the soft
+    projector G(G + εI)⁻¹; energy: the smallest top set holding that share of the trace.
+    """
 
     energy: float = Field(0.99, gt=0.0, le=1.0)
+    max_leftover: float | None = Field(None, ge=0.0, lt=1.0)
     rank: int | None = Field(None, ge=0)
     rel_threshold: float | None = Field(None, gt=0.0, lt=1.0)
     ridge: float = Field(0.0, ge=0.0)
 
+    @model_validator(mode="after")
+    def _one_rule(self):
+        rules = [k for k in ("max_leftover", "rank", "rel_threshold") if getattr(self, k) is not None] + (["ridge"] if self.ridge > 0 else [])
+        if len(rules) > 1:
+            raise ValueError(f"projection: set at most one of max_leftover, rank, rel_threshold and ridge (got {rules}); "
+                             "set the others to null (ridge: 0.0)")
+        return self
+
 
 class AttentionParams(_Section):
-    """Stage 2 statistics: pass 1 runs on θ_R + prior·Δ⊥."""
+    """Stage 2 statistics: passes at θ_R + t·D for t = 0, prior and (curvature_pass) 2·prior, D the merge's update at α = 1."""
 
-    prior: float = 1.0
+    prior: float = Field(1.0, gt=0.0)
+    curvature_pass: bool = True  # the third pass, at 2·prior: alpha.variant 'curvature' needs it
     max_samples: int | None = Field(None, ge=1)
     max_tokens: int = Field(4096, ge=16)
     mode: Literal["auto", "eager", "recompute"] = "auto"
 
 
 class AlphaParams(_Section):
-    """Stage 2 closed-form α per (layer, head)."""
+    """Stage 2 α per (layer, head): maximise g·α − ½H·α² − ½ℓ₂(α − p)² − ℓ₁|α − p| on the box (alpha.py).
 
-    variant: Literal["two_pass", "anchor_only", "post_only"] = "two_pass"
+    variant curvature: g and H from per-sample means at t = 0, p, 2p along the merge's update (finite
+    differences; α in units of that update); two_pass / anchor_only / post_only: METHOD.md's reference sums.
+    Heads whose g is within min_t standard errors of 0 keep the prior p.
+    """
+
+    variant: Literal["curvature", "two_pass", "anchor_only", "post_only"] = "curvature"
     rho: float = Field(0.5, ge=0.0)
     lambda_h: float = Field(1.0, ge=0.0)
     mu: float = Field(1.0, ge=0.0)
@@ -87,7 +108,8 @@ class AlphaParams(_Section):
     l1: float = Field(0.0, ge=0.0)
     box_lo: float = 0.0
     box_hi: float = 1.5
-    #: absolute: α as solved (METHOD.md). relative: α rescaled so its mean over heads is the prior,
+    min_t: float = Field(2.0, ge=0.0)
+    #: absolute: α as solved. relative: α rescaled so its mean over heads is the prior,
     #: i.e. Stage 2 only allocates the update across heads and λ alone sets its overall size.
     scale: Literal["absolute", "relative"] = "absolute"
 

@@ -2,11 +2,15 @@
 
 For every layer and module, [W | b] of the task vector (bias column where the module has one)
 is projected on the right by the protected basis of the module's row set (features.row_sets);
-k/v rows of KV group g use group g's basis. The basis comes from the eigendecomposition of the
+k/v rows of KV group g use group g's basis, and o_proj's columns of head h its head's basis
+(`module_blocks`), so that θ_R + λ·α⊙Δ⊥ keeps Ω for any per-head α, not only α = 1. The basis comes from the eigendecomposition of the
 Gram (float64), or, on the low-rank path, from the QR of the rows' transpose and the n × n eigenproblem
 of R Rᵀ (O(n²·d + n³)): G = XᵀX = Q R Rᵀ Qᵀ, so both give the same projector. Directions with eigenvalue ≤ 1e-12·λ_max count as numerically zero.
 
 Selection (ProjectionParams):
+  max_leftover    per block, the fewest directions (by their share λ_i‖Δu_i‖² of Δ's response) that leave
+                  ‖Δ⊥Xᵀ‖/‖ΔXᵀ‖ ≤ max_leftover on the calibration rows: protection reaches every direction
+                  where Δ acts, not only the top of the feature spectrum (which outlier dimensions dominate);
   rank            the top `rank` directions;
   rel_threshold   directions with λ > rel_threshold·λ_max;
   energy          otherwise: the smallest top set holding `energy` of the trace;
@@ -19,11 +23,14 @@ Layout of the output directory:
                            weights and biases; metadata holds the input digests and this layer's
                            report rows (JSON), so a rerun skips layers made from the same inputs.
   manifest.json            written last: its presence means complete.
-The report (parquet, PROJECTION_REPORT_SCHEMA) has one row per layer × module × KV group.
+The report (parquet, PROJECTION_REPORT_SCHEMA) has one row per layer × module × block (KV group for k/v,
+query head for o_proj): rank kept, energy protected, ‖Δ⊥‖/‖Δ‖, and the invariance residual ‖Δ⊥Xᵀ‖/‖ΔXᵀ‖ on
+the calibration rows (overall, and with the outlier dimensions of the rows left out), and on held-out rows.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -43,6 +50,8 @@ from rain_tasks.schemas import PROJECTION_REPORT_SCHEMA
 from rain_tasks.task_vectors import MANIFEST, is_current, layer_file
 
 _ZERO_RTOL = 1e-12
+#: an input dimension whose RMS over the Ω rows exceeds this × the median is an outlier dimension (report only)
+OUTLIER_FACTOR = 6.0
 
 
 @dataclass(frozen=True)
@@ -58,7 +67,11 @@ class RowStats:
         return self.tensor.shape[1]
 
     def spectrum(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eigenvalues (descending, ≥ 0) and eigenvectors [d, r] of G, numerical zeros dropped."""
+        """Eigenvalues (descending, ≥ 0) and eigenvectors [d, r] of G, numerical zeros dropped (computed once)."""
+        return self._spectrum
+
+    @functools.cached_property
+    def _spectrum(self) -> tuple[torch.Tensor, torch.Tensor]:
         t = self.tensor.to(torch.float64)
         if self.kind == ROWS and t.shape[0] < t.shape[1]:
             q, r = torch.linalg.qr(t.T)  # Xᵀ = QR, so G = XᵀX = Q (R Rᵀ) Qᵀ: an n × n eigenproblem, not d × d
@@ -71,6 +84,23 @@ class RowStats:
             return vals[:0], vecs[:, :0]
         keep = vals > _ZERO_RTOL * vals[0]
         return vals[keep], vecs[:, keep]
+
+    def without(self, dims: torch.Tensor) -> RowStats:
+        """The same statistics with the input dimensions `dims` zeroed (e.g. outlier dimensions left out)."""
+        t = self.tensor.to(torch.float64).clone()
+        t[:, dims] = 0.0
+        if self.kind == GRAM:
+            t[dims, :] = 0.0
+        return RowStats(self.kind, t, self.n)
+
+    def outlier_dims(self, factor: float, skip_last: bool = False) -> torch.Tensor:
+        """Input dimensions whose RMS over the rows exceeds `factor` × the median RMS (a bias column excluded)."""
+        t = self.tensor.to(torch.float64)
+        ms = t.diagonal() if self.kind == GRAM else t.square().sum(0)
+        if skip_last:
+            ms = ms[:-1]
+        rms = (ms / max(self.n, 1)).sqrt()
+        return (rms > factor * rms.median()).nonzero().flatten() if rms.numel() else rms.long()
 
     def trace(self) -> float:
         """tr(G)."""
@@ -122,10 +152,28 @@ class Basis:
         return int(round(float(self.w.sum())))
 
 
+def leftover_weights(vals: torch.Tensor, vecs: torch.Tensor, block: torch.Tensor, max_leftover: float) -> torch.Tensor:
+    """1 on the fewest eigen-directions whose removal leaves ‖Δ⊥Xᵀ‖/‖ΔXᵀ‖ ≤ max_leftover, else 0.
+
+    ‖ΔXᵀ‖² = Σ_i λ_i‖Δu_i‖² over the eigenpairs of G = XᵀX, so the directions are taken by their share
+    λ_i‖Δu_i‖² of the block's response, largest first: the fewest that reach the target.
+    """
+    weights = torch.zeros_like(vals)
+    if vals.numel() == 0:
+        return weights
+    response = (block.to(torch.float64) @ vecs).square().sum(0) * vals
+    total = float(response.sum())
+    if total <= 0.0:
+        return weights
+    order = response.argsort(descending=True)
+    left = total - response[order].cumsum(0)  # response left after protecting the first k + 1
+    k = int((left > max_leftover**2 * total).sum()) + 1
+    weights[order[: min(k, vals.numel())]] = 1.0
+    return weights
+
+
 def selection_weights(vals: torch.Tensor, params: ProjectionParams, trace: float, dim: int) -> torch.Tensor:
     """Protection weight per eigen-direction (descending λ): 1/0 for a hard set, λ/(λ+ε) for ridge."""
-    if params.rank is not None and params.rel_threshold is not None:
-        raise ValueError("projection: set at most one of rank and rel_threshold")
     if vals.numel() == 0:
         return vals.clone()
     if params.ridge > 0:
@@ -141,11 +189,16 @@ def selection_weights(vals: torch.Tensor, params: ProjectionParams, trace: float
     return (torch.arange(vals.numel()) < k).to(vals.dtype)
 
 
-def protected_basis(stats: RowStats, params: ProjectionParams) -> Basis:
-    """The protected subspace of one row set under `params`."""
+def protected_basis(stats: RowStats, params: ProjectionParams, block: torch.Tensor | None = None) -> Basis:
+    """The protected subspace of one row set under `params` (`max_leftover` also needs the block it protects)."""
     vals, vecs = stats.spectrum()
     trace = stats.trace()
-    w = selection_weights(vals, params, trace, stats.dim)
+    if params.max_leftover is not None:
+        if block is None:
+            raise ValueError("projection.max_leftover selects directions per block: pass the block")
+        w = leftover_weights(vals, vecs, block, params.max_leftover)
+    else:
+        w = selection_weights(vals, params, trace, stats.dim)
     keep = w > 0
     energy = float((w * vals).sum() / trace) if trace > 0 else 0.0
     return Basis(vecs[:, keep], w[keep], energy)
@@ -172,6 +225,27 @@ def _augmented(delta: dict[str, torch.Tensor], w_name: str, b_name: str) -> torc
     return torch.cat([w, delta[b_name].to(torch.float64)[:, None]], dim=1) if b_name in delta else w
 
 
+def module_blocks(module: str, shape: ModelShape, layer: int, size: tuple[int, int]) -> list[tuple[int, str, tuple[slice, slice]]]:
+    """(block, row set, (rows, columns) of [W | b]) for each part of `module` that is projected on its own basis.
+
+    k/v: the rows of each KV group (Stage 2 scales them by the group's α). o_proj: the columns of each query
+    head (scaled by α_h), each on its head's slice of the attention output, so that Δ⊥ z = 0 at Ω holds head
+    by head and survives any α; o_proj's bias column (scaled by the layer mean, acting on the constant 1 that
+    every Ω row carries) is fully protected, i.e. left at 0. Others: the whole [W | b].
+    """
+    groups = row_sets(module, shape)
+    rows, cols = size
+    if module == "o_proj":
+        hd = shape.head_dim
+        if hd * len(groups) > cols:
+            raise ValueError(f"layer {layer} o_proj: {cols} columns cannot hold {len(groups)} heads of width {hd}")
+        return [(h, name, (slice(None), slice(h * hd, (h + 1) * hd))) for h, name in groups]
+    per = rows // len(groups)
+    if per * len(groups) != rows:
+        raise ValueError(f"layer {layer} {module}: {rows} rows do not split into {len(groups)} KV groups")
+    return [(g, name, (slice(max(g, 0) * per, (max(g, 0) + 1) * per), slice(None))) for g, name in groups]
+
+
 def project_layer(
     delta: dict[str, torch.Tensor],
     stats: dict[str, RowStats],
@@ -189,28 +263,27 @@ def project_layer(
         if w_name not in delta:
             raise KeyError(f"task vector of layer {layer} lacks {w_name}")
         m = _augmented(delta, w_name, b_name)
-        projected = torch.empty(m.shape, dtype=torch.float32)  # every row is written below, block by block
-        groups = row_sets(module, shape.num_kv_heads)
-        block_rows = m.shape[0] // len(groups)
-        if block_rows * len(groups) != m.shape[0]:
-            raise ValueError(f"layer {layer} {module}: {m.shape[0]} rows do not split into {len(groups)} KV groups")
-        for group, set_name in groups:
+        projected = torch.zeros(m.shape, dtype=torch.float32)  # o_proj's bias column stays 0 (module_blocks)
+        for block_index, set_name, sel in module_blocks(module, shape, layer, tuple(m.shape)):
             s = stats[set_name]
-            if s.dim != m.shape[1]:
-                raise ValueError(f"layer {layer} {module}: features of set {set_name!r} have width {s.dim}, [W|b] has {m.shape[1]}")
-            if set_name not in bases:
-                bases[set_name] = protected_basis(s, params)
-            sel = slice(max(group, 0) * block_rows, (max(group, 0) + 1) * block_rows)
-            block, basis = m[sel], bases[set_name]
+            block = m[sel]
+            if s.dim != block.shape[1]:
+                raise ValueError(f"layer {layer} {module}: features of set {set_name!r} have width {s.dim}, its block has {block.shape[1]}")
+            key = set_name if params.max_leftover is None else f"{module}.{block_index}"  # max_leftover: per block
+            if key not in bases:
+                bases[key] = protected_basis(s, params, block)
+            basis = bases[key]
             block_projected, coeffs = project_block_with_coefficients(block, basis)
-            projected[sel] = block_projected
+            projected[sel] = block_projected.to(torch.float32)
             calib = s.quad_before_after(block, coeffs, basis.u)
+            outliers = s.outlier_dims(OUTLIER_FACTOR, skip_last=b_name in delta and module != "o_proj")
+            inliers = s.without(outliers).quad_before_after(block, coeffs, basis.u) if outliers.numel() else calib
             held = heldout[set_name].quad_before_after(block, coeffs, basis.u) if heldout is not None else None
             report.append(
                 {
                     "layer": layer,
                     "module": module,
-                    "group": group,
+                    "group": block_index,
                     "path": s.kind,
                     "d_in": s.dim,
                     "rows": s.n,
@@ -218,6 +291,8 @@ def project_layer(
                     "energy_protected": basis.energy_protected,
                     "norm_ratio": _ratio(block_projected.square().sum().item(), block.square().sum().item()),
                     "residual_calib": _ratio(calib[1], calib[0]),
+                    "outlier_dims": int(outliers.numel()),
+                    "residual_calib_inliers": _ratio(inliers[1], inliers[0]),
                     "residual_heldout": _ratio(held[1], held[0]) if held is not None else math.nan,
                 }
             )
@@ -335,6 +410,8 @@ def report_summary(table: pd.DataFrame) -> dict[str, float]:
         "norm_ratio": table["norm_ratio"].mean(),
         "residual_calib": table["residual_calib"].mean(),
         "residual_calib_max": table["residual_calib"].max(),
+        "residual_calib_inliers": table["residual_calib_inliers"].mean(),
+        "residual_calib_inliers_max": table["residual_calib_inliers"].max(),
     }
     if table["residual_heldout"].notna().all():
         out |= {"residual_heldout": table["residual_heldout"].mean(), "residual_heldout_max": table["residual_heldout"].max()}

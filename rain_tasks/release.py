@@ -231,8 +231,13 @@ def _get(client: Any, bucket: str, key: str) -> bytes | None:
         raise
 
 
+def committed(client: Any, target: S3Location) -> bool:
+    """Whether a release of this version is committed (its commit.json exists)."""
+    return _get(client, target.bucket, target.key(COMMIT)) is not None
+
+
 def _refuse_committed(client: Any, target: S3Location) -> None:
-    if _get(client, target.bucket, target.key(COMMIT)) is not None:
+    if committed(client, target):
         raise ReleaseError(f"{target} already exists: a complete release. Released versions are never overwritten; "
                            "release under a new VERSION.")
 

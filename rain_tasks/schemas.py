@@ -168,22 +168,27 @@ def _complete_grid(df: pd.DataFrame) -> bool:
 
 
 _HEAD_KEYS = {"layer": pa.Column("int64", pa.Check.ge(0)), "head": pa.Column("int64", pa.Check.ge(0))}
-_PASS_SUMS = ("a0", "a1", "u0", "u1")
+PASS_COLUMNS = ("a0", "a1", "a2", "u0", "u1", "u2")
+_MASS = [pa.Check.in_range(0.0, 1.0 + 1e-6)]  # an attention mass (NaN: the pass did not run)
+
+
+def _complete_sample_grid(df: pd.DataFrame) -> bool:
+    """Exactly one row per (sample, layer, head) of a full samples × layers × heads grid."""
+    return len(df) == (df["sample"].max() + 1) * (df["layer"].max() + 1) * (df["head"].max() + 1)
+
 
 STATS_SCHEMA = pa.DataFrameSchema(
     {
+        "sample": pa.Column("int64", pa.Check.ge(0)),
         **_HEAD_KEYS,
-        **{c: pa.Column("float64", [pa.Check.ge(0.0), _FINITE]) for c in _PASS_SUMS},
-        "n_samples": pa.Column("int64", pa.Check.ge(1)),
+        **{c: pa.Column("float64", _MASS, nullable=c in ("a2", "u2")) for c in PASS_COLUMNS},
     },
     checks=[
-        pa.Check(_complete_grid, error="must hold exactly one row per (layer, head) of the full grid"),
-        pa.Check(
-            lambda df: df[list(_PASS_SUMS)].le(df["n_samples"] * (1 + 1e-9) + 1e-9, axis=0).all(axis=1),
-            error="a sum of attention masses cannot exceed n_samples",
-        ),
+        pa.Check(_complete_sample_grid, error="must hold exactly one row per (sample, layer, head) of the full grid"),
+        pa.Check(lambda df: df["a2"].isna().eq(df["u2"].isna()).all() and df["a2"].isna().nunique() == 1,
+                 error="pass 2 (the curvature pass) must be present in every row or in none"),
     ],
-    unique=["layer", "head"],
+    unique=["sample", "layer", "head"],
     strict=True,
     name="attention statistics",
 )
@@ -192,8 +197,11 @@ ALPHA_SCHEMA = pa.DataFrameSchema(
     {
         **_HEAD_KEYS,
         "kv_group": pa.Column("int64", pa.Check.ge(0)),
-        **{c: pa.Column("float64", _FINITE) for c in (*_PASS_SUMS, "g")},
-        "H": pa.Column("float64", [pa.Check.ge(0.0), _FINITE]),
+        **{c: pa.Column("float64", _FINITE, nullable=c in ("a2", "u2")) for c in PASS_COLUMNS},  # means over samples
+        "g": pa.Column("float64", _FINITE),
+        "g_se": pa.Column("float64", pa.Check.ge(0.0), nullable=True),  # standard error of g over samples (NaN for one sample)
+        "H": pa.Column("float64", _FINITE),
+        "significant": pa.Column(bool),  # |g| ≥ min_t·g_se; otherwise the head keeps the prior
         "alpha_solved": pa.Column("float64", _FINITE),
         "alpha": pa.Column("float64", _FINITE),
     },
@@ -219,7 +227,7 @@ PROJECTION_REPORT_SCHEMA = pa.DataFrameSchema(
     {
         "layer": pa.Column("int64", pa.Check.ge(0)),
         "module": pa.Column(str, pa.Check.isin(_MODULES)),
-        "group": pa.Column("int64", pa.Check.ge(-1)),  # KV group of k/v row blocks; -1: the whole module
+        "group": pa.Column("int64", pa.Check.ge(-1)),  # block: KV group of k/v rows, query head of o columns; -1: whole
         "path": pa.Column(str, pa.Check.isin(["gram", "rows"])),
         "d_in": pa.Column("int64", pa.Check.ge(1)),  # width of [W | b]
         "rows": pa.Column("int64", pa.Check.ge(0)),
@@ -227,6 +235,8 @@ PROJECTION_REPORT_SCHEMA = pa.DataFrameSchema(
         "energy_protected": pa.Column("float64", pa.Check.in_range(0.0, 1.0 + 1e-9)),
         "norm_ratio": _RATIO,
         "residual_calib": _RATIO,
+        "outlier_dims": pa.Column("int64", pa.Check.ge(0)),  # input dims with RMS > OUTLIER_FACTOR × the median
+        "residual_calib_inliers": _RATIO,  # the calibration residual with those dimensions left out
         "residual_heldout": _RATIO,
     },
     checks=[pa.Check(lambda df: df["rank_kept"] <= df["d_in"], error="rank_kept cannot exceed d_in")],

@@ -9,7 +9,6 @@ written `${models.lrm}` is resolved from params.yaml (DVC templating does the sa
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import re
 import time
@@ -20,35 +19,43 @@ from pathlib import Path
 from typing import NamedTuple
 
 from rain_tasks.params import Params
+from rain_tasks.runs import record_run
 
 log = logging.getLogger(__name__)
 
 TV, FEAT, FEAT_HELDOUT, PROJ = "artifacts/task_vectors", "artifacts/features", "artifacts/features_heldout", "artifacts/projected"
 ATTN, ALPHA = "artifacts/attention", "artifacts/alpha"
 MERGED, BASELINES, ABLATIONS = "models/merged", "models/baselines", "models/ablations"
+PAPER_MODEL, PAPER_WORK = "models/paper_preset", "artifacts/paper_preset"
+#: METHOD.md's configuration as published, merged beside the configured RAIN: Linear modules only, the two-pass α
+#: as solved (about 0.003 per head on the tiny family), the 0.99 energy cap, λ 1
+PAPER_PRESET = {
+    "projection": {"energy": 0.99, "max_leftover": None, "rank": None, "rel_threshold": None, "ridge": 0.0},
+    "attention": {"curvature_pass": False},
+    "alpha": {"variant": "two_pass", "scale": "absolute", "min_t": 0.0},
+    "merge": {"lam": 1.0, "scope": "linear"},
+}
 ORTHO_CSV, ORTHO_PNG = "plots/orthogonality.csv", "plots/orthogonality.png"
 EVAL_DIR = "data/eval"
 ZOO_MD, ZOO_CSV = "reports/zoo.md", "plots/zoo_sweep.csv"
-ALPHA_PNG = "plots/alpha_heatmap.png"
+ALPHA_PNG, ALPHA_METRICS = "plots/alpha_heatmap.png", "metrics/alpha.json"
 LAMBDA_CSV, LAMBDA_PNG = "plots/baselines_lambda.csv", "plots/baselines_lambda.png"
-#: each merging stage's wall time per model it writes (outside the model directories, whose bytes stay deterministic)
-MERGE_TIMES = {"merge": "metrics/merge_time.json", "ablations": "metrics/ablations_time.json",
-               "baselines": "metrics/baselines_time.json"}
-#: outputs that record wall-clock times: identical inputs give identical bytes everywhere else
-TIMED_OUTPUTS = frozenset({*MERGE_TIMES.values(), "metrics/eval.json", "plots/eval.csv", "reports/report.md", "reports/report.json"})
 
 
 class Ablation(NamedTuple):
-    """One of the paper's ablations: RAIN's merge keeping Stage 1 (Δ⊥ instead of Δ_I) and/or Stage 2 (α, else 1)."""
+    """RAIN's merge with one part changed: Stage 1 kept (Δ⊥ instead of Δ_I) or not, and the α it scales by
+    (None: α = 1, '': Stage 2's α, else one of alpha.control_alphas at the same mean α)."""
 
     projected: bool
-    scaled: bool
+    alpha: str | None
     label: str
 
 
 ABLATIONS_BY_NAME = {
-    "rain_stage1_only": Ablation(True, False, "RAIN Stage 1 only: θ_R + λ·Δ⊥ (α = 1)"),
-    "rain_stage2_only": Ablation(False, True, "RAIN Stage 2 only: θ_R + λ·α⊙Δ_I (no projection)"),
+    "rain_stage1_only": Ablation(True, None, "RAIN Stage 1 only: θ_R + λ·Δ⊥ (α = 1)"),
+    "rain_stage2_only": Ablation(False, "", "RAIN Stage 2 only: θ_R + λ·α⊙Δ_I (no projection)"),
+    "rain_uniform_alpha": Ablation(True, "uniform", "RAIN control: every head at the mean α"),
+    "rain_permuted_alpha": Ablation(True, "permuted", "RAIN control: α permuted across heads"),
 }
 
 
@@ -57,7 +64,7 @@ class Stage:
     """One DAG node: what it reads (files and params sections), what it writes, and how."""
 
     name: str
-    run: Callable[[Params, Path], None]  # (params, project root)
+    run: Callable[[Params, Path], dict | None]  # (params, project root) -> facts for the run record, if any
     deps: tuple[str, ...]
     code: tuple[str, ...] = ()  # library files whose change must rerun the stage
     params: tuple[str, ...] = ()
@@ -117,7 +124,8 @@ def _attention_stats(p: Params, r: Path) -> None:
     from rain_tasks.attention import attention_stats
 
     attention_stats(
-        r / p.models.lrm, r / PROJ, r / p.calibration.instruction, p.attention, r / ATTN / "stats.parquet", r / ATTN / "report.json"
+        r / p.models.lrm, r / PROJ, r / p.calibration.instruction, p.attention, r / ATTN / "stats.parquet", r / ATTN / "report.json",
+        lam=p.merge.lam, other_dir=r / TV if p.merge.scope == "all" else None,
     )
 
 
@@ -127,40 +135,35 @@ def _alpha(p: Params, r: Path) -> None:
     solve_alpha(
         r / ATTN / "stats.parquet", r / p.models.lrm, p.alpha, p.attention.prior,
         r / ALPHA / "alpha.parquet", r / ALPHA / "scales.safetensors", r / "plots/alpha_heatmap.csv", r / ALPHA_PNG,
-        r / ALPHA / "summary.md", f"../{ALPHA_PNG}",
+        r / ALPHA / "summary.md", f"../{ALPHA_PNG}", r / ALPHA_METRICS,
     )
 
 
-def _rain_plan(p: Params, r: Path, projected: bool = True, scaled: bool = True):
+def _rain_plan(p: Params, r: Path, projected: bool = True, alpha: str | None = ""):
     """The merge stage's inputs per tensor: Δ⊥ on the Linear modules, Δ_I elsewhere under scope 'all', α scales.
 
-    The ablations drop one stage: `projected=False` takes the unprojected Δ_I on the Linear modules
-    (no Stage 1), `scaled=False` leaves out the α scales, i.e. α = 1 (no Stage 2).
+    The ablations change one part: `projected=False` takes the unprojected Δ_I on the Linear modules
+    (no Stage 1), `alpha=None` leaves out the α scales, i.e. α = 1 (no Stage 2), and `alpha='uniform'` or
+    'permuted' takes a control's scales at the same mean α.
     """
+    from rain_tasks.alpha import control_scales_path
     from rain_tasks.merge import DeltaPlan, TensorDir
 
+    scales = r / ALPHA / "scales.safetensors"
     return DeltaPlan(
         linear=TensorDir(r / (PROJ if projected else TV)),
         other=TensorDir(r / TV) if p.merge.scope == "all" else None,
-        scales=TensorDir(None, single_file=r / ALPHA / "scales.safetensors") if scaled else None,
+        scales=None if alpha is None else TensorDir(None, single_file=control_scales_path(scales, alpha) if alpha else scales),
     )
 
 
 @contextmanager
-def _timed(times: dict[str, dict], name: str) -> Iterator[None]:
-    """Record the wall time of the block as times[name]['merge_time_s']."""
+def _timed(models: dict[str, dict], name: str, **facts: str) -> Iterator[None]:
+    """Record the wall time of the block as models[name]['merge_time_s'] (for the run record, rain_tasks.runs:
+    timings vary run to run, so never in a tracked output), beside `facts` such as the model's lineage digest."""
     start = time.perf_counter()
     yield
-    times[name] = {"merge_time_s": round(time.perf_counter() - start, 3)}
-
-
-def _write_times(path: Path, times: dict[str, dict]) -> None:
-    """A merging stage's wall times (its metrics file: timings vary run to run, so never inside a model directory)."""
-    from rain_tasks.checkpoint import atomic_path
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(times, indent=2, sort_keys=True) + "\n")
+    models[name] = {"merge_time_s": round(time.perf_counter() - start, 3), **facts}
 
 
 def _lineage_cores(p: Params, r: Path, name: str) -> Callable[[str, dict], dict]:
@@ -185,13 +188,15 @@ def _merge_recorded(p: Params, r: Path, out: Path, core: dict, plan, row: str, p
                      finalize=lambda tmp: lineage.write_records(tmp, core, r, row))
 
 
-def _merge(p: Params, r: Path, parts: Path | None = None) -> None:
+def _merge(p: Params, r: Path, parts: Path | None = None) -> dict:
     """Stage 3 with its lineage and model card; `parts` holds layers already merged by `_merge_layer` tasks."""
+    from rain_tasks.digest import json_digest
+
     core, row = _lineage_cores(p, r, "merge")("rain", {"lam": p.merge.lam}), "RAIN"
-    times: dict[str, dict] = {}
-    with _timed(times, row):  # with `parts`, the assembly only: the layers were merged by other tasks
+    models: dict[str, dict] = {}
+    with _timed(models, row, lineage=json_digest(core)):  # with `parts`, the assembly only
         _merge_recorded(p, r, r / MERGED, core, _rain_plan(p, r), row, parts)
-    _write_times(r / MERGE_TIMES["merge"], times)
+    return {"models": models}
 
 
 def _merge_layer(p: Params, r: Path, layer: int, parts: Path) -> None:
@@ -201,36 +206,60 @@ def _merge_layer(p: Params, r: Path, layer: int, parts: Path) -> None:
     merge_layer(r / p.models.lrm, layer, "rain", {"lam": p.merge.lam}, _rain_plan(p, r), layer_file(parts, layer))
 
 
-def _ablations(p: Params, r: Path) -> None:
+def _ablations(p: Params, r: Path) -> dict:
     """RAIN with one stage left out (ABLATIONS_BY_NAME), each a model under models/ablations, same engine and λ."""
     from rain_tasks.checkpoint import atomic_path
     from rain_tasks.merge import merge_checkpoint
 
-    times: dict[str, dict] = {}
+    models: dict[str, dict] = {}
     with atomic_path(r / ABLATIONS) as tmp:
         tmp.mkdir()
         for name, ablation in ABLATIONS_BY_NAME.items():
-            with _timed(times, name):
+            with _timed(models, name):
                 merge_checkpoint(r / p.models.lrm, tmp / name, "rain", {"lam": p.merge.lam},
-                                 _rain_plan(p, r, ablation.projected, ablation.scaled), p.merge.max_shard_size)
-    _write_times(r / MERGE_TIMES["ablations"], times)
+                                 _rain_plan(p, r, ablation.projected, ablation.alpha), p.merge.max_shard_size)
+    return {"models": models}
 
 
-def _baselines(p: Params, r: Path) -> None:
+def with_overrides(p: Params, overrides: dict[str, dict]) -> Params:
+    """`p` with the given keys of its sections replaced (validated like params.yaml)."""
+    dumped = p.model_dump()
+    return Params.model_validate({**dumped, **{sec: {**dumped[sec], **keys} for sec, keys in overrides.items()}})
+
+
+def _paper_preset(p: Params, r: Path) -> None:
+    """RAIN under PAPER_PRESET from the same task vectors and features: its own Δ⊥, statistics, α and merged model."""
+    from rain_tasks.alpha import solve_alpha
+    from rain_tasks.attention import attention_stats
+    from rain_tasks.merge import DeltaPlan, TensorDir, merge_checkpoint
+    from rain_tasks.projection import project
+
+    q, work, lrm = with_overrides(p, PAPER_PRESET), r / PAPER_WORK, r / p.models.lrm
+    project(r / TV, r / FEAT, q.projection, work / "projected", work / "projection.parquet")
+    attention_stats(lrm, work / "projected", r / q.calibration.instruction, q.attention, work / "stats.parquet",
+                    work / "attention.json", lam=q.merge.lam)
+    solve_alpha(work / "stats.parquet", lrm, q.alpha, q.attention.prior, work / "alpha.parquet", work / "scales.safetensors")
+    plan = DeltaPlan(linear=TensorDir(work / "projected"), scales=TensorDir(None, single_file=work / "scales.safetensors"))
+    merge_checkpoint(lrm, r / PAPER_MODEL, "rain", {"lam": q.merge.lam}, plan, q.merge.max_shard_size)
+
+
+def _baselines(p: Params, r: Path) -> dict:
     """One model per configured run under models/baselines, each with its lineage and model card like the merge's."""
     from rain_tasks.checkpoint import Checkpoint, atomic_path
+    from rain_tasks.digest import json_digest
     from rain_tasks.merge import DeltaPlan, TensorDir
 
     cores = _lineage_cores(p, r, "baselines")
-    times: dict[str, dict] = {}
+    models: dict[str, dict] = {}
     with atomic_path(r / BASELINES) as tmp:
         tmp.mkdir()
         for run in p.baselines.runs:
             plan = DeltaPlan(linear=TensorDir(r / TV), other=TensorDir(r / TV) if run.scope == "all" else None,
                              base=Checkpoint(r / p.models.base))
-            with _timed(times, run.name):
-                _merge_recorded(p, r, tmp / run.name, cores(run.method, run.method_params()), plan, run.name)
-    _write_times(r / MERGE_TIMES["baselines"], times)
+            core = cores(run.method, run.method_params())
+            with _timed(models, run.name, lineage=json_digest(core)):
+                _merge_recorded(p, r, tmp / run.name, core, plan, run.name)
+    return {"models": models}
 
 
 def _orthogonality(p: Params, r: Path) -> None:
@@ -254,23 +283,22 @@ def _contamination(p: Params, r: Path) -> dict[str, int]:
 
 def _evaluate(p: Params, r: Path) -> None:
     from rain_tasks.evaluation import (
-        evaluate_models, format_table, lambda_table, lm_eval_scores, read_merge_times, write_lambda_sweep, write_outputs,
+        evaluate_models, format_table, lambda_table, lm_eval_scores, write_lambda_sweep, write_outputs,
     )
 
     contamination = _contamination(p, r)  # before any model runs: contaminated numbers are not worth computing
     labels = {"LRM": "reasoning model θ_R", "ITM": "instruction model θ_I"}
     labels |= {run.name: run.describe() for run in p.baselines.runs}
     labels |= {name: a.label for name, a in ABLATIONS_BY_NAME.items()} | {"RAIN": "RAIN: θ_R + λ·α⊙Δ⊥"}
+    labels["paper_preset"] = "RAIN, METHOD.md as published: Linear modules, two-pass α as solved, energy 0.99, λ 1"
     models = {"LRM": r / p.models.lrm, "ITM": r / p.models.itm}
     models |= {run.name: r / BASELINES / run.name for run in p.baselines.runs}
-    models |= {name: r / ABLATIONS / name for name in ABLATIONS_BY_NAME} | {"RAIN": r / MERGED}
+    models |= {name: r / ABLATIONS / name for name in ABLATIONS_BY_NAME} | {"paper_preset": r / PAPER_MODEL, "RAIN": r / MERGED}
     e = p.evaluate
     results = evaluate_models(
         r / p.models.lrm, models, r / EVAL_DIR / "instruction_eval.jsonl", r / EVAL_DIR / "reasoning_eval.jsonl",
         e.max_new_tokens, e.batch_size, e.neighbour_radius, e.max_eval,
     )
-    for name, seconds in read_merge_times(r / path for path in MERGE_TIMES.values()).items():
-        results[name]["merge_time_s"] = seconds
     if e.lm_eval_tasks:
         for name, scores in lm_eval_scores(models, e.lm_eval_tasks, e.lm_eval_limit, e.lm_eval_include).items():
             results[name]["lm_eval"] = scores
@@ -300,23 +328,29 @@ STAGES: tuple[Stage, ...] = (
     Stage("projection", _projection, deps=(TV, FEAT, FEAT_HELDOUT), code=("rain_tasks/projection.py",), params=("projection",),
           outs=(PROJ, "reports/projection.parquet"), metrics=("metrics/projection.json",),
           desc="Stage 1: null-space projection Δ⊥ and its invariance residuals"),
-    Stage("attention_stats", _attention_stats, deps=("${models.lrm}", PROJ, "${calibration.instruction}"),
+    Stage("attention_stats", _attention_stats, deps=("${models.lrm}", PROJ, TV, "${calibration.instruction}"),
           code=("rain_tasks/attention.py", "rain_tasks/capture.py", "rain_tasks/calibration.py"),
-          params=("attention",), outs=(ATTN,), desc="Stage 2: instruction-attention statistics, two passes"),
+          params=("attention", "merge.lam", "merge.scope"), outs=(ATTN,),
+          desc="Stage 2: instruction-attention statistics along the merge's update (passes at 0, p, 2p)"),
     Stage("alpha", _alpha, deps=(ATTN, "${models.lrm}/config.json"), code=("rain_tasks/alpha.py",), params=("alpha", "attention.prior"),
-          outs=(ALPHA,), plots=("plots/alpha_heatmap.csv", ALPHA_PNG), desc="Stage 2: closed-form α per head, mapped to modules"),
+          outs=(ALPHA,), metrics=(ALPHA_METRICS,), plots=("plots/alpha_heatmap.csv", ALPHA_PNG),
+          desc="Stage 2: α per head with its evidence, mapped to modules; uniform and permuted controls"),
     Stage("merge", _merge, deps=("${models.lrm}", PROJ, ALPHA, TV), code=("rain_tasks/merge.py", "rain_tasks/lineage.py", "rain_tasks/card.py"), params=("merge",), outs=(MERGED,),
-          metrics=(MERGE_TIMES["merge"],), desc="Stage 3: θ_R + λ·α⊙Δ⊥, streamed into new shards"),
+          desc="Stage 3: θ_R + λ·α⊙Δ⊥, streamed into new shards"),
     Stage("ablations", _ablations, deps=("${models.lrm}", PROJ, ALPHA, TV), code=("rain_tasks/merge.py",), params=("merge",),
-          outs=(ABLATIONS,), metrics=(MERGE_TIMES["ablations"],),
-          desc="the paper's ablations: Stage 1 only (Δ⊥, α = 1) and Stage 2 only (α⊙Δ_I), same engine"),
+          outs=(ABLATIONS,),
+          desc="the paper's ablations (Stage 1 only, Stage 2 only) and α controls (uniform, permuted), same engine"),
+    Stage("paper_preset", _paper_preset, deps=("${models.lrm}", TV, FEAT, "${calibration.instruction}"),
+          code=("rain_tasks/projection.py", "rain_tasks/attention.py", "rain_tasks/alpha.py", "rain_tasks/merge.py"),
+          params=("attention", "alpha", "merge.max_shard_size"), outs=(PAPER_WORK, PAPER_MODEL),
+          desc="RAIN as METHOD.md publishes it (PAPER_PRESET), beside the configured RAIN in the report"),
     Stage("baselines", _baselines, deps=("${models.lrm}", "${models.base}", TV),
           code=("rain_tasks/merge.py", "rain_tasks/baselines.py", "rain_tasks/lineage.py", "rain_tasks/card.py"),
           params=("baselines", "merge.max_shard_size"),
-          outs=(BASELINES,), metrics=(MERGE_TIMES["baselines"],),
+          outs=(BASELINES,),
           desc="task arithmetic, TIES, DARE and SLERP baselines on the same engine"),
-    Stage("evaluate", _evaluate, deps=("${models.lrm}", "${models.itm}", MERGED, ABLATIONS, BASELINES, EVAL_DIR, ALPHA,
-                                       "${calibration.reasoning}", "${calibration.instruction}", ORTHO_PNG, *MERGE_TIMES.values()),
+    Stage("evaluate", _evaluate, deps=("${models.lrm}", "${models.itm}", MERGED, ABLATIONS, PAPER_MODEL, BASELINES, EVAL_DIR, ALPHA,
+                                       "${calibration.reasoning}", "${calibration.instruction}", ORTHO_PNG),
           code=("rain_tasks/evaluation.py", "rain_tasks/generation.py", "rain_tasks/instructions.py", "rain_tasks/plots.py"),
           params=("evaluate", "baselines"), outs=("reports/report.md", "reports/report.json"), metrics=("metrics/eval.json",),
           plots=("plots/eval.csv", LAMBDA_CSV, LAMBDA_PNG),
@@ -346,14 +380,13 @@ def run_stage(name: str, params: Params, root: str | Path = ".", parts: Path | N
     log.info("stage %s: %s", name, stage.desc)
     from rain_tasks.checkpoint import output_locks
 
+    start = time.perf_counter()
     with output_locks(root, [resolve(o, params) for o in stage.outputs]):
-        if parts is None:
-            stage.run(params, root)
-        else:
-            LAYER_SPLITS[name].finish(params, root, parts)
+        facts = stage.run(params, root) if parts is None else LAYER_SPLITS[name].finish(params, root, parts)
     missing = [o for o in stage.outputs if not (root / resolve(o, params)).exists()]
     if missing:
         raise RuntimeError(f"stage {name} finished without writing {missing}")
+    record_run(root, name, time.perf_counter() - start, facts)
 
 
 @dataclass(frozen=True)
@@ -368,7 +401,7 @@ class LayerSplit:
 
     verb: str  # task names read "<verb> layer 3"
     run: Callable[[Params, Path, int, Path], None]
-    finish: Callable[[Params, Path, Path], None]
+    finish: Callable[[Params, Path, Path], dict | None]
 
 
 def _projection_layer(p: Params, r: Path, layer: int, parts: Path) -> None:

@@ -6,7 +6,6 @@ two layers of width 32, a few training steps, so a whole flow run takes seconds,
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -14,9 +13,6 @@ import sys
 from pathlib import Path
 
 import yaml
-
-from rain_tasks.digest import json_digest, tree_digests
-from rain_tasks.lineage import LINEAGE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,13 +70,3 @@ def fresh_project(dest: Path, env: dict, zoo: dict, overrides: dict | None = Non
     sh(["git", "add", "-A"], dest, env)
     sh(["git", "commit", "-qm", "init"], dest, env)
     return dest
-
-
-def comparable_digests(path: Path) -> dict[str, str]:
-    """File digests of an artifact, with lineage.json reduced to what identical runs share (core_digest and
-    outputs): its provenance (flow-run id, commit, dvc.lock) legitimately differs between runs."""
-    digests = tree_digests(path)
-    for rel in [r for r in digests if Path(r).name == LINEAGE]:  # the model's own, or one per baseline model
-        doc = json.loads((path / rel).read_text())
-        digests[rel] = json_digest({"core_digest": doc["core_digest"], "outputs": doc["outputs"]})
-    return digests

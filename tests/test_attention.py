@@ -15,7 +15,7 @@ from tiny import instruction_rows, make_tokenizer, write_jsonl
 from rain_tasks.arch import module_of, read_shape
 from rain_tasks.attention import (
     SampleSpans,
-    add_projected,
+    add_update,
     attention_stats,
     eager_sample_stats,
     load_lrm,
@@ -26,7 +26,7 @@ from rain_tasks.attention import (
 from rain_tasks.calibration import load_tokenizer, render
 from rain_tasks.checkpoint import load_tensors, save_tensors
 from rain_tasks.params import AttentionParams
-from rain_tasks.task_vectors import MANIFEST, compute_task_vectors, layer_file
+from rain_tasks.task_vectors import MANIFEST, NON_LAYER, compute_task_vectors, layer_file
 
 
 def _row(prompt: str, response: str, related: list[tuple[list[str], list[str]]], unrelated: list[str]) -> dict:
@@ -123,25 +123,27 @@ def test_auto_mode_switches_to_recompute_for_long_texts(tiny_family):
     assert pick_mode("eager", shape, 8192) == "eager"
 
 
-def _manual_pass1_reference(tiny_family, projected: Path, prior: float, rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """Σ a¹, Σ u¹ from an independently patched model (state dict + prior·Δ) and brute-force loops."""
+def _manual_reference(tiny_family, deltas: Path, step: float, rows: list[dict], every_tensor: bool) -> tuple[np.ndarray, np.ndarray]:
+    """a, u per sample [samples, layers, heads] from an independently patched model (state dict + step·Δ, on the
+    Linear modules or on every tensor) and brute-force loops."""
     model = load_lrm(tiny_family["lrm"])
     state = model.state_dict()
-    for l in range(read_shape(tiny_family["lrm"]).num_layers):
-        for name, delta in load_tensors(layer_file(projected, l)).items():
-            if module_of(name) is not None:
-                state[name] += prior * delta
+    files = [layer_file(deltas, l) for l in range(read_shape(tiny_family["lrm"]).num_layers)] + [deltas / NON_LAYER]
+    for path in files:
+        for name, delta in load_tensors(path).items():
+            if every_tensor or module_of(name) is not None:
+                state[name] += step * delta
     model.load_state_dict(state)
-    a_sum = u_sum = 0.0
+    out = []
     for row in rows:
         ids, spans = _sample(tiny_family, row)
         with torch.no_grad():
-            a, u = _brute_force(model(ids, output_attentions=True).attentions, spans)
-        a_sum, u_sum = a_sum + a, u_sum + u
-    return a_sum, u_sum
+            out.append(_brute_force(model(ids, output_attentions=True).attentions, spans))
+    return np.stack([a for a, _ in out]), np.stack([u for _, u in out])
 
 
-def test_attention_stats_two_passes_paths_agree_and_report(tiny_family, tmp_path):
+def test_attention_stats_passes_follow_the_merge_update_and_paths_agree(tiny_family, tmp_path):
+    """Passes at θ_R + t·λ·D, t = 0, p, 2p; under scope 'all' D also carries Δ_I of norms and embeddings."""
     projected = tmp_path / "projected"
     compute_task_vectors(tiny_family["base"], tiny_family["itm"], projected)  # same keys as Δ⊥, plus norms
     long_row = {**instruction_rows(1)[0], "id": 99, "reason": " ".join(["step"] * 200)}
@@ -151,32 +153,41 @@ def test_attention_stats_two_passes_paths_agree_and_report(tiny_family, tmp_path
     tables = {}
     for mode in ("eager", "recompute"):
         params = AttentionParams(prior=0.5, max_tokens=128, mode=mode)
-        out = attention_stats(tiny_family["lrm"], projected, path, params, tmp_path / mode / "stats.parquet", tmp_path / mode / "report.json")
+        out = attention_stats(tiny_family["lrm"], projected, path, params, tmp_path / mode / "stats.parquet",
+                              tmp_path / mode / "report.json", lam=2.0, other_dir=projected)
         tables[mode] = pd.read_parquet(out)
         report = json.loads((tmp_path / mode / "report.json").read_text())
         assert report["samples_read"] == 6 and report["samples_used"] == 5 and report["skipped_too_long"] == 1
         assert report["unmapped_spans"] == {"prompt_spans": 0, "response_spans": 0, "unrelated_response_spans": 1}
         assert report["unmapped_per_sample"] == [{"id": "98", "prompt_spans": 0, "response_spans": 0, "unrelated_response_spans": 1}]
-        assert report["paths_pass0"] == {mode: 5} == report["paths_pass1"]
+        assert report["paths"] == [{mode: 5}] * 3 and report["step"] == 1.0 and report["scope"] == "all"
         assert any(n.endswith("layernorm.weight") for n in report["ignored_projected_tensors"])
     eager, recompute = tables["eager"], tables["recompute"]
-    assert list(eager.columns) == ["layer", "head", "a0", "a1", "u0", "u1", "n_samples"]
-    assert len(eager) == 2 * 4 and (eager["n_samples"] == 5).all()
+    assert list(eager.columns) == ["sample", "layer", "head", "a0", "a1", "a2", "u0", "u1", "u2"]
+    assert len(eager) == 5 * 2 * 4
     pd.testing.assert_frame_equal(eager, recompute, rtol=1e-6, atol=1e-9)
     assert (eager["a1"] - eager["a0"]).abs().max() > 1e-6  # pass 1 really ran on a different model
-    a1, u1 = _manual_pass1_reference(tiny_family, projected, 0.5, rows[:4] + [bad_row])
-    np.testing.assert_allclose(eager["a1"].to_numpy(), a1.ravel(), rtol=1e-5)
-    np.testing.assert_allclose(eager["u1"].to_numpy(), u1.ravel(), rtol=1e-5)
+    used = rows[:4] + [bad_row]
+    for k in (1, 2):  # λ·p = 1: pass k at θ_R + k·Δ on every tensor
+        a, u = _manual_reference(tiny_family, projected, float(k), used, every_tensor=True)
+        np.testing.assert_allclose(eager[f"a{k}"].to_numpy(), a.ravel(), rtol=1e-5)
+        np.testing.assert_allclose(eager[f"u{k}"].to_numpy(), u.ravel(), rtol=1e-5, atol=1e-9)
+    linear_only = attention_stats(tiny_family["lrm"], projected, path, AttentionParams(prior=0.5, max_tokens=128, curvature_pass=False),
+                                  tmp_path / "lin.parquet", tmp_path / "lin.json")
+    table = pd.read_parquet(linear_only)
+    assert table["a2"].isna().all()  # no curvature pass
+    a, _ = _manual_reference(tiny_family, projected, 0.5, used, every_tensor=False)
+    np.testing.assert_allclose(table["a1"].to_numpy(), a.ravel(), rtol=1e-5)
 
 
-def test_add_projected_requires_every_merged_tensor(tiny_family, lrm, tmp_path):
+def test_add_update_requires_every_merged_tensor(tiny_family, lrm, tmp_path):
     shape = read_shape(tiny_family["lrm"])
     params = dict(lrm.named_parameters())
     for l in range(shape.num_layers):
         names = [n for n in params if module_of(n) is not None and n.startswith(f"model.layers.{l}.") and not n.endswith("down_proj.weight")]
         save_tensors(layer_file(tmp_path, l), {n: torch.zeros_like(params[n]) for n in names})
     with pytest.raises(FileNotFoundError, match="manifest"):
-        add_projected(lrm, tmp_path, shape, 1.0)
+        add_update(lrm, tmp_path, shape, 1.0)
     (tmp_path / MANIFEST).write_text("{}")
     with pytest.raises(ValueError, match="down_proj"):
-        add_projected(lrm, tmp_path, shape, 1.0)
+        add_update(lrm, tmp_path, shape, 1.0)

@@ -92,3 +92,40 @@ def test_lm_eval_hflm_on_a_local_task_agrees_with_our_loglikelihoods(tiny_family
                 scores_per_choice.append(sum(logp[t - 1, ids[t]].item() for t in range(len(ctx), len(ids))))
             hits += max(range(len(scores_per_choice)), key=scores_per_choice.__getitem__) == d["label"]
         assert scores[name]["tiny_mc"]["acc,none"] == pytest.approx(hits / len(docs)), name
+
+
+def _early_closer(lrm: Path, dest: Path, logit_gain: float) -> Path:
+    """The LRM with the `</think>` output row moved along the mean final hidden state (tied embeddings), so its
+    logit rises by about `logit_gain` wherever the model thinks: it predicts `</think>` more everywhere."""
+    from transformers import AutoModelForCausalLM
+
+    from rain_tasks.calibration import load_tokenizer, think_token_ids
+
+    model, tok = AutoModelForCausalLM.from_pretrained(lrm), load_tokenizer(lrm)
+    close_id = think_token_ids(tok)[1]
+    with torch.no_grad():
+        ids = tok("add 3 and 4 then sub 1 . <think> 3 plus 4 is 7 .", return_tensors="pt", add_special_tokens=False)["input_ids"]
+        v = model(ids, output_hidden_states=True).hidden_states[-1][0].mean(0)
+        model.get_output_embeddings().weight[close_id] += logit_gain * v / v.square().sum()
+    model.save_pretrained(dest)
+    load_tokenizer(lrm).save_pretrained(dest)
+    return dest
+
+
+def test_thinking_metrics_beyond_omega(tiny_family, tmp_path):
+    """kl_close and early_close_mass are 0 / the LRM's own for the LRM and grow when a model favours `</think>`;
+    the KL on a model's own generations is 0 for the LRM and positive for a different model."""
+    from rain_tasks.evaluation import own_generation_kl, think_invariance
+    from rain_tasks.generation import load_model
+    from tiny import reasoning_rows
+
+    lrm = tiny_family["lrm"]
+    closer = _early_closer(lrm, tmp_path / "closer", 3.0)
+    result = think_invariance(lrm, {"LRM": lrm, "closer": closer}, reasoning_rows(6), 2)
+    assert result["LRM"]["kl_close"] == 0.0 and result["LRM"]["l_think"] == 0.0
+    assert result["closer"]["kl_close"] > 1e-4
+    assert result["closer"]["early_close_mass"] > 2 * result["LRM"]["early_close_mass"] > 0
+    reference, tok = load_model(lrm)
+    prompts = [r["prompt"] for r in reasoning_rows(4)]
+    assert own_generation_kl(reference, reference, tok, prompts, 12, 4) == 0.0
+    assert own_generation_kl(reference, load_model(tiny_family["itm"])[0], tok, prompts, 12, 4) > 0.0

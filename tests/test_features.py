@@ -84,7 +84,10 @@ def test_rows_are_the_constraints_that_method_md_defines(tiny_family, one_sample
     for cap in caps:
         feats = load_tensors(layer_file(root / "rows", cap.layer))
         torch.testing.assert_close(feats["rows.q"], _ones(cap.attn_in[om]))  # Qwen2 q has a bias
-        torch.testing.assert_close(feats["rows.o"], cap.attn_out[om].double())
+        heads_out = cap.attn_out[om].double().reshape(len(om), 4, -1)  # o_proj is constrained head by head
+        for h in range(4):  # |Ω| exceeds a head's width 8: the set is kept as its Gram
+            assert f"rows.o.h{h}" not in feats and heads_out.shape[0] > heads_out.shape[2]
+            torch.testing.assert_close(feats[f"gram.o.h{h}"], heads_out[:, h].T @ heads_out[:, h])
         torch.testing.assert_close(feats["rows.mlp_in"], cap.mlp_in[om].double())
         torch.testing.assert_close(feats["rows.down"], cap.mlp_act[om].double())
         a = attentions[cap.layer][0][:, om].double()  # [heads, |Ω|, T]
@@ -104,7 +107,7 @@ def test_gram_path_equals_the_rows_path_and_metadata_counts(one_sample, tiny_fam
         meta = read_metadata(layer_file(root / "gram", layer))
         counts, dims = json.loads(meta["rows"]), json.loads(meta["dims"])
         assert meta["samples"] == "1" and meta["skipped"] == "0"
-        assert set(counts) == {"q", "o", "mlp_in", "down", "k.g0", "k.g1", "v.g0", "v.g1"}
+        assert set(counts) == {"q", "o.h0", "o.h1", "o.h2", "o.h3", "mlp_in", "down", "k.g0", "k.g1", "v.g0", "v.g1"}
         for name, n in counts.items():
             g = gram[f"gram.{name}"]
             assert g.shape == (dims[name], dims[name]) and g.dtype == torch.float64

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from merged_project import make_project, merge_with_lineage
-from rain_tasks import card, lineage
+from rain_tasks import card, lineage, runs
 from rain_tasks.checkpoint import read_metadata
 from rain_tasks.cli import main as rain
 from rain_tasks.digest import tree_digests
@@ -39,8 +39,7 @@ def test_fresh_merge_verifies_and_records_its_inputs(project, capsys):
     assert doc["core"]["inputs"]["models.lrm"]["files"] == tree_digests(project / "models/lrm")  # every shard
     assert doc["core"]["params"] == {"merge": load_params(project / "params.yaml").merge.model_dump(mode="json")}
     assert set(doc["outputs"]) == set(tree_digests(out)) - {lineage.LINEAGE}
-    assert doc["provenance"]["prefect_flow_run_id"] is None  # no flow run here
-    assert doc["provenance"]["libraries"]["torch"]
+    assert set(doc) == {"core", "core_digest", "outputs"}  # nothing volatile: provenance is in the run record
     shards = sorted(out.glob("*.safetensors"))
     assert len(shards) >= 2
     for shard in shards:
@@ -166,3 +165,27 @@ def test_baseline_models_carry_lineage_and_card(tiny_family, tmp_path, capsys):
         assert doc["core"]["stages"] == ["task_vectors", "baselines"]
         assert card.front_matter((out / card.CARD).read_text())["rain_evaluation"]["row"] == run.name
         assert rain(["verify", str(out)]) == 0, capsys.readouterr().out
+
+
+def test_volatile_facts_go_to_the_run_record_not_the_models(tiny_family, tmp_path, capsys):
+    """Two runs of a merging stage on the same inputs write the same bytes (lineage.json included); each run's
+    wall times, host and provenance go to its run record, where `rain lineage` finds them by lineage digest."""
+    models = ModelsParams(**{k: str(tiny_family[k]) for k in ("base", "itm", "lrm")})
+    params = load_params(ROOT / "params.yaml").model_copy(update={"models": models})
+    run_stage("task_vectors", params, tmp_path)
+    run_stage("baselines", params, tmp_path)
+    first = tree_digests(tmp_path / BASELINES)
+    run_stage("baselines", params, tmp_path)
+    assert tree_digests(tmp_path / BASELINES) == first
+    records = runs.read_runs(tmp_path, "baselines")
+    assert len(records) == 2 and records[0]["finished_at"] <= records[1]["finished_at"]
+    name = params.baselines.runs[0].name
+    doc = json.loads((tmp_path / BASELINES / name / lineage.LINEAGE).read_text())
+    assert records[1]["models"][name]["lineage"] == doc["core_digest"]
+    assert records[1]["models"][name]["merge_time_s"] > 0
+    assert records[1]["provenance"]["prefect_flow_run_id"] is None and records[1]["provenance"]["libraries"]["torch"]
+    assert runs.find_run(tmp_path, doc["core_digest"]) == records[1]
+    assert rain(["lineage", str(tmp_path / BASELINES / name), "--project", str(tmp_path)]) == 0
+    assert f"stage baselines ran on {records[1]['host']} at {records[1]['finished_at']}" in capsys.readouterr().out
+    assert rain(["lineage", str(tmp_path / BASELINES / name), "--project", str(tmp_path / "elsewhere")]) == 0
+    assert "provenance: no run record in" in capsys.readouterr().out

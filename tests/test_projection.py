@@ -95,8 +95,56 @@ def test_energy_rank_and_threshold_select_what_they_say():
         torch.testing.assert_close(b.u @ b.u.T, q[:, :rank] @ q[:, :rank].T)
     ridge = protected_basis(stats, ProjectionParams(ridge=1 / 10 * 10 / 16))  # ε = ridge·tr/d = 1/16·16/10
     torch.testing.assert_close(ridge.w, lam / (lam + 0.1))
+    with pytest.raises(ValueError, match="at most one"):  # refused where params are parsed, before any work
+        ProjectionParams(rank=2, rel_threshold=0.1)
     with pytest.raises(ValueError, match="at most one"):
-        protected_basis(stats, ProjectionParams(rank=2, rel_threshold=0.1))
+        ProjectionParams(max_leftover=0.1, ridge=0.5)
+
+
+def test_max_leftover_takes_the_fewest_directions_by_their_share_of_the_response():
+    """Hand-derived: G = diag(λ), Δ = one row; the response per direction is λ_i·Δ_i²."""
+    lam = torch.tensor([100.0, 4.0, 1.0, 1.0], dtype=torch.float64)
+    stats = RowStats("gram", torch.diag(lam), 10)
+    block = torch.tensor([[0.0, 3.0, 2.0, 1.0]], dtype=torch.float64)  # response 0, 36, 4, 1 (total 41)
+    cases = {0.5: [1], 0.2: [1, 2], 0.1: [1, 2, 3], 0.0: [1, 2, 3]}  # left: 5/41 -> 0.35, 1/41 -> 0.16, 0
+    for target, directions in cases.items():
+        basis = protected_basis(stats, ProjectionParams(max_leftover=target), block)
+        chosen = sorted(int(i) for i in basis.u.abs().argmax(0))
+        assert chosen == directions, target
+        projected = project_block(block, basis)
+        assert stats.quad(projected) ** 0.5 <= target * stats.quad(block) ** 0.5 + 1e-12
+    with pytest.raises(ValueError, match="pass the block"):
+        protected_basis(stats, ProjectionParams(max_leftover=0.1))
+
+
+def test_outlier_dimensions_fool_the_energy_cap_but_not_max_leftover(tiny_family):
+    """Three input dimensions at 20× hold most of the feature energy: an energy cap protects little else, and
+    the report shows it (leftover ~1 without them); max_leftover protects where Δ acts."""
+    shape = read_shape(tiny_family["lrm"])
+    hidden, hd = shape.hidden_size, shape.head_dim
+    gen = torch.Generator().manual_seed(5)
+
+    def rows(n: int, d: int, bias: bool) -> torch.Tensor:
+        x = torch.randn(n, d, generator=gen, dtype=torch.float64)
+        x[:, :3] *= 20.0  # outlier dimensions, as real activations have
+        return torch.cat([x, torch.ones(n, 1, dtype=torch.float64)], 1) if bias else x
+
+    stats = {"q": RowStats("rows", rows(40, hidden, True), 40), "mlp_in": RowStats("rows", rows(40, hidden, False), 40),
+             "down": RowStats("rows", rows(40, shape.intermediate_size, False), 40)}
+    stats |= {f"o.h{h}": RowStats("rows", rows(6, hd, False), 6) for h in range(shape.num_heads)}
+    stats |= {f"{k}.g{g}": RowStats("rows", rows(40, hidden, True), 40) for k in "kv" for g in range(shape.num_kv_heads)}
+    ckpt = Checkpoint(tiny_family["lrm"])
+    delta = {n: torch.randn(ckpt.get(n).shape, generator=gen) for n in ckpt.layer_names(0)}
+    _, energy = project_layer(delta, stats, shape, 0, ProjectionParams(energy=0.9))
+    _, leftover = project_layer(delta, stats, shape, 0, ProjectionParams(max_leftover=0.05))
+    wide = [r for r in energy if r["d_in"] >= hidden]  # the sets of width ≥ 32 (o's heads are 8 wide)
+    assert all(r["outlier_dims"] == 3 for r in wide)
+    assert all(r["rank_kept"] <= 3 for r in wide)  # the cap is spent on the outliers ...
+    assert min(r["residual_calib_inliers"] for r in wide) > 0.9  # ... so the rest is left unprotected
+    assert max(r["residual_calib"] for r in wide) < 0.6  # while the overall residual looks fine
+    # the target bounds the overall residual; the inliers' is at most target·sqrt(total / inlier response), about 6.5×
+    assert max(r["residual_calib"] for r in leftover) <= 0.05 + 1e-9
+    assert max(r["residual_calib_inliers"] for r in leftover if r["d_in"] >= hidden) < 0.5  # measured 0.47 at worst
 
 
 def test_residual_falls_to_the_energy_left_out():
@@ -128,7 +176,8 @@ def test_end_to_end_outputs_and_report(stage1, tiny_family):
     manifest = project(root / "tv", root / "all", ProjectionParams(), root / "proj", root / "report.parquet", root / "rows")
     assert manifest.is_file()
     report = PROJECTION_REPORT_SCHEMA.validate(pd.read_parquet(root / "report.parquet"))
-    assert len(report) == shape.num_layers * (len(MODULES) + 2 * (shape.num_kv_heads - 1))
+    blocks = len(MODULES) + 2 * (shape.num_kv_heads - 1) + (shape.num_heads - 1)  # k/v per KV group, o per head
+    assert len(report) == shape.num_layers * blocks
     assert (report["residual_calib"] <= 0.2).all() and report["residual_heldout"].notna().all()
     assert (report["energy_protected"] >= 0.99).all() and (report["norm_ratio"] < 1).all()
     for layer in range(shape.num_layers):
@@ -157,8 +206,10 @@ def test_kv_rows_of_each_group_use_their_own_basis(tiny_family):
     ckpt = Checkpoint(tiny_family["lrm"])
     delta = {n: ckpt.get(n) for n in ckpt.layer_names(0)}  # names and shapes are what matter here
     stats = {}
-    for name, d in (("q", hidden + 1), ("o", hidden), ("mlp_in", hidden), ("down", shape.intermediate_size)):
+    for name, d in (("q", hidden + 1), ("mlp_in", hidden), ("down", shape.intermediate_size)):
         stats[name] = RowStats("rows", _rows(3, d), 3)
+    for h in range(shape.num_heads):
+        stats[f"o.h{h}"] = RowStats("rows", _rows(3, hd, seed=20 + h), 3)
     for g in range(shape.num_kv_heads):
         for kind in "kv":
             stats[f"{kind}.g{g}"] = RowStats("rows", _rows(4, hidden + 1, seed=10 + g), 4)

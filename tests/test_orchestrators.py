@@ -1,0 +1,161 @@
+"""One pipeline, two orchestrators, one cache (DVC's), on the mini family: real DVC, real Prefect, moto's S3 server.
+
+- `dvc repro` then the flow recomputes nothing and leaves `dvc status` clean; a param change reruns the
+  stages `dvc repro` would rerun, the flow commits them, and `dvc repro` then finds nothing to do;
+  the old param value again is restored from DVC's run cache, bit for bit;
+- a scheduled deployment served on a real Prefect server, on a fresh clone that has only the repository
+  and the S3 remote: it pulls and recomputes nothing the remote holds, releases the merged model once
+  per lineage, and after a param change recomputes only what follows it and pushes the new outputs.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+from projects import MINI_OVERRIDES, MINI_ZOO, ROOT, fresh_project, project_env, sh
+from rain_tasks.digest import tree_digests
+from rain_tasks.s3server import DUMMY_CREDENTIALS, local_s3
+from rain_tasks.signing import generate_key_pair
+from rain_tasks.stages import LAYER_SPLITS, STAGES
+from test_operations import _start_prefect_server, _stop, _task_states, _wait_for_deployment
+
+pytestmark = pytest.mark.slow
+FLOW_STATES = str(ROOT / "tests" / "flow_states.py")
+OUTS = sorted({o for s in STAGES for o in s.outputs})
+#: downstream of alpha.box_hi: what `dvc repro` reruns after that param changes
+AFTER_ALPHA = {"alpha", "merge", "ablations", "evaluate"}
+
+
+def _flow(root: Path, env: dict) -> tuple[str, set[str]]:
+    """Run the flow on `root`; return its summary line and the stages that ran (were not 'Cached')."""
+    log = sh([sys.executable, FLOW_STATES, str(root)], root, env)
+    ran = re.search(r"^ran=\[(.*)\]$", log, flags=re.M).group(1)
+    return log, set(filter(None, ran.split(",")))
+
+
+def _repro_ran(log: str) -> set[str]:
+    return set(re.findall(r"Running stage '([a-z_]+)'", log))
+
+
+def _set_box_hi(root: Path, value: float) -> None:
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["alpha"]["box_hi"] = value
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _digests(root: Path) -> dict[str, dict[str, str]]:
+    return {out: tree_digests(root / out) for out in OUTS}
+
+
+@pytest.fixture(scope="module")
+def repro_project(tmp_path_factory) -> tuple[Path, dict, dict]:
+    """A mini-family project after `dvc repro`, committed to git, with its outputs' digests."""
+    tmp = tmp_path_factory.mktemp("orch")
+    env = {**project_env(tmp), **DUMMY_CREDENTIALS, "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300"}
+    root = fresh_project(tmp / "project", env, MINI_ZOO, MINI_OVERRIDES)
+    assert _repro_ran(sh(["dvc", "repro"], root, env)) == {s.name for s in STAGES}
+    sh(["git", "add", "-A"], root, env)
+    sh(["git", "commit", "-qm", "pipeline outputs"], root, env)
+    return root, env, _digests(root)
+
+
+def test_repro_and_flow_share_one_record(repro_project, tmp_path):
+    root, env, reference = repro_project
+    work = tmp_path / "work"
+    sh(["git", "clone", "-q", str(root), str(work)], tmp_path, env)
+    sh(["dvc", "cache", "dir", str(root / ".dvc" / "cache")], work, env)  # the repro's cache and run cache, not a copy
+    sh(["dvc", "checkout"], work, env)
+
+    log, ran = _flow(work, env)  # after `dvc repro`: nothing to do
+    assert ran == set() and f"cached={len(STAGES)}" in log and "layers={}" in log, log
+    assert "up to date" in sh(["dvc", "status"], work, env)
+    assert _digests(work) == reference  # the same tracked bytes, lineage.json included
+
+    _set_box_hi(work, 1.2)
+    log, ran = _flow(work, env)  # a param change: the stages `dvc repro` would rerun, and no other
+    assert ran == AFTER_ALPHA, log
+    assert "up to date" in sh(["dvc", "status"], work, env)  # the flow committed them
+    changed = _digests(work)
+    assert changed["models/merged"] != reference["models/merged"]
+    assert _repro_ran(sh(["dvc", "repro"], work, env)) == set()  # and `dvc repro` finds nothing to do
+
+    _set_box_hi(work, 1.5)  # back: DVC's run cache holds those outputs, whichever orchestrator made them
+    log, ran = _flow(work, env)
+    assert ran == set() and "layers={}" in log, log
+    assert _digests(work) == reference
+    assert "up to date" in sh(["dvc", "status"], work, env)
+
+    _set_box_hi(work, 1.2)  # the flow's outputs, reused by `dvc repro` from the run cache
+    repro = sh(["dvc", "repro"], work, env)
+    assert _repro_ran(repro) == set() and "is cached - skipping run" in repro, repro
+    assert _digests(work) == changed
+    lineage = sh(["rain", "lineage", "models/merged"], work, env)
+    assert "provenance: no run record" not in lineage and "Prefect flow run " in lineage, lineage[-500:]
+
+
+def test_scheduled_run_on_a_fresh_clone_pulls_runs_pushes_and_releases(repro_project, tmp_path):
+    import boto3
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    origin, env, reference = repro_project
+    clone = tmp_path / "clone"
+    server, api = _start_prefect_server(tmp_path, env)
+    serve_log = tmp_path / "serve.log"
+    try:
+        with local_s3("rain-artifacts") as endpoint, temporary_settings({PREFECT_API_URL: api}):
+            s3 = boto3.client("s3", endpoint_url=endpoint)
+            s3.create_bucket(Bucket="rain-releases")
+            sh(["dvc", "remote", "modify", "--local", "storage", "endpointurl", endpoint], origin, env)
+            sh(["dvc", "push", "--run-cache"], origin, env)
+            sh(["git", "clone", "-q", str(origin), str(clone)], tmp_path, env)
+            assert not (clone / "models/merged").exists() and not (clone / "data/calibration").exists()
+            sh(["dvc", "remote", "modify", "--local", "storage", "endpointurl", endpoint], clone, env)
+            key, public = generate_key_pair(tmp_path / "keys")
+            env = {**env, "PREFECT_API_URL": api, "AWS_ENDPOINT_URL": endpoint, "RAIN_SIGNING_KEY": str(key)}
+            serve = subprocess.Popen(
+                ["rain", "serve", "--project", str(clone), "--name", "test", "--pull", "--push",
+                 "--release-uri", "s3://rain-releases/models/rain"],
+                cwd=clone, env=env, stdout=open(serve_log, "w"), stderr=subprocess.STDOUT)
+            try:
+                with get_client(sync_client=True) as client:
+                    _wait_for_deployment(client, "rain_merge/test", serve, serve_log)
+                    first = run_deployment("rain_merge/test", timeout=900)
+                    assert first.state.is_completed(), serve_log.read_text()[-3000:]
+                    states = _task_states(client, first.id)
+                    # every stage from the remote, none run; pull, push and release done
+                    assert states == Counter({"Cached": len(STAGES), "Completed": 3}), states
+                    assert _digests(clone) == reference
+                    releases = _released_versions(s3)
+                    assert len(releases) == 1
+                    verified = sh(["rain", "verify", f"s3://rain-releases/models/rain/{releases[0]}", "--key", str(public)], clone, env)
+                    assert "lineage verified" in verified, verified
+
+                    _set_box_hi(clone, 1.2)
+                    second = run_deployment("rain_merge/test", timeout=900)
+                    assert second.state.is_completed(), serve_log.read_text()[-3000:]
+                    states = _task_states(client, second.id)
+                    layers = MINI_ZOO["num_layers"]  # merge runs per layer
+                    assert states == Counter({"Cached": len(STAGES) - len(AFTER_ALPHA),
+                                              "Completed": len(AFTER_ALPHA) + layers + 3}), states
+                    assert len(_released_versions(s3)) == 2  # the merged model's lineage changed
+            finally:
+                _stop(serve)
+            assert "up to date" in sh(["dvc", "status"], clone, env)
+            assert "in sync" in sh(["dvc", "status", "--cloud"], clone, env)  # every new output pushed
+    finally:
+        _stop(server)
+
+
+def _released_versions(s3) -> list[str]:
+    """The committed releases under s3://rain-releases/models/rain (a version is complete once it has commit.json)."""
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="rain-releases", Prefix="models/rain/").get("Contents", [])]
+    return sorted(k.split("/")[2] for k in keys if k.endswith("/commit.json"))
