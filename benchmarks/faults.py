@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
+import re
 import signal
 import subprocess
 import sys
@@ -67,17 +67,20 @@ def _model(root: Path) -> dict[str, str] | None:
     return files
 
 
-def merge_kills(root: Path, fractions: list[float]) -> list[dict]:
-    """Kill `rain stage merge` at fractions of its uninterrupted wall time, replacing an existing model; rerun."""
-    start = time.monotonic()
+def merge_kills(root: Path, delays_ms: list[int]) -> list[dict]:
+    """Kill `rain stage merge`, replacing an existing model, `delay` ms after its temporary directory appeared (-1:
+    the moment lineage.json is in it, just before the rename); rerun."""
     subprocess.run([RAIN, "stage", "merge"], cwd=root, env=_env(), check=True, capture_output=True)
-    wall = time.monotonic() - start
     reference = _model(root)
     rows = []
-    for frac in fractions:
+    for delay in delays_ms:
         (root / MERGED / "lineage.json").touch()
         proc = subprocess.Popen([RAIN, "stage", "merge"], cwd=root, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(frac * wall)
+        ready = ((lambda: any((root / "models").glob(".merged.tmp-*/merged/lineage.json"))) if delay < 0 else
+                 (lambda: any((root / "models").glob(".merged.tmp-*"))))
+        while not ready() and proc.poll() is None:
+            time.sleep(0.0005)
+        time.sleep(max(delay, 0) / 1000)
         finished = proc.poll() is not None
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -85,7 +88,7 @@ def merge_kills(root: Path, fractions: list[float]) -> list[dict]:
         temporaries = len(list((root / "models").glob(".merged.tmp-*")))
         t = time.monotonic()
         rerun = subprocess.run([RAIN, "stage", "merge"], cwd=root, env=_env(), capture_output=True)
-        rows.append({"kill at": f"{frac:.2f}×{wall:.1f}s", "had finished": finished,
+        rows.append({"kill": "lineage.json written" if delay < 0 else f"{delay} ms into the write", "had finished": finished,
                      "model after kill": "old, intact" if after_kill == reference else "MISSING/CHANGED",
                      "temporaries left": temporaries, "rerun rc": rerun.returncode, "rerun s": round(time.monotonic() - t, 1),
                      "rerun identical": _model(root) == reference,
@@ -145,10 +148,11 @@ def release_kills(project: Path, model: Path, key: Path, public: Path, endpoint:
         uploads = len(client.list_multipart_uploads(Bucket=bucket).get("Uploads", []))
         committed = any(key_.endswith("commit.json") for key_ in _objects(client, bucket, "models/tiny/v1/"))
         rerun = subprocess.run(cmd, env=_env(AWS_ENDPOINT_URL=endpoint), capture_output=True, text=True)
-        resumed = rerun.stdout.split(", ")[-2] if "interrupted run" in rerun.stdout else "0 reused"
+        reused = re.search(r"(\d+) already uploaded by an interrupted run", rerun.stdout)
         verify = subprocess.run([RAIN, "verify", uri, "--key", str(public)], env=_env(AWS_ENDPOINT_URL=endpoint), capture_output=True)
         rows.append({"kill after staged objects": k, "staged at kill": staged, "open multipart uploads": uploads,
-                     "committed at kill": committed, "rerun rc": rerun.returncode, "rerun": resumed.strip(),
+                     "committed at kill": committed, "rerun rc": rerun.returncode,
+                     "objects reused by the rerun": int(reused.group(1)) if reused else 0,
                      "multipart uploads after": len(client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])),
                      "verify rc": verify.returncode})
     return rows
@@ -221,6 +225,7 @@ def _table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=10)
+    parser.add_argument("--parts", nargs="+", default=["release", "merge"], choices=["release", "merge"])
     args = parser.parse_args()
     from rain_tasks.s3server import local_s3
     from rain_tasks.release import s3_client
@@ -229,21 +234,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         os.environ.update(_env())
-        key, public = generate_key_pair(tmp / "keys")
-        project, first, second = _released_model(tmp / "release")
-        with local_s3("rain-faults-bench") as endpoint:
-            client = s3_client(endpoint)
-            print("## kill -9 during rain release, then rerun\n")
-            print(_table(release_kills(project, first, key, public, endpoint, client, [1, 4, 8, 12])) + "\n")
-            print(f"## two concurrent releases of one version ({args.trials} trials)\n")
-            print(_table(concurrent_releases(project, (first, second), key, endpoint, client, args.trials)) + "\n")
-            print("## release through injected throttling\n")
-            print(_table(throttled_releases(project, first, key, endpoint, client, [0, 5, 3, 2])) + "\n")
-        root = _merge_project(tmp / "merge")
-        print("## kill -9 during rain stage merge (replacing an existing model), then rerun\n")
-        print(_table(merge_kills(root, [0.6, 0.75, 0.85, 0.95])) + "\n")
-        print(f"## two rain stage merge started together ({min(args.trials, 5)} trials)\n")
-        print(_table(concurrent_runners(root, min(args.trials, 5))) + "\n")
+        if "release" in args.parts:
+            key, public = generate_key_pair(tmp / "keys")
+            project, first, second = _released_model(tmp / "release")
+            with local_s3("rain-faults-bench") as endpoint:
+                client = s3_client(endpoint)
+                print("## kill -9 during rain release, then rerun\n")
+                print(_table(release_kills(project, first, key, public, endpoint, client, [1, 4, 8, 12])) + "\n")
+                print(f"## two concurrent releases of one version ({args.trials} trials)\n")
+                print(_table(concurrent_releases(project, (first, second), key, endpoint, client, args.trials)) + "\n")
+                print("## release through injected throttling\n")
+                print(_table(throttled_releases(project, first, key, endpoint, client, [0, 5, 3, 2])) + "\n")
+        if "merge" in args.parts:
+            root = _merge_project(tmp / "merge")
+            print("## kill -9 during rain stage merge (replacing an existing model), then rerun\n")
+            print(_table(merge_kills(root, [0, 50, 150, 300, -1])) + "\n")
+            print(f"## two rain stage merge started together ({min(args.trials, 3)} trials)\n")
+            print(_table(concurrent_runners(root, min(args.trials, 3))) + "\n")
 
 
 if __name__ == "__main__":
