@@ -425,3 +425,11 @@ def test_the_demo_signs_its_release_with_a_key_pair_outside_git(model, project, 
     assert COMMIT in _objects(client, bucket, uri.removeprefix(f"s3://{bucket}/"))
     root_gitignore = (Path(__file__).resolve().parents[1] / ".gitignore").read_text().splitlines()
     assert "/.rain/" in root_gitignore
+
+
+def test_keygen_makes_a_pair_that_signs_and_verifies(model, project, s3, tmp_path, capsys):
+    assert rain(["keygen", str(tmp_path / "k")]) == 0
+    assert "release-key.pem" in capsys.readouterr().out
+    uri = f"s3://{s3[1]}/models/tiny/v9"
+    assert rain(["release", str(model), uri, "--project", str(project), "--key", str(tmp_path / "k/release-key.pem")]) == 0
+    assert _verify(uri, "--key", str(tmp_path / "k/release-key.pub"), capsys=capsys)[0] == 0
