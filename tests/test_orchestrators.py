@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 FLOW_STATES = str(ROOT / "tests" / "flow_states.py")
 OUTS = sorted({o for s in STAGES for o in s.outputs})
 #: downstream of alpha.box_hi: what `dvc repro` reruns after that param changes
-AFTER_ALPHA = {"alpha", "merge", "ablations", "evaluate"}
+AFTER_ALPHA = {"alpha", "paper_preset", "merge", "ablations", "evaluate"}  # paper_preset reads the alpha params
 
 
 def _flow(root: Path, env: dict) -> tuple[str, set[str]]:
