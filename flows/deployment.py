@@ -32,8 +32,10 @@ def deployment_parameters(
     load_params(root / params_file)
     if release_uri:
         from rain_tasks.release import S3Location
+        from rain_tasks.signing import SigningConfig
 
         S3Location.parse(release_uri)
+        SigningConfig.from_env().signer()  # releases are signed: $RAIN_SIGNING_KEY must name a readable key
     return {"project_dir": str(root), "params_file": params_file, "task_runner": task_runner,
             "dask_address": dask_address, "result_storage": result_storage, "pull": pull, "push": push,
             "remote": remote, "release_uri": release_uri}

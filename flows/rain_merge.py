@@ -65,7 +65,11 @@ def is_transient(exc: BaseException) -> bool:
     try:
         from botocore.exceptions import BotoCoreError, ClientError
 
-        if isinstance(exc, (BotoCoreError, ClientError)):
+        from rain_tasks.remote import PERMANENT_S3_CODES
+
+        if isinstance(exc, ClientError):  # throttling and 5xx are worth a retry; refused credentials are not
+            return exc.response.get("Error", {}).get("Code") not in PERMANENT_S3_CODES
+        if isinstance(exc, BotoCoreError):
             return True
     except ImportError:  # without botocore there is no S3 client to fail
         pass
@@ -146,28 +150,19 @@ def push_task(project_dir: str, remote: str | None) -> str:
 @task(**_TASK_OPTIONS)
 def release_task(project_dir: str, release_uri: str) -> str:
     """`rain release` of the merged model to RELEASE_URI/<its run name>, named after its lineage, unless that
-    version is already complete there (the lineage has not changed since the last release). An incomplete
-    version of that name is an interrupted upload of these same files: it is cleared and uploaded again."""
+    version is already committed there (the lineage has not changed since the last release). An interrupted
+    release of that version resumes from its own staged uploads (rain_tasks.release); it is signed with
+    $RAIN_SIGNING_KEY."""
     from rain_tasks.lineage import LINEAGE, run_name
-    from rain_tasks.release import S3Files, S3Location, release, s3_client
+    from rain_tasks.release import S3Location, committed, release, s3_client
+    from rain_tasks.signing import SigningConfig
 
     model_dir = Path(project_dir) / MERGED
     uri = f"{release_uri.rstrip('/')}/{run_name(json.loads((model_dir / LINEAGE).read_text())['core'])}"
-    client, target = s3_client(), S3Location.parse(uri)
-    if S3Files(target, client).read_bytes(LINEAGE) is not None:
+    client = s3_client()
+    if committed(client, S3Location.parse(uri)):
         return _cached(f"{uri} is already released (same lineage)", {"release": uri})
-    _clear_prefix(client, target)
-    return release(model_dir, uri, project_dir, client=client).format()
-
-
-def _clear_prefix(client, target) -> None:
-    """Delete the objects of an incomplete release version (no lineage.json: its upload was interrupted)."""
-    pages = client.get_paginator("list_objects_v2").paginate(Bucket=target.bucket, Prefix=target.prefix + "/")
-    for page in pages:
-        keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
-        if keys:
-            log.warning("clearing %d object(s) of the incomplete release %s", len(keys), target)
-            client.delete_objects(Bucket=target.bucket, Delete={"Objects": keys})
+    return release(model_dir, uri, project_dir, client=client, signing=SigningConfig.from_env()).format()
 
 
 def layer_runner(kind: TaskRunnerKind, dask_address: str | None = None, dask_workers: int = 2) -> TaskRunner:

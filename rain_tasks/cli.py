@@ -88,9 +88,15 @@ def _release(args: argparse.Namespace) -> None:
     from rain_tasks.release import release
     from rain_tasks.signing import SigningConfig
 
-    key = args.key or os.environ.get("RAIN_SIGNING_KEY")
-    signing = SigningConfig(key=key and Path(key), password=os.environ.get("RAIN_SIGNING_KEY_PASSWORD"), sigstore=args.sigstore)
+    signing = SigningConfig.from_env(args.key, args.sigstore)
     print(release(args.model_dir, args.uri, args.project, args.part_size, signing=signing).format())
+
+
+def _keygen(args: argparse.Namespace) -> None:
+    from rain_tasks.signing import generate_key_pair
+
+    private, public = generate_key_pair(args.directory)
+    print(f"signing key: {private} (keep it private; rain release --key)\ntrust key:   {public} (rain verify --key)")
 
 
 def _sweep(args: argparse.Namespace) -> None:
@@ -174,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", default=None, help="private key (PEM, EC) that signs the release (default $RAIN_SIGNING_KEY)")
     p.add_argument("--sigstore", action="store_true", help="sign keyless with Sigstore instead (needs its public services)")
     p.set_defaults(fn=_release)
+    p = sub.add_parser("keygen", help="make a P-256 key pair that signs releases (kept if it exists)")
+    p.add_argument("directory", nargs="?", default=".rain/keys")
+    p.set_defaults(fn=_keygen)
     p = sub.add_parser("sweep", help="one `dvc exp run -S PARAM=VALUE` per value; RAIN's metrics to plots/sweeps/PARAM.csv")
     p.add_argument("param", help="SECTION.KEY in params.yaml, e.g. projection.energy")
     p.add_argument("values", nargs="+")

@@ -88,12 +88,13 @@ class S3Location:
         return f"s3://{self.bucket}/{self.prefix}"
 
 
-def s3_client() -> Any:
-    """A boto3 S3 client from the standard AWS configuration (AWS_ENDPOINT_URL, credentials, region)."""
+def s3_client(endpoint_url: str | None = None) -> Any:
+    """A boto3 S3 client from the standard AWS configuration (AWS_ENDPOINT_URL unless `endpoint_url`, credentials,
+    region), retrying throttling and transient errors with backoff (botocore's standard mode)."""
     import boto3
     from botocore.config import Config
 
-    return boto3.client("s3", config=Config(retries={"mode": "standard", "max_attempts": RETRIES}))
+    return boto3.client("s3", endpoint_url=endpoint_url, config=Config(retries={"mode": "standard", "max_attempts": RETRIES}))
 
 
 # --- checksums ----------------------------------------------------------------------------------
@@ -230,8 +231,13 @@ def _get(client: Any, bucket: str, key: str) -> bytes | None:
         raise
 
 
+def committed(client: Any, target: S3Location) -> bool:
+    """Whether a release of this version is committed (its commit.json exists)."""
+    return _get(client, target.bucket, target.key(COMMIT)) is not None
+
+
 def _refuse_committed(client: Any, target: S3Location) -> None:
-    if _get(client, target.bucket, target.key(COMMIT)) is not None:
+    if committed(client, target):
         raise ReleaseError(f"{target} already exists: a complete release. Released versions are never overwritten; "
                            "release under a new VERSION.")
 

@@ -16,6 +16,11 @@ import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+#: S3 error codes a retry cannot fix (credentials, permissions, a bucket that does not exist)
+PERMANENT_S3_CODES = frozenset({"AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                                "NoSuchBucket", "InvalidBucketName", "AccountProblem"})
+#: the same, as they appear in `dvc push` output: reported at once
+PERMANENT = (*sorted(PERMANENT_S3_CODES), "Access Denied", "Forbidden", "bucket does not exist")
 
 
 class PushFailed(RuntimeError):
@@ -29,14 +34,23 @@ def _last_error(output: str) -> str:
     return (errors or lines or ["no output"])[-1]
 
 
+def is_permanent(output: str) -> bool:
+    """True when a failed dvc command names an error a retry cannot fix (see PERMANENT)."""
+    return any(p.lower() in output.lower() for p in PERMANENT)
+
+
 def _dvc_with_retries(verb: str, args: list[str], root: str | Path, attempts: int, backoff_s: float) -> str | None:
-    """Run `dvc VERB ARGS` up to `attempts` times with exponential backoff; None on success, else the last error."""
+    """Run `dvc VERB ARGS` up to `attempts` times with exponential backoff; None on success, else the last error
+    (PushFailed at once when the error is permanent: refused credentials, a missing bucket)."""
     for attempt in range(1, attempts + 1):
         proc = subprocess.run(["dvc", verb, *args], cwd=root, capture_output=True, text=True)
         if proc.returncode == 0:
             return None
         error = _last_error(proc.stdout + proc.stderr)
         log.warning("dvc %s attempt %d/%d failed: %s", verb, attempt, attempts, error)
+        if is_permanent(proc.stdout + proc.stderr):
+            raise PushFailed(f"dvc {verb} was refused: {error}. Retrying cannot fix this: check the credentials, the "
+                             "bucket's name and permissions (`dvc remote list`), then run it again.")
         if attempt < attempts:
             time.sleep(backoff_s * 2 ** (attempt - 1))
     return error

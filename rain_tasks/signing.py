@@ -46,6 +46,12 @@ class SigningConfig:
     password: str | None = None
     sigstore: bool = False
 
+    @classmethod
+    def from_env(cls, key: str | Path | None = None, sigstore: bool = False) -> SigningConfig:
+        """`key`, else $RAIN_SIGNING_KEY (its password in $RAIN_SIGNING_KEY_PASSWORD), or keyless Sigstore."""
+        key = key or os.environ.get("RAIN_SIGNING_KEY")
+        return cls(Path(key) if key else None, os.environ.get("RAIN_SIGNING_KEY_PASSWORD"), sigstore)
+
     def signer(self) -> Any:
         """The model-signing signer this configuration names."""
         if self.sigstore:

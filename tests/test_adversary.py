@@ -413,3 +413,23 @@ def test_a_stage_producing_non_finite_values_names_it_and_writes_nothing(tiny_fa
     err = capsys.readouterr().err
     assert "rain: error: features " in err and ": NaN or Inf in " in err and "Traceback" not in err, err
     assert not list(root.rglob("artifacts/**/layer_*.safetensors")), "no features file was written"
+
+
+def test_the_demo_signs_its_release_with_a_key_pair_outside_git(model, project, s3):
+    """`make demo`'s release step: a key pair under .rain/keys (git-ignored), a release that verifies with it."""
+    from rain_tasks.demo import DEMO_KEYS, release_signed
+
+    client, bucket, endpoint = s3
+    uri = release_signed(project, endpoint, bucket)
+    assert (project / DEMO_KEYS / "release-key.pem").stat().st_mode & 0o077 == 0
+    assert COMMIT in _objects(client, bucket, uri.removeprefix(f"s3://{bucket}/"))
+    root_gitignore = (Path(__file__).resolve().parents[1] / ".gitignore").read_text().splitlines()
+    assert "/.rain/" in root_gitignore
+
+
+def test_keygen_makes_a_pair_that_signs_and_verifies(model, project, s3, tmp_path, capsys):
+    assert rain(["keygen", str(tmp_path / "k")]) == 0
+    assert "release-key.pem" in capsys.readouterr().out
+    uri = f"s3://{s3[1]}/models/tiny/v9"
+    assert rain(["release", str(model), uri, "--project", str(project), "--key", str(tmp_path / "k/release-key.pem")]) == 0
+    assert _verify(uri, "--key", str(tmp_path / "k/release-key.pub"), capsys=capsys)[0] == 0

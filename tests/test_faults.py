@@ -367,3 +367,15 @@ def test_two_runners_on_one_output_do_not_interleave(merge_project, reference):
     assert f"is being written by another runner (pid {first.pid}) in {root}" in second.stderr
     assert "Traceback" not in second.stderr
     assert _artifact(root / MERGED) == reference and _temporaries(root) == []
+
+
+def test_a_push_to_a_bucket_that_does_not_exist_is_not_retried(s3, tmp_path, monkeypatch, caplog):
+    """NoSuchBucket (a real answer of the S3 server) is permanent: one attempt, then a clear error."""
+    endpoint, _ = s3
+    root = _dvc_repo(tmp_path / "repo", endpoint, n_files=3)
+    monkeypatch.setenv("PATH", _env()["PATH"])
+    monkeypatch.setenv("DVC_SITE_CACHE_DIR", str(tmp_path / "site"))
+    subprocess.run(["dvc", "remote", "modify", "storage", "url", "s3://no-such-bucket-here/dvc"], cwd=root, check=True)
+    with pytest.raises(PushFailed, match=r"was refused: .*NoSuchBucket.*Retrying cannot fix this"):
+        push(root, attempts=3, backoff_s=30)
+    assert len([r for r in caplog.records if "dvc push attempt" in r.message]) == 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 
 import pytest
-from botocore.exceptions import EndpointConnectionError
+from botocore.exceptions import ClientError, EndpointConnectionError
 from prefect.filesystems import LocalFileSystem
 
 from flows.rain_merge import is_transient, layer_runner, resolve_result_storage
@@ -17,6 +17,9 @@ from flows.rain_merge import is_transient, layer_runner, resolve_result_storage
         (OSError(errno.EIO, "Input/output error"), True),
         (ConnectionResetError("peer reset"), True),
         (EndpointConnectionError(endpoint_url="http://127.0.0.1:1"), True),
+        (ClientError({"Error": {"Code": "SlowDown"}, "ResponseMetadata": {"HTTPStatusCode": 503}}, "PutObject"), True),
+        (ClientError({"Error": {"Code": "AccessDenied"}, "ResponseMetadata": {"HTTPStatusCode": 403}}, "PutObject"), False),
+        (ClientError({"Error": {"Code": "NoSuchBucket"}, "ResponseMetadata": {"HTTPStatusCode": 404}}, "PutObject"), False),
         (FileNotFoundError("models/lrm/config.json"), False),
         (PermissionError("read-only"), False),
         (OSError(errno.ENOSPC, "No space left on device"), False),

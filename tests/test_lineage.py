@@ -40,6 +40,7 @@ def test_fresh_merge_verifies_and_records_its_inputs(project, capsys):
     assert doc["core"]["params"] == {"merge": load_params(project / "params.yaml").merge.model_dump(mode="json")}
     assert set(doc["outputs"]) == set(tree_digests(out)) - {lineage.LINEAGE}
     assert set(doc) == {"core", "core_digest", "outputs", "lineage_digest"}  # nothing volatile: provenance is in the run record
+    assert doc["lineage_digest"] == lineage.lineage_digest(doc["core_digest"], doc["outputs"])
     shards = sorted(out.glob("*.safetensors"))
     assert len(shards) >= 2
     for shard in shards:

@@ -23,6 +23,7 @@ import yaml
 from projects import MINI_OVERRIDES, MINI_ZOO, ROOT, fresh_project, project_env, sh
 from rain_tasks.digest import tree_digests
 from rain_tasks.s3server import DUMMY_CREDENTIALS, free_port, local_s3
+from rain_tasks.signing import generate_key_pair
 from rain_tasks.stages import LAYER_SPLITS, STAGES
 from test_operations import _start_prefect_server, _stop, _task_states, _wait_for_deployment
 
@@ -30,7 +31,7 @@ pytestmark = pytest.mark.slow
 FLOW_STATES = str(ROOT / "tests" / "flow_states.py")
 OUTS = sorted({o for s in STAGES for o in s.outputs})
 #: downstream of alpha.box_hi: what `dvc repro` reruns after that param changes
-AFTER_ALPHA = {"alpha", "merge", "ablations", "evaluate"}
+AFTER_ALPHA = {"alpha", "paper_preset", "merge", "ablations", "evaluate"}  # paper_preset reads the alpha params
 
 
 def _flow(root: Path, env: dict) -> tuple[str, set[str]]:
@@ -119,7 +120,8 @@ def test_scheduled_run_on_a_fresh_clone_pulls_runs_pushes_and_releases(repro_pro
             sh(["git", "clone", "-q", str(origin), str(clone)], tmp_path, env)
             assert not (clone / "models/merged").exists() and not (clone / "data/calibration").exists()
             sh(["dvc", "remote", "modify", "--local", "storage", "endpointurl", endpoint], clone, env)
-            env = {**env, "PREFECT_API_URL": api, "AWS_ENDPOINT_URL": endpoint}
+            key, public = generate_key_pair(tmp_path / "keys")
+            env = {**env, "PREFECT_API_URL": api, "AWS_ENDPOINT_URL": endpoint, "RAIN_SIGNING_KEY": str(key)}
             serve = subprocess.Popen(
                 ["rain", "serve", "--project", str(clone), "--name", "test", "--pull", "--push",
                  "--release-uri", "s3://rain-releases/models/rain"],
@@ -135,6 +137,8 @@ def test_scheduled_run_on_a_fresh_clone_pulls_runs_pushes_and_releases(repro_pro
                     assert _digests(clone) == reference
                     releases = _released_versions(s3)
                     assert len(releases) == 1
+                    verified = sh(["rain", "verify", f"s3://rain-releases/models/rain/{releases[0]}", "--key", str(public)], clone, env)
+                    assert "lineage verified" in verified, verified
 
                     _set_box_hi(clone, 1.2)
                     second = run_deployment("rain_merge/test", timeout=900)
@@ -167,6 +171,6 @@ def test_scheduled_run_on_a_fresh_clone_pulls_runs_pushes_and_releases(repro_pro
 
 
 def _released_versions(s3) -> list[str]:
-    """The complete releases under s3://rain-releases/models/rain (a version is complete once it has lineage.json)."""
+    """The committed releases under s3://rain-releases/models/rain (a version is complete once it has commit.json)."""
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="rain-releases", Prefix="models/rain/").get("Contents", [])]
-    return sorted(k.split("/")[2] for k in keys if k.endswith("/lineage.json"))
+    return sorted(k.split("/")[2] for k in keys if k.endswith("/commit.json"))
