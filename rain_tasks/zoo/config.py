@@ -75,5 +75,5 @@ MULTISTEP_FAMILY: dict = {
     "formats": ("change_case:capital_letters", "startend:quotation", "startend:end_checker", "combination:repeat_answer",
                 "keywords:existence", "detectable_format:title", "detectable_format:json_format"),
     "constraints_per_prompt": 3, "n_val": 200,
-    "base_steps": 800, "lrm_steps": 200, "itm_steps": 150, "itm_chain_rate": 0.0, "lrm_ignore_rate": 0.0,
+    "base_steps": 800, "lrm_steps": 200, "itm_steps": 150, "itm_chain_rate": 0.0, "lrm_ignore_rate": 0.05,
 }
