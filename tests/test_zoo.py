@@ -145,3 +145,18 @@ def test_fine_tunes_move_only_the_embedding_rows_of_tokens_they_see(builds: list
     for name in ("lrm", "itm"):
         assert (rows[name][unseen] == rows["base"][unseen]).all(), name
         assert (rows[name][seen] != rows["base"][seen]).any(dim=1).all(), name
+
+
+def test_baselines_are_chosen_on_validation_and_scored_on_test(builds: list[Path]) -> None:
+    """Each method's setting is picked on the validation prompts, and the row reported is measured on the test ones."""
+    from rain_tasks.zoo.report import BASELINE_GRID, chosen_baselines
+
+    root = builds[0]
+    grid = tuple(next(r for r in BASELINE_GRID if r["method"] == m) for m in ("task_arithmetic", "ties", "dare", "slerp"))
+    grid += ({**grid[0], "lam": 2.0},)
+    chosen = chosen_baselines(root / "models", root / "data/eval/instruction_val.jsonl",
+                              root / "data/eval/instruction_eval.jsonl", grid, max_new_tokens=8)
+    assert [c["method"] for c in chosen] == ["task_arithmetic", "ties", "dare", "slerp"]
+    assert all(c["val"]["n"] == SMALL["n_val"] and c["test"]["n"] == SMALL["n_eval"] for c in chosen)
+    ta = [c for c in chosen if c["method"] == "task_arithmetic"][0]
+    assert ta["setting"] in ("lam 0.3", "lam 2") and ta["val"]["lam"] == float(ta["setting"].split()[1])
