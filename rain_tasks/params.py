@@ -170,7 +170,7 @@ class MergeParams(_Section):
     scope: Literal["linear", "all"] = "linear"
     max_shard_size: Size = "2GB"
     #: λ values of the RAIN frontier (models/ablations/rain_lam_<λ>, the same α): compliance against thinking cost
-    frontier_lams: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0)
+    frontier_lams: tuple[float, ...] = (1.0, 2.0, 4.0)
 
 
 def _run_name(name: str) -> str:

@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from projects import ROOT, SMALL_ZOO, fresh_project, project_env, sh
+from rain_tasks.arch import read_shape
 from rain_tasks.checkpoint import Checkpoint, load_tensors
 from rain_tasks.digest import path_digest, tree_digests
 from rain_tasks.runs import read_runs
@@ -70,8 +71,11 @@ def test_merged_model_is_lrm_plus_scaled_projected_update(dvc_project):
     scales = load_tensors(root / "artifacts/alpha/scales.safetensors")
     projected, other = _tensors(root / "artifacts/projected"), _other_update(root, merge["scope"])
     assert set(projected) and set(projected) <= set(lrm.names())
-    per_head = torch.cat([s.flatten() for n, s in scales.items() if n.endswith("q_proj.weight")])
-    assert per_head.unique().numel() > 1  # Stage 2's own, non-uniform α (the param-change test pins it last)
+    table = pd.read_parquet(root / "artifacts/alpha/alpha.parquet").sort_values(["layer", "head"])
+    shape = read_shape(root / "models/lrm")
+    per_head = torch.cat([scales[f"model.layers.{l}.self_attn.q_proj.weight"][:: shape.head_dim, 0] for l in range(shape.num_layers)])
+    torch.testing.assert_close(per_head, torch.tensor(table["alpha"].to_numpy(), dtype=torch.float32))  # Stage 2's own α
+    assert not (table["alpha"] == 0.5).all()  # not yet pinned by the param-change test, which runs last
     for name in lrm.names():
         theta = lrm.get(name).float()
         update = scales[name] * projected[name] if name in projected else other.get(name, 0.0)
