@@ -114,9 +114,11 @@ def stage_plans(params: Params, root: Path) -> tuple[dict, list[StagePlan]]:
     longest = max(r_len, default=0)
     eager = (max(params.runtime.batch_tokens, longest) // max(longest, 1)) * shape.num_heads * longest**2 * itemsize  # one layer's weights
     f_peak = baseline + weights + activations(r_len) + accumulators + eager + shape.num_heads * omega * longest * 8 * 3
-    # Stage 2: two passes; per layer the R ∪ U attention rows [H, |R ∪ U|, T] in fp32 with their temporaries
+    # Stage 2: two passes, three with the curvature pass; per layer the R ∪ U attention rows [H, |R ∪ U|, T] in fp32
+    # with their temporaries
+    passes = 3 if params.attention.curvature_pass else 2
     query = max((len(s.spans.query_rows) * len(s.input_ids) for s in instruction), default=0)
-    a_flops = 2 * (forward_flops(shape, i_len) + sum(
+    a_flops = passes * (forward_flops(shape, i_len) + sum(
         2 * shape.num_layers * shape.num_heads * shape.head_dim * len(s.spans.query_rows) * len(s.input_ids) for s in instruction))
     a_peak = baseline + weights + activations(i_len) + shape.num_heads * query * 4 * 4
     # Stage 1 projection: per layer one Gram per row set, its eigendecomposition, and the layer's Δ in float64
@@ -128,7 +130,7 @@ def stage_plans(params: Params, root: Path) -> tuple[dict, list[StagePlan]]:
         StagePlan("features", sum(r_len), f_flops, f_peak, seconds("features", f_flops, tokenizer_loads=2)),  # two sets
         StagePlan("projection", 0, p_flops, p_peak,
                   None if constants is None else p_flops / constants["projection_flops_per_s"]),
-        StagePlan("attention_stats", 2 * sum(i_len), a_flops, a_peak, seconds("attention", a_flops)),
+        StagePlan("attention_stats", passes * sum(i_len), a_flops, a_peak, seconds("attention", a_flops)),
         StagePlan("merge", 0, 0.0, baseline + parse_size(params.merge.max_shard_size)
                   + 4 * max(math.prod(ckpt.shape(n)) for n in ckpt.names()) * 4, None),
     ]

@@ -37,7 +37,7 @@ def test_plan_counts_what_the_stages_will_read(tiny_family, tmp_path, capsys):
     ckpt = Checkpoint(tiny_family["lrm"])
     assert facts["disk_bytes"]["merged model"] == sum(math.prod(ckpt.shape(n)) * 4 for n in ckpt.names())
     by_stage = {p.stage: p for p in plans}
-    assert by_stage["attention_stats"].tokens == 2 * instruction  # two passes
+    assert by_stage["attention_stats"].tokens == 3 * instruction  # θ_R, and one and two steps along the update
     assert all(p.peak_bytes >= facts["parameters"] * 4 for p in plans if p.stage in ("features", "attention_stats"))
     bf16 = stage_plans(_project(tiny_family, tmp_path, {"device": "cpu", "dtype": "bfloat16"}), tmp_path)[1]
     assert bf16[0].peak_bytes < by_stage["features"].peak_bytes  # half the bytes per weight and activation
