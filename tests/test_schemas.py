@@ -43,3 +43,14 @@ def test_missing_field_and_empty_set_and_bad_json(tmp_path):
     path.write_text(json.dumps(reasoning_rows()[0]) + "\n{not json\n")
     with pytest.raises(SchemaViolation, match="line 2 is not valid JSON"):
         load_records(path, "reasoning")
+
+
+def test_params_yaml_reads_the_same_through_dvcs_yaml_parser():
+    """DVC reads params.yaml with ruamel (YAML 1.2, stricter in flow lists than PyYAML): both must agree."""
+    from pathlib import Path
+
+    import yaml
+    from ruamel.yaml import YAML
+
+    path = Path(__file__).resolve().parents[1] / "params.yaml"
+    assert YAML(typ="safe").load(path.read_text()) == yaml.safe_load(path.read_text())
