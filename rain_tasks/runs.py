@@ -51,4 +51,8 @@ def find_run(root: str | Path, lineage_digest: str) -> dict | None:
     directory = Path(root) / RUNS_DIR
     found = [run for path in sorted(directory.glob("*.jsonl")) for run in read_runs(root, path.stem)
              if any(m.get("lineage") == lineage_digest for m in run.get("models", {}).values())]
-    return max(found, key=lambda run: run["finished_at"], default=None)
+    latest = None
+    for run in found:  # records are appended in order: on a tie (same second) the later line wins
+        if latest is None or run["finished_at"] >= latest["finished_at"]:
+            latest = run
+    return latest

@@ -277,7 +277,7 @@ def test_s3_down_or_dropping_mid_push_retries_then_fails_clearly_and_a_later_pus
         monkeypatch.setenv(k, v)
 
     # 1. remote down: every attempt fails, then one clear error; nothing reaches the bucket
-    with pytest.raises(PushFailed, match=r"failed 2 time\(s\); last error: .*Could not connect to the endpoint URL.*rerun `dvc push`"):
+    with pytest.raises(PushFailed, match=r"failed 2 time\(s\); last error: .*Could not connect to the endpoint URL.*rerun `dvc push --run-cache`"):
         push(root, attempts=2, backoff_s=0.1)
     assert _objects(endpoint, bucket) == 0
 

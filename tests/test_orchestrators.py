@@ -101,6 +101,15 @@ def test_repro_and_flow_share_one_record(repro_project, tmp_path):
     assert "provenance: no run record" not in lineage and "Prefect flow run " in lineage, lineage[-500:]
 
 
+def _stages_run(client, flow_run_id) -> set[str]:
+    """The stages whose task ran (Completed, not Cached) in a flow run, from the task-run names 'stage: …'."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    names = {s.name for s in STAGES}
+    runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.name.split(":")[0] for r in runs if r.state.name == "Completed" and r.name.split(":")[0] in names}
+
+
 def test_scheduled_run_on_a_fresh_clone_pulls_runs_pushes_and_releases(repro_project, tmp_path):
     import boto3
     from prefect.client.orchestration import get_client
@@ -143,10 +152,14 @@ def test_scheduled_run_on_a_fresh_clone_pulls_runs_pushes_and_releases(repro_pro
                     _set_box_hi(clone, 1.2)
                     second = run_deployment("rain_merge/test", timeout=900)
                     assert second.state.is_completed(), serve_log.read_text()[-3000:]
-                    states = _task_states(client, second.id)
+                    states, ran = _task_states(client, second.id), _stages_run(client, second.id)
                     layers = MINI_ZOO["num_layers"]  # merge runs per layer
-                    assert states == Counter({"Cached": len(STAGES) - len(AFTER_ALPHA),
-                                              "Completed": len(AFTER_ALPHA) + layers + 3}), states
+                    # only what follows the param runs; DVC's run cache may restore one of those stages when the
+                    # origin already made its outputs for these params (test_repro_and_flow_share_one_record set
+                    # box_hi 1.2 there) and it writes no uncached output, e.g. paper_preset; alpha (an uncached
+                    # metric), the merge it feeds and evaluate always run
+                    assert {"alpha", "merge", "evaluate"} <= ran <= AFTER_ALPHA, ran
+                    assert states == Counter({"Cached": len(STAGES) - len(ran), "Completed": len(ran) + layers + 3}), states
                     assert len(_released_versions(s3)) == 2  # the merged model's lineage changed
 
                     # a push that fails fails the run visibly; the next tick retries it without recomputing
