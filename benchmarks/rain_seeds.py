@@ -1,12 +1,15 @@
-"""RAIN against its controls and task arithmetic over zoo seeds: what issue 14 asks the report to show, with spread.
+"""RAIN against its controls and the data-free baselines over zoo seeds (issues 14 and 19), with spread.
 
-Usage: python benchmarks/rain_seeds.py [--seeds 0 1 2] [--project .] [--lambdas 0.5 1 1.5 2] [--max-eval N] [--workdir DIR]
-Per seed: the zoo built with that seed (every other zoo and stage parameter from the project's params.yaml; the zoo
-must write validation prompts, `zoo.n_val` > 0), then through `run_stage` every stage that makes a model (RAIN,
-its ablations, controls and λ frontier, the paper preset, and task arithmetic on both scopes at each λ), evaluated
-by the evaluation code. Task arithmetic's λ is chosen per seed and scope on the VALIDATION prompts (by
-closed∧correct∧comply); every figure shown is on the TEST prompts. Prints a per-seed table, the mean and
-standard deviation over seeds, α's split-half reliability, and one JSON line.
+Usage: python benchmarks/rain_seeds.py [--seeds 0 1 2] [--project .] [--set KEY=JSON ...] [--lambdas 0.3 0.5 …]
+       [--frontier 1 2 4 6] [--max-eval N] [--workdir DIR]
+Per seed: the zoo built with that seed (zoo parameters from the project's params.yaml with `--set` overrides; the zoo
+must write validation prompts, `zoo.n_val` > 0), then through `run_stage` every stage that makes a model (RAIN, its
+ablations, controls and λ frontier, the paper preset, and task arithmetic on the Linear modules at each λ). Every
+choice reads the VALIDATION prompts only: task arithmetic's λ (both scopes), RAIN's λ among merge.lam and the
+frontier, and each data-free baseline's setting of rain_tasks.zoo.report.BASELINE_GRID (TIES, DARE, SLERP, task
+arithmetic on all parameters), by closed∧correct∧comply. Every figure shown is on the TEST prompts: the LRM thinking
+and with its thinking forced closed, the ITM, each model through the evaluation code. Prints a per-seed table, the
+mean and standard deviation over seeds, α's split-half reliability, and one JSON line.
 """
 
 from __future__ import annotations
@@ -24,67 +27,130 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
-MODEL_STAGES = ("zoo", "task_vectors", "features", "projection", "attention_stats", "alpha", "merge", "ablations",
+MODEL_STAGES = ("task_vectors", "features", "projection", "attention_stats", "alpha", "merge", "ablations",
                 "paper_preset", "baselines")
 SHOWN = ("close_rate", "correct_rate", "comply_rate", "close_correct_comply_rate", "l_think", "kl_close",
          "early_close_mass", "kl_own")
-ROWS = ("LRM", "RAIN", "paper_preset", "rain_uniform_alpha", "rain_permuted_alpha", "rain_stage1_only", "ta_linear (val λ)",
-        "ta_all (val λ)")
+FAMILY = ("close_rate", "correct_rate", "comply_rate", "close_correct_comply_rate")
 
 
-def seed_project(project: Path, work: Path, seed: int, lambdas: list[float]) -> Path:
-    """A working project: the tracked files' params with zoo.seed and task arithmetic at each λ on both scopes."""
+def seed_project(project: Path, work: Path, seed: int, zoo: dict, lambdas: list[float], frontier: list[float]) -> Path:
+    """A working project: the tracked files' params with the zoo overrides, zoo.seed, RAIN's frontier, and task
+    arithmetic on the Linear modules at each λ."""
     from rain_tasks.stages import dvc_yaml
 
     work.mkdir(parents=True, exist_ok=True)
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["zoo"]["seed"] = seed
-    params["baselines"]["runs"] = [{"name": f"ta_{scope}_{lam:g}", "method": "task_arithmetic", "lam": lam, "scope": scope}
-                                   for scope in ("linear", "all") for lam in lambdas]
+    params["zoo"] |= zoo | {"seed": seed}
+    params["merge"]["frontier_lams"] = frontier
+    params["baselines"]["runs"] = [{"name": f"ta_linear_{lam:g}", "method": "task_arithmetic", "lam": lam,
+                                    "scope": "linear"} for lam in lambdas]
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (work / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml(), sort_keys=False))
     return work
 
 
-def measure(project: Path, work: Path, seed: int, lambdas: list[float], max_eval: int | None) -> dict:
+def _best(names: list[str], on_val: dict) -> str:
+    """The name with the highest close∧correct∧comply on validation (ties: lower L_think)."""
+    return max(names, key=lambda n: (on_val[n]["close_correct_comply_rate"], -on_val[n]["l_think"]))
+
+
+def measure(project: Path, work: Path, seed: int, zoo: dict, lambdas: list[float], frontier: list[float],
+            max_eval: int | None) -> dict:
     from rain_tasks.evaluation import evaluate_models
     from rain_tasks.params import load_params
-    from rain_tasks.stages import ABLATIONS, ABLATIONS_BY_NAME, BASELINES, MERGED, PAPER_MODEL, run_stage
+    from rain_tasks.stages import ABLATIONS, ABLATIONS_BY_NAME, BASELINES, MERGED, PAPER_MODEL, frontier_name, run_stage
+    from rain_tasks.zoo import build_zoo
+    from rain_tasks.zoo.build import deterministic
+    from rain_tasks.zoo.report import chosen_baselines, family_behaviour, thinking_matters
+    from zoo_family import geometry
 
-    root = seed_project(project, work, seed, lambdas)
+    root = seed_project(project, work, seed, zoo, lambdas, frontier)
     p = load_params(root / "params.yaml")
+    val, test = root / "data/eval/instruction_val.jsonl", root / "data/eval/instruction_eval.jsonl"
     times = {}
+    t0 = time.perf_counter()
+    build_zoo(p.zoo, root / "models", root / "data")
+    times["zoo"] = round(time.perf_counter() - t0, 1)
+    if not val.is_file():
+        raise SystemExit("the zoo wrote no validation prompts: set zoo.n_val > 0 (--set n_val=200)")
+    e = p.evaluate
+    with deterministic(p.zoo.threads):
+        behaviour = family_behaviour(root / "models", test, e.max_new_tokens)
+        grid = chosen_baselines(root / "models", val, test, max_new_tokens=e.max_new_tokens)
+    times["zoo_baselines"] = round(time.perf_counter() - t0 - times["zoo"], 1)
     for name in MODEL_STAGES:
         t0 = time.perf_counter()
         run_stage(name, p, root)
         times[name] = round(time.perf_counter() - t0, 1)
-    val, test = root / "data/eval/instruction_val.jsonl", root / "data/eval/instruction_eval.jsonl"
-    if not val.is_file():
-        raise SystemExit("the zoo wrote no validation prompts: set zoo.n_val > 0 in params.yaml")
     ta = {run.name: root / BASELINES / run.name for run in p.baselines.runs}
-    models = {"LRM": root / p.models.lrm, "RAIN": root / MERGED, "paper_preset": root / PAPER_MODEL}
-    models |= {name: root / ABLATIONS / name for name in ABLATIONS_BY_NAME}
-    e, traces = p.evaluate, root / "data/eval/reasoning_eval.jsonl"
-    on_val = evaluate_models(root / p.models.lrm, ta, val, traces, e.max_new_tokens, e.batch_size, e.neighbour_radius, max_eval)
-    chosen = {scope: max((n for n in ta if n.startswith(f"ta_{scope}_")),
-                         key=lambda n: (on_val[n]["close_correct_comply_rate"], -on_val[n]["l_think"])) for scope in ("linear", "all")}
-    on_test = evaluate_models(root / p.models.lrm, models | {chosen[s]: ta[chosen[s]] for s in chosen}, test, traces,
-                              e.max_new_tokens, e.batch_size, e.neighbour_radius, max_eval)
-    rows = {name: on_test[name] for name in models} | {f"ta_{s} (val λ)": on_test[chosen[s]] for s in chosen}
+    rain = {f"RAIN λ {p.merge.lam:g}": root / MERGED} | {f"RAIN λ {lam:g}": root / ABLATIONS / frontier_name(lam)
+                                                        for lam in frontier}
+    traces = root / "data/eval/reasoning_eval.jsonl"
+    args = (traces, e.max_new_tokens, e.batch_size, e.neighbour_radius, max_eval)
+    on_val = evaluate_models(root / p.models.lrm, ta | rain, val, *args)
+    chosen = {"ta_linear": _best(list(ta), on_val), "RAIN": _best(list(rain), on_val)}
+    models = {"LRM": root / p.models.lrm, "RAIN (default λ)": root / MERGED, "RAIN (val λ)": rain[chosen["RAIN"]],
+              "paper_preset": root / PAPER_MODEL} | {name: root / ABLATIONS / name for name in ABLATIONS_BY_NAME}
+    models["ta_linear (val λ)"] = ta[chosen["ta_linear"]]
+    on_test = evaluate_models(root / p.models.lrm, models, test, *args)
     alpha = json.loads((root / "metrics/alpha.json").read_text())
-    return {"seed": seed, "stage_s": times, "chosen": chosen, "rows": {n: {k: rows[n][k] for k in SHOWN} for n in rows},
-            "alpha": alpha}
+    return {"seed": seed, "stage_s": times, "chosen": chosen, "alpha": alpha,
+            "rows": {n: {k: on_test[n][k] for k in SHOWN} for n in models},
+            "val": {n: {k: on_val[n][k] for k in SHOWN} for n in on_val},
+            "family": {k: {m: v[m] for m in FAMILY} for k, v in behaviour.items()},
+            "thinking_matters": thinking_matters(behaviour["lrm"], behaviour["lrm_forced_closed"]),
+            "baselines": [{"method": b["method"], "setting": b["setting"], **{m: b["test"][m] for m in FAMILY}}
+                          for b in grid],
+            "geometry": geometry(root / "models")}
 
 
 def _mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
 
+def seed_tables(r: dict) -> str:
+    """One seed's tables: the family, the data-free baselines as chosen, RAIN and its controls."""
+    lines = [f"### seed {r['seed']} (chosen on validation: {r['chosen']}; thinking matters: {r['thinking_matters']}; "
+             f"α split-half Spearman {r['alpha']['split_half_spearman']:.3f}, significant heads "
+             f"{r['alpha']['significant_share']:.2f})", "", "| model | setting | " + " | ".join(FAMILY) + " |",
+             "|---|---|" + "---:|" * len(FAMILY)]
+    lines += [f"| {k} | | " + " | ".join(f"{v[m]:.3f}" for m in FAMILY) + " |" for k, v in r["family"].items()]
+    lines += [f"| {b['method']} | {b['setting']} | " + " | ".join(f"{b[m]:.3f}" for m in FAMILY) + " |"
+              for b in r["baselines"]]
+    lines += ["", "| model | " + " | ".join(SHOWN) + " |", "|---|" + "---:|" * len(SHOWN)]
+    lines += [f"| {n} | " + " | ".join(f"{row[k]:.3g}" for k in SHOWN) + " |" for n, row in r["rows"].items()]
+    lines += ["", "| module | max cos (top-8, Δ_R vs Δ_I) | median | random |", "|---|---:|---:|---:|"]
+    lines += [f"| {g['module']} | {g['cos_max']:.3f} | {g['cos_median']:.3f} | {g['random_max']:.3f} |"
+              for g in r["geometry"]]
+    return "\n".join(lines) + "\n"
+
+
+def spread_table(results: list[dict]) -> str:
+    """Mean ± sd over seeds of every model's and baseline's test figures."""
+    seeds = [r["seed"] for r in results]
+    lines = [f"### mean ± sd over seeds {seeds} (test prompts)", "", "| model | " + " | ".join(SHOWN) + " |",
+             "|---|" + "---:|" * len(SHOWN)]
+    for name in results[0]["rows"]:
+        lines.append(f"| {name} | " + " | ".join(_mean_sd([r["rows"][name][k] for r in results]) for k in SHOWN) + " |")
+    lines += ["", "| family / baseline (best on val) | " + " | ".join(FAMILY) + " |", "|---|" + "---:|" * len(FAMILY)]
+    for name in results[0]["family"]:
+        lines.append(f"| {name} | " + " | ".join(_mean_sd([r["family"][name][k] for r in results]) for k in FAMILY) + " |")
+    for method in dict.fromkeys(b["method"] for b in results[0]["baselines"]):
+        rows = [b for r in results for b in r["baselines"] if b["method"] == method]
+        lines.append(f"| {method} | " + " | ".join(_mean_sd([b[k] for b in rows]) for k in FAMILY) + " |")
+    lines.append("\nα split-half Spearman: " + _mean_sd([r["alpha"]["split_half_spearman"] for r in results]))
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--project", type=Path, default=Path("."))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--lambdas", type=float, nargs="+", default=[0.5, 1.0, 1.5, 2.0])
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON", help="zoo parameter overrides")
+    p.add_argument("--lambdas", type=float, nargs="+", default=[0.3, 0.5, 0.7, 1.0, 1.5, 2.0],
+                   help="task arithmetic's λ on the Linear modules")
+    p.add_argument("--frontier", type=float, nargs="+", default=[1.0, 2.0, 4.0, 6.0], help="RAIN's other λ")
     p.add_argument("--max-eval", type=int)
     p.add_argument("--workdir", type=Path)
     args = p.parse_args()
@@ -92,21 +158,17 @@ def main() -> None:
     from rain_tasks.runtime import configure
 
     configure()
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    zoo = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
     work = args.workdir or Path(tempfile.mkdtemp(prefix="rain-seeds-"))
-    results = [measure(args.project.resolve(), work / f"seed{s}", s, args.lambdas, args.max_eval) for s in args.seeds]
-    for r in results:
-        print(f"### seed {r['seed']} (task arithmetic λ on validation: {r['chosen']}; α split-half Spearman "
-              f"{r['alpha']['split_half_spearman']:.3f}, significant heads {r['alpha']['significant_share']:.2f})")
-        print("| model | " + " | ".join(SHOWN) + " |\n|---|" + "---:|" * len(SHOWN))
-        for name in ROWS:
-            print(f"| {name} | " + " | ".join(f"{r['rows'][name][k]:.3g}" for k in SHOWN) + " |")
-        print()
-    print(f"### mean ± sd over seeds {args.seeds} (test prompts)")
-    print("| model | " + " | ".join(SHOWN) + " |\n|---|" + "---:|" * len(SHOWN))
-    for name in ROWS:
-        print(f"| {name} | " + " | ".join(_mean_sd([r["rows"][name][k] for r in results]) for k in SHOWN) + " |")
-    print("α split-half Spearman: " + _mean_sd([r["alpha"]["split_half_spearman"] for r in results]))
-    print(json.dumps({"workdir": str(work), "results": results}))
+    results = []
+    for s in args.seeds:
+        results.append(measure(args.project.resolve(), work / f"seed{s}", s, zoo, args.lambdas, args.frontier,
+                               args.max_eval))
+        print(seed_tables(results[-1]), flush=True)
+        (work / "results.json").write_text(json.dumps(results))
+    print(spread_table(results))
+    print(json.dumps({"workdir": str(work), "zoo": zoo, "results": results}))
 
 
 if __name__ == "__main__":
