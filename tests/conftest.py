@@ -52,3 +52,30 @@ def published() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"published calibration sets not found at {SHARED} (the shared/ folder beside the project)")
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def mini_repro(tmp_path_factory) -> tuple[Path, dict, dict, str]:
+    """A mini-family project after `dvc repro`, committed to git, with its outputs' digests and the repro's log
+    (shared by the orchestrator tests and the flow-against-DVC comparison)."""
+    from projects import MINI_OVERRIDES, MINI_ZOO, fresh_project, mini_env, output_digests, sh
+
+    tmp = tmp_path_factory.mktemp("mini_repro")
+    env = mini_env(tmp)
+    root = fresh_project(tmp / "project", env, MINI_ZOO, MINI_OVERRIDES)
+    log = sh(["dvc", "repro"], root, env)
+    sh(["git", "add", "-A"], root, env)
+    sh(["git", "commit", "-qm", "pipeline outputs"], root, env)
+    return root, env, output_digests(root), log
+
+
+@pytest.fixture(scope="session")
+def mini_flow(tmp_path_factory) -> tuple[Path, dict, str]:
+    """A mini-family project (its own git repo) after one run of the flow on the default runner, and its summary."""
+    from projects import MINI_OVERRIDES, MINI_ZOO, fresh_project, mini_env, run_flow
+
+    tmp = tmp_path_factory.mktemp("mini_flow")
+    env = mini_env(tmp)
+    root = fresh_project(tmp / "project", env, MINI_ZOO, MINI_OVERRIDES)
+    log, _ = run_flow(root, env)
+    return root, env, log

@@ -9,10 +9,17 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import re
 import sys
+import time
+from collections import Counter
 from pathlib import Path
 
 import yaml
+
+from rain_tasks.digest import tree_digests
+from rain_tasks.s3server import DUMMY_CREDENTIALS, free_port
+from rain_tasks.stages import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,6 +34,9 @@ MINI_ZOO = {
     "max_shard_size": "20KB", "n_calibration_reasoning": 4, "n_calibration_instruction": 4, "n_eval": 4, "n_eval_reasoning": 4,
 }
 MINI_OVERRIDES = {"merge": {"max_shard_size": "20KB"}, "evaluate": {"max_new_tokens": 8}}
+#: every tracked stage output (each is bit-identical across runs, whichever orchestrator made it)
+OUTPUTS = sorted({o for s in STAGES for o in s.outputs})
+FLOW_STATES = str(ROOT / "tests" / "flow_states.py")
 
 
 def project_env(tmp: Path) -> dict[str, str]:
@@ -53,6 +63,23 @@ def sh(cmd: list[str], cwd: Path, env: dict) -> str:
     return proc.stdout + proc.stderr
 
 
+def mini_env(tmp: Path) -> dict[str, str]:
+    """project_env with moto's dummy credentials and a patient ephemeral Prefect server (the mini projects')."""
+    return {**project_env(tmp), **DUMMY_CREDENTIALS, "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300"}
+
+
+def output_digests(root: Path) -> dict[str, dict[str, str]]:
+    """Every tracked stage output's per-file digests."""
+    return {out: tree_digests(root / out) for out in OUTPUTS}
+
+
+def run_flow(root: Path, env: dict, task_runner: str = "thread") -> tuple[str, set[str]]:
+    """Run the flow on `root` in a subprocess; return its summary and the stages that ran (were not 'Cached')."""
+    log = sh([sys.executable, FLOW_STATES, str(root), task_runner], root, env)
+    ran = re.search(r"^ran=\[(.*)\]$", log, flags=re.M).group(1)
+    return log, set(filter(None, ran.split(",")))
+
+
 def fresh_project(dest: Path, env: dict, zoo: dict, overrides: dict | None = None) -> Path:
     """A clean copy of the tracked project files as its own git repository, with `zoo` (and section overrides) applied."""
     dest.mkdir(parents=True, exist_ok=True)
@@ -70,3 +97,57 @@ def fresh_project(dest: Path, env: dict, zoo: dict, overrides: dict | None = Non
     sh(["git", "add", "-A"], dest, env)
     sh(["git", "commit", "-qm", "init"], dest, env)
     return dest
+
+
+# --- a real Prefect server and served deployments ----------------------------------------------
+
+
+def start_prefect_server(tmp: Path, env: dict) -> tuple[subprocess.Popen, str]:
+    """`prefect server start` on a free port with its own database; return the process and its API URL."""
+    import httpx
+
+    port = free_port()
+    server_env = {**env, "PREFECT_HOME": str(tmp / "server"), "PREFECT_API_URL": ""}
+    log = open(tmp / "server.log", "w")
+    proc = subprocess.Popen(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                            env=server_env, stdout=log, stderr=subprocess.STDOUT)
+    api = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                return proc, api
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            break
+        time.sleep(0.5)
+    proc.terminate()
+    raise AssertionError(f"Prefect server did not start:\n{(tmp / 'server.log').read_text()[-3000:]}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def wait_for_deployment(client, name: str, serve: subprocess.Popen, log: Path):
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            return client.read_deployment_by_name(name)
+        except Exception:  # not registered yet (ObjectNotFound)
+            if serve.poll() is not None:
+                raise AssertionError(f"`rain serve` exited:\n{log.read_text()[-3000:]}") from None
+            time.sleep(0.5)
+    raise AssertionError(f"deployment {name} never appeared:\n{log.read_text()[-3000:]}")
+
+
+def task_states(client, flow_run_id) -> Counter:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return Counter(r.state.name for r in runs)

@@ -26,8 +26,8 @@ from rain_tasks.checkpoint import load_tensors, read_metadata, save_tensors
 from rain_tasks.cli import main as rain
 from rain_tasks.digest import json_digest
 from rain_tasks.guards import NonFiniteError, require_finite
-from rain_tasks.lineage import LINEAGE, PROVENANCE, RELEASE_MANIFEST, RELEASE_SIGNATURE
-from rain_tasks.release import COMMIT, STAGING, ReleaseError, release, s3_client
+from rain_tasks.lineage import LINEAGE, RELEASE_MANIFEST
+from rain_tasks.release import COMMIT, STAGING, ReleaseError, release
 from rain_tasks.s3server import DUMMY_CREDENTIALS, local_s3
 from rain_tasks.signing import SigningConfig, generate_key_pair
 

@@ -9,31 +9,25 @@
 from __future__ import annotations
 
 import subprocess
-import sys
-import time
-from collections import Counter
 from pathlib import Path
+from collections import Counter
 
 import pytest
 
-from projects import MINI_OVERRIDES, MINI_ZOO, ROOT, fresh_project, project_env, sh
+from projects import (MINI_OVERRIDES, MINI_ZOO, OUTPUTS, fresh_project, mini_env, run_flow, sh, start_prefect_server,
+                      stop, task_states, wait_for_deployment)
 from rain_tasks.digest import tree_digests
-from rain_tasks.s3server import DUMMY_CREDENTIALS, free_port, local_s3
+from rain_tasks.s3server import DUMMY_CREDENTIALS, local_s3
 from rain_tasks.stages import LAYER_SPLITS, STAGES
 
 pytestmark = pytest.mark.slow
-FLOW_STATES = str(ROOT / "tests" / "flow_states.py")
-OUTPUTS = sorted({o for s in STAGES for o in s.outputs})  # every tracked output is bit-identical across runs
 MINI_LAYERS = MINI_ZOO["num_layers"]
 
 
 @pytest.fixture(scope="module")
-def flow_project(tmp_path_factory) -> tuple[Path, dict]:
-    """A mini-family project (its own git repo) after one run of the flow on the default runner."""
-    tmp = tmp_path_factory.mktemp("ops")
-    env = {**project_env(tmp), **DUMMY_CREDENTIALS}
-    root = fresh_project(tmp / "project", env, MINI_ZOO, MINI_OVERRIDES)
-    log = sh([sys.executable, FLOW_STATES, str(root)], root, env)
+def flow_project(mini_flow) -> tuple[Path, dict]:
+    """The mini-family project after one run of the flow on the default runner: every stage and layer task ran."""
+    root, env, log = mini_flow
     assert f"completed={len(STAGES)}" in log and f"layers={{'Completed': {MINI_LAYERS * len(LAYER_SPLITS)}}}" in log, log
     return root, env
 
@@ -62,66 +56,12 @@ def test_dvc_artifacts_round_trip_through_s3(flow_project, tmp_path):
 
 def test_dask_runner_gives_the_default_runners_artifacts(flow_project, tmp_path):
     root, _ = flow_project
-    env = {**project_env(tmp_path), **DUMMY_CREDENTIALS}  # its own project and DVC cache: nothing cached
+    env = mini_env(tmp_path)  # its own project and DVC cache: nothing cached
     other = fresh_project(tmp_path / "project", env, MINI_ZOO, MINI_OVERRIDES)
-    log = sh([sys.executable, FLOW_STATES, str(other), "dask"], other, env)
+    log, _ = run_flow(other, env, "dask")
     assert f"layers={{'Completed': {MINI_LAYERS * len(LAYER_SPLITS)}}}" in log, log
     for out in OUTPUTS:
         assert tree_digests(other / out) == tree_digests(root / out), out
-
-
-# --- the scheduled deployment ----------------------------------------------------------------
-
-
-def _start_prefect_server(tmp: Path, env: dict) -> tuple[subprocess.Popen, str]:
-    """`prefect server start` on a free port with its own database; return the process and its API URL."""
-    import httpx
-
-    port = free_port()
-    server_env = {**env, "PREFECT_HOME": str(tmp / "server"), "PREFECT_API_URL": ""}
-    log = open(tmp / "server.log", "w")
-    proc = subprocess.Popen(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                            env=server_env, stdout=log, stderr=subprocess.STDOUT)
-    api = f"http://127.0.0.1:{port}/api"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{api}/health", timeout=2).status_code == 200:
-                return proc, api
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            break
-        time.sleep(0.5)
-    proc.terminate()
-    raise AssertionError(f"Prefect server did not start:\n{(tmp / 'server.log').read_text()[-3000:]}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
-def _wait_for_deployment(client, name: str, serve: subprocess.Popen, log: Path):
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            return client.read_deployment_by_name(name)
-        except Exception:  # not registered yet (ObjectNotFound)
-            if serve.poll() is not None:
-                raise AssertionError(f"`rain serve` exited:\n{log.read_text()[-3000:]}") from None
-            time.sleep(0.5)
-    raise AssertionError(f"deployment {name} never appeared:\n{log.read_text()[-3000:]}")
-
-
-def _task_states(client, flow_run_id) -> Counter:
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return Counter(r.state.name for r in runs)
 
 
 def test_scheduled_deployment_runs_through_the_api_with_results_in_s3(tmp_path):
@@ -131,9 +71,9 @@ def test_scheduled_deployment_runs_through_the_api_with_results_in_s3(tmp_path):
     from prefect.filesystems import RemoteFileSystem
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    env = {**project_env(tmp_path), **DUMMY_CREDENTIALS}
+    env = mini_env(tmp_path)
     root = fresh_project(tmp_path / "project", env, MINI_ZOO, MINI_OVERRIDES)
-    server, api = _start_prefect_server(tmp_path, env)
+    server, api = start_prefect_server(tmp_path, env)
     env["PREFECT_API_URL"] = api
     serve_log = tmp_path / "serve.log"
     try:
@@ -147,20 +87,20 @@ def test_scheduled_deployment_runs_through_the_api_with_results_in_s3(tmp_path):
                 cwd=root, env=env, stdout=open(serve_log, "w"), stderr=subprocess.STDOUT)
             try:
                 with get_client(sync_client=True) as client:
-                    deployment = _wait_for_deployment(client, "rain_merge/test", serve, serve_log)
+                    deployment = wait_for_deployment(client, "rain_merge/test", serve, serve_log)
                     assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
                     assert deployment.parameters["project_dir"] == str(root)
                     first = run_deployment("rain_merge/test", timeout=600)
                     assert first.state.is_completed(), serve_log.read_text()[-3000:]
-                    states = _task_states(client, first.id)
+                    states = task_states(client, first.id)
                     assert states["Completed"] == len(STAGES) + MINI_LAYERS * len(LAYER_SPLITS), states
                     second = run_deployment("rain_merge/test", timeout=600)
                     assert second.state.is_completed(), serve_log.read_text()[-3000:]
-                    assert _task_states(client, second.id) == Counter({"Cached": len(STAGES)})  # no layer re-run
+                    assert task_states(client, second.id) == Counter({"Cached": len(STAGES)})  # no layer re-run
                 objects = boto3.client("s3", endpoint_url=endpoint).list_objects_v2(Bucket="rain-results", Prefix="prefect/")
                 assert objects.get("KeyCount", 0) >= sum(states.values())  # one persisted result per task
             finally:
-                _stop(serve)
+                stop(serve)
     finally:
-        _stop(server)
+        stop(server)
     assert sh(["rain", "verify", "models/merged"], root, env).startswith("models/merged: lineage verified")

@@ -13,32 +13,21 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import yaml
 
-from projects import MINI_OVERRIDES, MINI_ZOO, ROOT, fresh_project, project_env, sh
-from rain_tasks.digest import tree_digests
-from rain_tasks.s3server import DUMMY_CREDENTIALS, free_port, local_s3
+from projects import (MINI_ZOO, output_digests, run_flow, sh, start_prefect_server, stop, task_states,
+                      wait_for_deployment)
+from rain_tasks.s3server import free_port, local_s3
 from rain_tasks.signing import generate_key_pair
-from rain_tasks.stages import LAYER_SPLITS, STAGES
-from test_operations import _start_prefect_server, _stop, _task_states, _wait_for_deployment
+from rain_tasks.stages import STAGES
 
 pytestmark = pytest.mark.slow
-FLOW_STATES = str(ROOT / "tests" / "flow_states.py")
-OUTS = sorted({o for s in STAGES for o in s.outputs})
 #: downstream of alpha.box_hi: what `dvc repro` reruns after that param changes
 AFTER_ALPHA = {"alpha", "paper_preset", "merge", "ablations", "evaluate"}  # paper_preset reads the alpha params
-
-
-def _flow(root: Path, env: dict) -> tuple[str, set[str]]:
-    """Run the flow on `root`; return its summary line and the stages that ran (were not 'Cached')."""
-    log = sh([sys.executable, FLOW_STATES, str(root)], root, env)
-    ran = re.search(r"^ran=\[(.*)\]$", log, flags=re.M).group(1)
-    return log, set(filter(None, ran.split(",")))
 
 
 def _repro_ran(log: str) -> set[str]:
@@ -51,20 +40,12 @@ def _set_box_hi(root: Path, value: float) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def _digests(root: Path) -> dict[str, dict[str, str]]:
-    return {out: tree_digests(root / out) for out in OUTS}
-
-
 @pytest.fixture(scope="module")
-def repro_project(tmp_path_factory) -> tuple[Path, dict, dict]:
-    """A mini-family project after `dvc repro`, committed to git, with its outputs' digests."""
-    tmp = tmp_path_factory.mktemp("orch")
-    env = {**project_env(tmp), **DUMMY_CREDENTIALS, "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300"}
-    root = fresh_project(tmp / "project", env, MINI_ZOO, MINI_OVERRIDES)
-    assert _repro_ran(sh(["dvc", "repro"], root, env)) == {s.name for s in STAGES}
-    sh(["git", "add", "-A"], root, env)
-    sh(["git", "commit", "-qm", "pipeline outputs"], root, env)
-    return root, env, _digests(root)
+def repro_project(mini_repro) -> tuple[Path, dict, dict]:
+    """The mini-family project after `dvc repro` (every stage ran), committed to git, with its outputs' digests."""
+    root, env, digests, log = mini_repro
+    assert _repro_ran(log) == {s.name for s in STAGES}
+    return root, env, digests
 
 
 def test_repro_and_flow_share_one_record(repro_project, tmp_path):
@@ -74,29 +55,29 @@ def test_repro_and_flow_share_one_record(repro_project, tmp_path):
     sh(["dvc", "cache", "dir", str(root / ".dvc" / "cache")], work, env)  # the repro's cache and run cache, not a copy
     sh(["dvc", "checkout"], work, env)
 
-    log, ran = _flow(work, env)  # after `dvc repro`: nothing to do
+    log, ran = run_flow(work, env)  # after `dvc repro`: nothing to do
     assert ran == set() and f"cached={len(STAGES)}" in log and "layers={}" in log, log
     assert "up to date" in sh(["dvc", "status"], work, env)
-    assert _digests(work) == reference  # the same tracked bytes, lineage.json included
+    assert output_digests(work) == reference  # the same tracked bytes, lineage.json included
 
     _set_box_hi(work, 1.2)
-    log, ran = _flow(work, env)  # a param change: the stages `dvc repro` would rerun, and no other
+    log, ran = run_flow(work, env)  # a param change: the stages `dvc repro` would rerun, and no other
     assert ran == AFTER_ALPHA, log
     assert "up to date" in sh(["dvc", "status"], work, env)  # the flow committed them
-    changed = _digests(work)
+    changed = output_digests(work)
     assert changed["models/merged"] != reference["models/merged"]
     assert _repro_ran(sh(["dvc", "repro"], work, env)) == set()  # and `dvc repro` finds nothing to do
 
     _set_box_hi(work, 1.5)  # back: DVC's run cache holds those outputs, whichever orchestrator made them
-    log, ran = _flow(work, env)
+    log, ran = run_flow(work, env)
     assert ran == set() and "layers={}" in log, log
-    assert _digests(work) == reference
+    assert output_digests(work) == reference
     assert "up to date" in sh(["dvc", "status"], work, env)
 
     _set_box_hi(work, 1.2)  # the flow's outputs, reused by `dvc repro` from the run cache
     repro = sh(["dvc", "repro"], work, env)
     assert _repro_ran(repro) == set() and "is cached - skipping run" in repro, repro
-    assert _digests(work) == changed
+    assert output_digests(work) == changed
     lineage = sh(["rain", "lineage", "models/merged"], work, env)
     assert "provenance: no run record" not in lineage and "Prefect flow run " in lineage, lineage[-500:]
 
@@ -118,7 +99,7 @@ def test_scheduled_run_on_a_fresh_clone_pulls_runs_pushes_and_releases(repro_pro
 
     origin, env, reference = repro_project
     clone = tmp_path / "clone"
-    server, api = _start_prefect_server(tmp_path, env)
+    server, api = start_prefect_server(tmp_path, env)
     serve_log = tmp_path / "serve.log"
     try:
         with local_s3("rain-artifacts") as endpoint, temporary_settings({PREFECT_API_URL: api}):
@@ -137,13 +118,13 @@ def test_scheduled_run_on_a_fresh_clone_pulls_runs_pushes_and_releases(repro_pro
                 cwd=clone, env=env, stdout=open(serve_log, "w"), stderr=subprocess.STDOUT)
             try:
                 with get_client(sync_client=True) as client:
-                    _wait_for_deployment(client, "rain_merge/test", serve, serve_log)
+                    wait_for_deployment(client, "rain_merge/test", serve, serve_log)
                     first = run_deployment("rain_merge/test", timeout=900)
                     assert first.state.is_completed(), serve_log.read_text()[-3000:]
-                    states = _task_states(client, first.id)
+                    states = task_states(client, first.id)
                     # every stage from the remote, none run; pull, push and release done
                     assert states == Counter({"Cached": len(STAGES), "Completed": 3}), states
-                    assert _digests(clone) == reference
+                    assert output_digests(clone) == reference
                     releases = _released_versions(s3)
                     assert len(releases) == 1
                     verified = sh(["rain", "verify", f"s3://rain-releases/models/rain/{releases[0]}", "--key", str(public)], clone, env)
@@ -152,7 +133,7 @@ def test_scheduled_run_on_a_fresh_clone_pulls_runs_pushes_and_releases(repro_pro
                     _set_box_hi(clone, 1.2)
                     second = run_deployment("rain_merge/test", timeout=900)
                     assert second.state.is_completed(), serve_log.read_text()[-3000:]
-                    states, ran = _task_states(client, second.id), _stages_run(client, second.id)
+                    states, ran = task_states(client, second.id), _stages_run(client, second.id)
                     layers = MINI_ZOO["num_layers"]  # merge runs per layer
                     # only what follows the param runs; DVC's run cache may restore one of those stages when the
                     # origin already made its outputs for these params (test_repro_and_flow_share_one_record set
@@ -173,14 +154,14 @@ def test_scheduled_run_on_a_fresh_clone_pulls_runs_pushes_and_releases(repro_pro
                     sh(["dvc", "remote", "modify", "--local", "storage", "endpointurl", endpoint], clone, env)
                     third = run_deployment("rain_merge/test", timeout=900)
                     assert third.state.is_completed(), serve_log.read_text()[-3000:]
-                    assert _task_states(client, third.id) == Counter({"Cached": len(STAGES), "Completed": 3})
+                    assert task_states(client, third.id) == Counter({"Cached": len(STAGES), "Completed": 3})
                     assert len(_released_versions(s3)) == 3
             finally:
-                _stop(serve)
+                stop(serve)
             assert "up to date" in sh(["dvc", "status"], clone, env)
             assert "in sync" in sh(["dvc", "status", "--cloud"], clone, env)  # every new output pushed
     finally:
-        _stop(server)
+        stop(server)
 
 
 def _released_versions(s3) -> list[str]:
