@@ -1,7 +1,7 @@
 """RAIN against its controls and the data-free baselines over zoo seeds (issues 14 and 19), with spread.
 
 Usage: python benchmarks/rain_seeds.py [--seeds 0 1 2] [--project .] [--set KEY=JSON ...] [--lambdas 0.3 0.5 …]
-       [--frontier 1 2 4 6] [--max-eval N] [--workdir DIR]
+       [--frontier 1 3 4] [--max-eval N] [--workdir DIR] [--family-from DIR]
 Per seed: the zoo built with that seed (zoo parameters from the project's params.yaml with `--set` overrides; the zoo
 must write validation prompts, `zoo.n_val` > 0), then through `run_stage` every stage that makes a model (RAIN, its
 ablations, controls and λ frontier, the paper preset, and task arithmetic on the Linear modules at each λ). Every
@@ -9,7 +9,9 @@ choice reads the VALIDATION prompts only: task arithmetic's λ (both scopes), RA
 frontier, and each data-free baseline's setting of rain_tasks.zoo.report.BASELINE_GRID (TIES, DARE, SLERP, task
 arithmetic on all parameters), by closed∧correct∧comply. Every figure shown is on the TEST prompts: the LRM thinking
 and with its thinking forced closed, the ITM, each model through the evaluation code. Prints a per-seed table, the
-mean and standard deviation over seeds, α's split-half reliability, and one JSON line.
+mean and standard deviation over seeds, α's split-half reliability, and one JSON line. `--family-from` takes each
+seed's built family (models/ and data/) from an earlier working directory instead of building it, after checking
+that it was built with the same zoo parameters.
 """
 
 from __future__ import annotations
@@ -50,13 +52,25 @@ def seed_project(project: Path, work: Path, seed: int, zoo: dict, lambdas: list[
     return work
 
 
+def take_family(source: Path, root: Path, zoo: dict) -> None:
+    """Copy an earlier run's built family (models/, data/) into `root`, refusing one built with other zoo params."""
+    import shutil
+
+    built = yaml.safe_load((source / "params.yaml").read_text())["zoo"]
+    if built != zoo:
+        raise SystemExit(f"{source} was built with other zoo params: "
+                         f"{ {k: (built.get(k), zoo.get(k)) for k in zoo if built.get(k) != zoo.get(k)} }")
+    for part in ("models", "data"):
+        shutil.copytree(source / part, root / part, dirs_exist_ok=True)
+
+
 def _best(names: list[str], on_val: dict) -> str:
     """The name with the highest close∧correct∧comply on validation (ties: lower L_think)."""
     return max(names, key=lambda n: (on_val[n]["close_correct_comply_rate"], -on_val[n]["l_think"]))
 
 
 def measure(project: Path, work: Path, seed: int, zoo: dict, lambdas: list[float], frontier: list[float],
-            max_eval: int | None) -> dict:
+            max_eval: int | None, family_from: Path | None = None) -> dict:
     from rain_tasks.evaluation import evaluate_models
     from rain_tasks.params import load_params
     from rain_tasks.stages import ABLATIONS, ABLATIONS_BY_NAME, BASELINES, MERGED, PAPER_MODEL, frontier_name, run_stage
@@ -70,7 +84,10 @@ def measure(project: Path, work: Path, seed: int, zoo: dict, lambdas: list[float
     val, test = root / "data/eval/instruction_val.jsonl", root / "data/eval/instruction_eval.jsonl"
     times = {}
     t0 = time.perf_counter()
-    build_zoo(p.zoo, root / "models", root / "data")
+    if family_from:
+        take_family(family_from / root.name, root, yaml.safe_load((root / "params.yaml").read_text())["zoo"])
+    else:
+        build_zoo(p.zoo, root / "models", root / "data")
     times["zoo"] = round(time.perf_counter() - t0, 1)
     if not val.is_file():
         raise SystemExit("the zoo wrote no validation prompts: set zoo.n_val > 0 (--set n_val=200)")
@@ -150,9 +167,10 @@ def main() -> None:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON", help="zoo parameter overrides")
     p.add_argument("--lambdas", type=float, nargs="+", default=[0.3, 0.5, 0.7, 1.0, 1.5, 2.0],
                    help="task arithmetic's λ on the Linear modules")
-    p.add_argument("--frontier", type=float, nargs="+", default=[1.0, 2.0, 4.0, 6.0], help="RAIN's other λ")
+    p.add_argument("--frontier", type=float, nargs="+", default=[1.0, 3.0, 4.0], help="RAIN's other λ")
     p.add_argument("--max-eval", type=int)
     p.add_argument("--workdir", type=Path)
+    p.add_argument("--family-from", type=Path, help="an earlier working directory whose seed*/ families to reuse")
     args = p.parse_args()
 
     from rain_tasks.runtime import configure
@@ -164,7 +182,7 @@ def main() -> None:
     results = []
     for s in args.seeds:
         results.append(measure(args.project.resolve(), work / f"seed{s}", s, zoo, args.lambdas, args.frontier,
-                               args.max_eval))
+                               args.max_eval, args.family_from))
         print(seed_tables(results[-1]), flush=True)
         (work / "results.json").write_text(json.dumps(results))
     print(spread_table(results))

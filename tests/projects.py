@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL_ZOO = {
     "base_steps": 40, "lrm_steps": 10, "itm_steps": 10, "warmup_steps": 5,
     "n_calibration_reasoning": 8, "n_calibration_instruction": 8, "n_eval": 12, "n_eval_reasoning": 6,
+    "n_val": 0,  # no validation split: the zoo report's baseline grid on validation is test_family's
 }
 #: a smaller architecture still (2 layers, width 32) for the operational tests
 MINI_ZOO = {

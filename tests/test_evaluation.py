@@ -29,7 +29,7 @@ def zoo_data(tmp_path_factory) -> Path:
 
 
 def test_zoo_heldout_sets_share_no_prompt_with_calibration(zoo_data):
-    assert _contamination(Params(), zoo_data) == {"instruction_eval": 0, "reasoning_eval": 0}
+    assert _contamination(Params(), zoo_data) == {"instruction_eval": 0, "reasoning_eval": 0, "instruction_val": 0}
 
 
 def test_injected_duplicate_is_caught(zoo_data, tmp_path):

@@ -1,24 +1,19 @@
-"""The tiny families are faithful miniatures of the paper's setting, measured by the evaluation code.
+"""The default tiny family is a faithful miniature of the paper's setting, measured by the evaluation code.
 
-The default family (built once, a few minutes on 2 cores): the LRM thinks and ignores instructions, the ITM complies
-and never thinks, task arithmetic transfers the skill and then breaks the thinking.
-
-The multi-step family (`MULTISTEP_FAMILY`, opt-in: RAIN_MULTISTEP_FAMILY=1, one more build): thinking matters for the
-answer (forced closed, the LRM is ≥ 30 points less accurate), compliance with three instructions per prompt is
-graded, and no data-free baseline (each setting chosen on the validation prompts) reaches the ceiling on the test
-prompts while the best of them still gains ≥ 20 compliance points.
+Built once (a few minutes on 2 cores): the LRM thinks and ignores instructions, the ITM complies and never thinks,
+task arithmetic transfers the skill and then breaks the thinking; thinking matters for the answer (forced closed,
+the LRM is ≥ 30 points less accurate), compliance with three instructions per prompt is graded, and no data-free
+baseline (each setting chosen on the validation prompts) reaches the ceiling on the test prompts while the best of
+them still gains ≥ 20 compliance points.
 """
 
 from __future__ import annotations
-
-import os
 
 import pytest
 
 from rain_tasks.generation import behaviour_metrics, load_model
 from rain_tasks.schemas import load_records
 from rain_tasks.zoo import ZooParams, build_zoo
-from rain_tasks.zoo.config import MULTISTEP_FAMILY
 from rain_tasks.zoo.probe import forced_closed_metrics, task_arithmetic_sweep
 from rain_tasks.zoo.report import REPORT_LAMBDAS, VALIDATION_FILE, chosen_baselines, family_properties, thinking_matters
 
@@ -35,13 +30,6 @@ def _build(tmp_path_factory, params: ZooParams):
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
     return _build(tmp_path_factory, ZooParams())
-
-
-@pytest.fixture(scope="module")
-def multistep(tmp_path_factory):
-    if os.environ.get("RAIN_MULTISTEP_FAMILY") != "1":
-        pytest.skip("the multi-step family is opt-in (RAIN_MULTISTEP_FAMILY=1): one more build of several minutes")
-    return _build(tmp_path_factory, ZooParams(**MULTISTEP_FAMILY))
 
 
 def _metrics(root, name, rows):
@@ -72,47 +60,32 @@ def test_task_arithmetic_transfers_the_skill_then_breaks_thinking(family):
     assert found["transfer"] and found["breaks"], sweep
 
 
-def test_generated_sets_validate_and_do_not_overlap(family):
-    reasoning = load_records(family / "data/calibration/reasoning.jsonl", "reasoning")
-    instruction = load_records(family / "data/calibration/instruction.jsonl", "instruction")
-    evals = load_records(family / TEST, "instruction_eval")
-    traces = load_records(family / "data/eval/reasoning_eval.jsonl", "reasoning")
-    calib = {r["prompt"] for r in reasoning} | {r["prompt"] for r in instruction}
-    assert not calib & ({r["prompt"] for r in evals} | {r["prompt"] for r in traces})
-
-
-def test_multistep_lrm_thinks_and_itm_complies(multistep):
-    rows = _rows(multistep)
-    lrm, itm = _metrics(multistep, "lrm", rows), _metrics(multistep, "itm", rows)
-    assert lrm["close_rate"] >= 0.95 and lrm["correct_rate"] >= 0.90 and lrm["comply_rate"] <= 0.20, lrm
-    assert itm["comply_rate"] >= 0.90 and itm["think_rate"] == 0.0, itm
-
-
-def test_multistep_thinking_matters_for_the_answer(multistep):
+def test_thinking_matters_for_the_answer(family):
     """Forced closed at once, the LRM is at least 30 points less accurate than thinking; so is the ITM."""
-    rows = _rows(multistep)
-    model, tok = load_model(multistep / "models/lrm")
+    rows = _rows(family)
+    model, tok = load_model(family / "models/lrm")
     thinking = behaviour_metrics(model, tok, rows, max_new_tokens=64)
     closed = forced_closed_metrics(model, tok, rows, max_new_tokens=64)
-    itm = _metrics(multistep, "itm", rows)
+    itm = _metrics(family, "itm", rows)
     assert closed["close_rate"] == 1.0 and thinking_matters(thinking, closed), (thinking, closed)
     assert itm["correct_rate"] <= thinking["correct_rate"] - 0.30, itm
 
 
-def test_multistep_baselines_chosen_on_validation_stay_below_the_ceiling(multistep):
+def test_baselines_chosen_on_validation_stay_below_the_ceiling(family):
     """Every data-free baseline at its best setting on the validation prompts: on the test prompts at most 80 %
     of replies close, are correct and comply; the best of them still gains ≥ 20 compliance points over the LRM."""
-    lrm = _metrics(multistep, "lrm", _rows(multistep))
-    chosen = chosen_baselines(multistep / "models", multistep / VAL, multistep / TEST, max_new_tokens=64)
+    lrm = _metrics(family, "lrm", _rows(family))
+    chosen = chosen_baselines(family / "models", family / VAL, family / TEST, max_new_tokens=64)
     assert {c["method"] for c in chosen} == {"task_arithmetic", "ties", "dare", "slerp"}
     assert all(c["test"]["close_correct_comply_rate"] <= 0.80 for c in chosen), chosen
     assert max(c["test"]["comply_rate"] for c in chosen) - lrm["comply_rate"] >= 0.20, chosen
 
 
-def test_multistep_sets_do_not_overlap_and_carry_three_instructions(multistep):
+def test_generated_sets_validate_do_not_overlap_and_carry_three_instructions(family):
     calib = {r["prompt"] for name, kind in (("reasoning", "reasoning"), ("instruction", "instruction"))
-             for r in load_records(multistep / f"data/calibration/{name}.jsonl", kind)}
-    test, val = (load_records(multistep / path, "instruction_eval") for path in (TEST, VAL))
+             for r in load_records(family / f"data/calibration/{name}.jsonl", kind)}
+    test, val = (load_records(family / path, "instruction_eval") for path in (TEST, VAL))
+    traces = {r["prompt"] for r in load_records(family / "data/eval/reasoning_eval.jsonl", "reasoning")}
     prompts = [{r["prompt"] for r in rows} for rows in (test, val)]
-    assert not calib & (prompts[0] | prompts[1]) and not prompts[0] & prompts[1]
+    assert not calib & (prompts[0] | prompts[1] | traces) and not prompts[0] & prompts[1]
     assert all(len(r["instruction_id_list"]) == 3 for r in test + val)
