@@ -70,8 +70,8 @@ def main() -> int:
               "Run it on a GPU machine: python benchmarks/device_pipeline.py WORKDIR")
         return 0
     from rain_tasks.params import load_params
-    from rain_tasks.runtime import configure
-    from rain_tasks.stages import get_stage
+    from rain_tasks.model.runtime import configure
+    from rain_tasks.pipeline.stages import get_stage
 
     configure()
     torch.use_deterministic_algorithms(True, warn_only=True)

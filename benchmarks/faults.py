@@ -49,8 +49,8 @@ def _merge_project(root: Path) -> Path:
         "calibration": {"reasoning": "calib/reasoning.jsonl", "instruction": "calib/instruction.jsonl",
                         "reasoning_heldout": "calib/heldout.jsonl"},
         "merge": {"max_shard_size": "64KB"}, "check": {"min_free_space": "0B"}}))
-    script = ("from rain_tasks.params import load_params; from rain_tasks.runtime import configure; "
-              "from rain_tasks.stages import run_stage; configure(); "
+    script = ("from rain_tasks.params import load_params; from rain_tasks.model.runtime import configure; "
+              "from rain_tasks.pipeline.stages import run_stage; configure(); "
               "[run_stage(s, load_params('params.yaml')) for s in "
               "('task_vectors', 'features', 'projection', 'attention_stats', 'alpha')]")
     subprocess.run([sys.executable, "-c", script], cwd=root, env=_env(), check=True, capture_output=True)
@@ -58,7 +58,7 @@ def _merge_project(root: Path) -> Path:
 
 
 def _model(root: Path) -> dict[str, str] | None:
-    from rain_tasks.digest import tree_digests
+    from rain_tasks.io.digest import tree_digests
 
     if not (root / MERGED).is_dir():
         return None
@@ -160,9 +160,9 @@ def release_kills(project: Path, model: Path, key: Path, public: Path, endpoint:
 
 def concurrent_releases(project: Path, models: tuple[Path, Path], key: Path, endpoint: str, client, trials: int) -> list[dict]:
     """Two releases of different content to one version at once, `trials` times."""
-    from rain_tasks.lineage import audit
-    from rain_tasks.release import ReleaseError, S3Files, release, s3_client
-    from rain_tasks.signing import SigningConfig, TrustConfig
+    from rain_tasks.audit.lineage import audit
+    from rain_tasks.audit.release import ReleaseError, S3Files, release, s3_client
+    from rain_tasks.audit.signing import SigningConfig, TrustConfig
 
     rows = []
     for i in range(trials):
@@ -228,8 +228,8 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", default=["release", "merge"], choices=["release", "merge"])
     args = parser.parse_args()
     from rain_tasks.s3server import local_s3
-    from rain_tasks.release import s3_client
-    from rain_tasks.signing import generate_key_pair
+    from rain_tasks.audit.release import s3_client
+    from rain_tasks.audit.signing import generate_key_pair
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)

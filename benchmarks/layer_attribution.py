@@ -28,7 +28,7 @@ SPLITS = {"val": "data/eval/instruction_val.jsonl", "test": "data/eval/instructi
 
 def one_layer(projected: Path, layer: int, dest: Path) -> Path:
     """A Δ⊥ directory holding layer `layer` only (a link): every other tensor gets no update in the merge."""
-    from rain_tasks.task_vectors import MANIFEST, layer_file
+    from rain_tasks.merge.task_vectors import MANIFEST, layer_file
 
     dest.mkdir(parents=True)
     layer_file(dest, layer).symlink_to(layer_file(projected, layer).resolve())
@@ -45,10 +45,10 @@ def main() -> None:
 
     from scipy.stats import spearmanr
 
-    from rain_tasks.arch import read_shape
-    from rain_tasks.evaluation import evaluate_models
-    from rain_tasks.merge import DeltaPlan, TensorDir, merge_checkpoint
-    from rain_tasks.runtime import configure
+    from rain_tasks.io.arch import read_shape
+    from rain_tasks.evaluate.evaluation import evaluate_models
+    from rain_tasks.merge.engine import DeltaPlan, TensorDir, merge_checkpoint
+    from rain_tasks.model.runtime import configure
 
     configure()
     project = args.project.resolve()

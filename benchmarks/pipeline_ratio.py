@@ -53,7 +53,7 @@ def timed_stages(work: Path, stages: tuple[str, ...], phases: dict[str, dict] | 
     """Wall seconds of each stage, run in order in this process; with `phases`, also each stage's phase split."""
     from phases import PhaseClock
     from rain_tasks.params import load_params
-    from rain_tasks.stages import run_stage
+    from rain_tasks.pipeline.stages import run_stage
 
     params, seconds = load_params(work / "params.yaml"), {}
     for name in stages:
@@ -70,8 +70,8 @@ def timed_stages(work: Path, stages: tuple[str, ...], phases: dict[str, dict] | 
 def preflight_seconds(work: Path) -> float:
     """One up-front check (what every stage pays before its work), on the finished project."""
     from rain_tasks.params import load_params
-    from rain_tasks.stages import get_stage
-    from rain_tasks.validation import preflight
+    from rain_tasks.pipeline.stages import get_stage
+    from rain_tasks.pipeline.validation import preflight
 
     t0 = time.perf_counter()
     preflight(get_stage("task_vectors"), load_params(work / "params.yaml"), work)
@@ -92,7 +92,7 @@ def main() -> None:
                    help="also split each RAIN stage into phases (wraps library functions: a little overhead)")
     args = p.parse_args()
 
-    from rain_tasks.runtime import configure
+    from rain_tasks.model.runtime import configure
 
     configure()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="rain-bench-"))

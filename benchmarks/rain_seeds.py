@@ -34,7 +34,7 @@ ROWS = ("LRM", "RAIN", "paper_preset", "rain_uniform_alpha", "rain_permuted_alph
 
 def seed_project(project: Path, work: Path, seed: int, lambdas: list[float]) -> Path:
     """A working project: the tracked files' params with zoo.seed and task arithmetic at each λ on both scopes."""
-    from rain_tasks.stages import dvc_yaml
+    from rain_tasks.pipeline.stages import dvc_yaml
 
     work.mkdir(parents=True, exist_ok=True)
     params = yaml.safe_load((project / "params.yaml").read_text())
@@ -47,9 +47,9 @@ def seed_project(project: Path, work: Path, seed: int, lambdas: list[float]) -> 
 
 
 def measure(project: Path, work: Path, seed: int, lambdas: list[float], max_eval: int | None) -> dict:
-    from rain_tasks.evaluation import evaluate_models
+    from rain_tasks.evaluate.evaluation import evaluate_models
     from rain_tasks.params import load_params
-    from rain_tasks.stages import ABLATIONS, ABLATIONS_BY_NAME, BASELINES, MERGED, PAPER_MODEL, run_stage
+    from rain_tasks.pipeline.stages import ABLATIONS, ABLATIONS_BY_NAME, BASELINES, MERGED, PAPER_MODEL, run_stage
 
     root = seed_project(project, work, seed, lambdas)
     p = load_params(root / "params.yaml")
@@ -89,7 +89,7 @@ def main() -> None:
     p.add_argument("--workdir", type=Path)
     args = p.parse_args()
 
-    from rain_tasks.runtime import configure
+    from rain_tasks.model.runtime import configure
 
     configure()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="rain-seeds-"))

@@ -27,8 +27,8 @@ def build(work: Path, args: argparse.Namespace) -> None:
     from tiny import make_tokenizer, reasoning_rows, write_jsonl
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from rain_tasks.checkpoint import save_tensors
-    from rain_tasks.task_vectors import MANIFEST, layer_file
+    from rain_tasks.io.checkpoint import save_tensors
+    from rain_tasks.merge.task_vectors import MANIFEST, layer_file
 
     tok = make_tokenizer()
     cfg = AutoConfig.for_model(
@@ -52,9 +52,9 @@ def build(work: Path, args: argparse.Namespace) -> None:
 
 def run_phase(work: Path, phase: str, path: str) -> dict:
     """Run one phase in this process; return its wall time and peak RSS."""
-    from rain_tasks.features import accumulate_features
+    from rain_tasks.stage1.features import accumulate_features
     from rain_tasks.params import FeaturesParams, ProjectionParams
-    from rain_tasks.projection import project
+    from rain_tasks.stage1.projection import project
 
     t0 = time.perf_counter()
     if phase == "features":

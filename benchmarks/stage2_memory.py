@@ -39,7 +39,7 @@ def child(mode: str, work: Path) -> dict:
     """Run attention_stats once in `mode`; report peak RSS before/after and the wall time."""
     import pandas as pd
 
-    from rain_tasks.attention import attention_stats
+    from rain_tasks.stage2.attention import attention_stats
     from rain_tasks.params import AttentionParams
 
     before = peak_rss_mib()
@@ -61,7 +61,7 @@ def prepare(work: Path, tokens: int, layers: int, heads: int, kv_heads: int) -> 
     """Write a tiny model family, its task vectors (standing in for Δ⊥) and the long sample."""
     from tiny import make_family, write_jsonl
 
-    from rain_tasks.task_vectors import compute_task_vectors
+    from rain_tasks.merge.task_vectors import compute_task_vectors
 
     fam = make_family(work, layers=layers, heads=heads, kv_heads=kv_heads, hidden=8 * heads)
     compute_task_vectors(fam["base"], fam["itm"], work / "projected")

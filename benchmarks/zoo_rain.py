@@ -53,7 +53,7 @@ def working_project(project: Path, dest: Path, overrides: dict[str, dict]) -> Pa
 
 def run(dest: Path, stages: tuple[str, ...]) -> None:
     from rain_tasks.params import load_params
-    from rain_tasks.stages import run_stage
+    from rain_tasks.pipeline.stages import run_stage
 
     params = load_params(dest / "params.yaml")
     for name in stages:
@@ -74,8 +74,8 @@ def main() -> None:
     p.add_argument("--max-eval", type=int)
     args = p.parse_args()
 
-    from rain_tasks.evaluation import evaluate_models
-    from rain_tasks.runtime import configure
+    from rain_tasks.evaluate.evaluation import evaluate_models
+    from rain_tasks.model.runtime import configure
 
     configure()
     project = args.project.resolve()

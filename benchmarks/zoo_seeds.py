@@ -23,8 +23,8 @@ sys.path[:0] = [str(ROOT)]
 
 
 def measure(seed: int, zoo: dict, work: Path) -> dict:
-    from rain_tasks.generation import behaviour_metrics, load_model
-    from rain_tasks.schemas import load_records
+    from rain_tasks.model.generation import behaviour_metrics, load_model
+    from rain_tasks.io.schemas import load_records
     from rain_tasks.zoo import ZooParams, build_zoo
     from rain_tasks.zoo.probe import task_arithmetic_sweep
     from rain_tasks.zoo.report import REPORT_LAMBDAS, family_properties, task_vector_geometry
@@ -65,7 +65,7 @@ def main() -> None:
     p.add_argument("--project", type=Path, default=Path("."))
     p.add_argument("--workdir", type=Path)
     args = p.parse_args()
-    from rain_tasks.runtime import configure
+    from rain_tasks.model.runtime import configure
 
     configure()
     zoo = yaml.safe_load((args.project / "params.yaml").read_text())["zoo"]

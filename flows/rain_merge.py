@@ -2,7 +2,7 @@
 
 A stage is skipped (its task ends 'Cached') when DVC says `dvc repro` would skip it: up to date
 in dvc.lock, or its outputs for these exact deps and params are in DVC's run cache, whence they
-are checked out (rain_tasks.dvc_state). A stage that runs is committed through DVC afterwards
+are checked out (rain_tasks.pipeline.dvc_state). A stage that runs is committed through DVC afterwards
 (dvc.lock, the DVC cache and the run cache), so `dvc repro` after a flow run, or a flow run
 after `dvc repro`, recomputes nothing, and a param change reruns the same downstream stages
 whichever orchestrator runs next. Results are small JSON manifests of output digests (never
@@ -43,13 +43,13 @@ from prefect.states import Completed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from prefect.tasks import Task, exponential_backoff
 
-from rain_tasks import dvc_state
-from rain_tasks.arch import read_shape
-from rain_tasks.digest import path_digest
+from rain_tasks.pipeline import dvc_state
+from rain_tasks.io.arch import read_shape
+from rain_tasks.io.digest import path_digest
 from rain_tasks.params import Params, load_params
-from rain_tasks.runtime import configure
-from rain_tasks.stages import LAYER_SPLITS, MERGED, STAGES, Stage, get_stage, run_stage
-from rain_tasks.validation import out_of_space_message, validate
+from rain_tasks.model.runtime import configure
+from rain_tasks.pipeline.stages import LAYER_SPLITS, MERGED, STAGES, Stage, get_stage, run_stage
+from rain_tasks.pipeline.validation import out_of_space_message, validate
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def is_transient(exc: BaseException) -> bool:
     try:
         from botocore.exceptions import BotoCoreError, ClientError
 
-        from rain_tasks.remote import PERMANENT_S3_CODES
+        from rain_tasks.io.remote import PERMANENT_S3_CODES
 
         if isinstance(exc, ClientError):  # throttling and 5xx are worth a retry; refused credentials are not
             return exc.response.get("Error", {}).get("Code") not in PERMANENT_S3_CODES
@@ -86,7 +86,7 @@ def _retry_transient(task: Task, task_run: TaskRun, state: State) -> bool:
 
 _TASK_OPTIONS = dict(
     # results are persisted (for the UI and the API) under the task run's own id, so Prefect never takes one for a
-    # cache hit: what is up to date is DVC's record (rain_tasks.dvc_state)
+    # cache hit: what is up to date is DVC's record (rain_tasks.pipeline.dvc_state)
     result_storage_key="{task_run.id}",
     persist_result=True,
     result_serializer="json",
@@ -132,7 +132,7 @@ def layer_task(name: str, layer: int, project_dir: str, params_file: str, parts:
 @task(**_TASK_OPTIONS)
 def pull_task(project_dir: str, remote: str | None) -> str:
     """`dvc pull --run-cache`: what the remote holds of the outputs dvc.lock names, and its run cache."""
-    from rain_tasks.remote import pull
+    from rain_tasks.io.remote import pull
 
     pull(project_dir, remote)
     return f"pulled from {remote or 'the default remote'}"
@@ -141,7 +141,7 @@ def pull_task(project_dir: str, remote: str | None) -> str:
 @task(**_TASK_OPTIONS)
 def push_task(project_dir: str, remote: str | None) -> str:
     """`dvc push --run-cache`: the outputs and run-cache entries the remote lacks (a failure fails the run)."""
-    from rain_tasks.remote import push
+    from rain_tasks.io.remote import push
 
     push(project_dir, remote)
     return f"pushed to {remote or 'the default remote'}"
@@ -151,11 +151,11 @@ def push_task(project_dir: str, remote: str | None) -> str:
 def release_task(project_dir: str, release_uri: str) -> str:
     """`rain release` of the merged model to RELEASE_URI/<its run name>, named after its lineage, unless that
     version is already committed there (the lineage has not changed since the last release). An interrupted
-    release of that version resumes from its own staged uploads (rain_tasks.release); it is signed with
+    release of that version resumes from its own staged uploads (rain_tasks.audit.release); it is signed with
     $RAIN_SIGNING_KEY."""
-    from rain_tasks.lineage import LINEAGE, run_name
-    from rain_tasks.release import S3Location, committed, release, s3_client
-    from rain_tasks.signing import SigningConfig
+    from rain_tasks.audit.lineage import LINEAGE, run_name
+    from rain_tasks.audit.release import S3Location, committed, release, s3_client
+    from rain_tasks.audit.signing import SigningConfig
 
     model_dir = Path(project_dir) / MERGED
     uri = f"{release_uri.rstrip('/')}/{run_name(json.loads((model_dir / LINEAGE).read_text())['core'])}"

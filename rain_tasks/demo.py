@@ -7,11 +7,11 @@ import subprocess
 import time
 from pathlib import Path
 
-from rain_tasks.lineage import audit
-from rain_tasks.release import S3Files, release, s3_client
-from rain_tasks.remote import push
+from rain_tasks.audit.lineage import audit
+from rain_tasks.audit.release import S3Files, release, s3_client
+from rain_tasks.io.remote import push
 from rain_tasks.s3server import local_s3
-from rain_tasks.stages import MERGED
+from rain_tasks.pipeline.stages import MERGED
 
 REMOTE = "storage"
 DEMO_KEYS = ".rain/keys"  # the demo's signing key pair, outside git
@@ -24,7 +24,7 @@ def _dvc(*args: str, root: Path) -> None:
 def release_signed(root: Path, endpoint: str, bucket: str) -> str:
     """Release the merged model to the local S3 server signed with the demo key pair, and verify it with the public
     key; return the release's URI."""
-    from rain_tasks.signing import SigningConfig, TrustConfig, generate_key_pair
+    from rain_tasks.audit.signing import SigningConfig, TrustConfig, generate_key_pair
 
     private, public = generate_key_pair(root / DEMO_KEYS)
     uri = f"s3://{bucket}/releases/rain-merged/demo"

@@ -175,7 +175,7 @@ class MergeParams(_Section):
 
 def _run_name(name: str) -> str:
     """A baseline run name is one directory under models/baselines: no '/', '..' or leading dot."""
-    from rain_tasks.guards import safe_name
+    from rain_tasks.io.guards import safe_name
 
     safe_name(name, "run name", single=True)
     if name.startswith("."):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# the value-scan record (rain_tasks.validation.scanned_shards_file) of this run only, not the user's
+# the value-scan record (rain_tasks.pipeline.validation.scanned_shards_file) of this run only, not the user's
 os.environ["RAIN_CACHE_DIR"] = tempfile.mkdtemp(prefix="rain-test-cache-")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: no spinning threads on a busy machine
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -39,7 +39,7 @@ def tiny_family(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_task_vectors(tiny_family, tmp_path_factory) -> Path:
     """Δ_I = ITM − base of the tiny family, in the task_vectors stage's layout."""
-    from rain_tasks.task_vectors import compute_task_vectors
+    from rain_tasks.merge.task_vectors import compute_task_vectors
 
     out = tmp_path_factory.mktemp("tiny_task_vectors")
     compute_task_vectors(tiny_family["base"], tiny_family["itm"], out)

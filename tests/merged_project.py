@@ -10,11 +10,11 @@ from pathlib import Path
 
 import yaml
 
-from rain_tasks import lineage
-from rain_tasks.merge import DeltaPlan, TensorDir, merge_checkpoint
+from rain_tasks.audit import lineage
+from rain_tasks.merge.engine import DeltaPlan, TensorDir, merge_checkpoint
 from rain_tasks.params import load_params
-from rain_tasks.stages import param_values
-from rain_tasks.task_vectors import compute_task_vectors
+from rain_tasks.pipeline.stages import param_values
+from rain_tasks.merge.task_vectors import compute_task_vectors
 
 INPUTS = {"models.base": "models/base", "models.itm": "models/itm", "models.lrm": "models/lrm",
           "calibration.reasoning": "data/reasoning.jsonl", "task_vectors": "artifacts/tv"}

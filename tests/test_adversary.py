@@ -21,15 +21,15 @@ import torch
 import yaml
 
 from merged_project import make_project, merge_with_lineage
-from rain_tasks import lineage
-from rain_tasks.checkpoint import load_tensors, read_metadata, save_tensors
+from rain_tasks.audit import lineage
+from rain_tasks.io.checkpoint import load_tensors, read_metadata, save_tensors
 from rain_tasks.cli import main as rain
-from rain_tasks.digest import json_digest
-from rain_tasks.guards import NonFiniteError, require_finite
-from rain_tasks.lineage import LINEAGE, PROVENANCE, RELEASE_MANIFEST, RELEASE_SIGNATURE
-from rain_tasks.release import COMMIT, STAGING, ReleaseError, release, s3_client
+from rain_tasks.io.digest import json_digest
+from rain_tasks.io.guards import NonFiniteError, require_finite
+from rain_tasks.audit.lineage import LINEAGE, PROVENANCE, RELEASE_MANIFEST, RELEASE_SIGNATURE
+from rain_tasks.audit.release import COMMIT, STAGING, ReleaseError, release, s3_client
 from rain_tasks.s3server import DUMMY_CREDENTIALS, local_s3
-from rain_tasks.signing import SigningConfig, generate_key_pair
+from rain_tasks.audit.signing import SigningConfig, generate_key_pair
 
 PART_SIZE = "16KB"
 
@@ -227,7 +227,7 @@ def test_a_multipart_shard_replaced_with_its_part_digests_in_release_json_fails(
     """The attack that once passed without a byte downloaded: the shard and release.json's record of it replaced."""
     from boto3.s3.transfer import TransferConfig
 
-    from rain_tasks.release import file_record
+    from rain_tasks.audit.release import file_record
 
     client, bucket, _ = s3
     uri = _released(model, project, s3, key_pair)
@@ -398,7 +398,7 @@ def test_a_stage_producing_non_finite_values_names_it_and_writes_nothing(tiny_fa
         "calibration": {"reasoning": "calib/reasoning.jsonl", "instruction": "calib/instruction.jsonl",
                         "reasoning_heldout": "calib/heldout.jsonl"},
         "check": {"min_free_space": "0B"}}))
-    from rain_tasks.checkpoint import Checkpoint
+    from rain_tasks.io.checkpoint import Checkpoint
 
     lrm = Checkpoint(root / "ckpt/lrm")
     norm = "model.layers.0.input_layernorm.weight"

@@ -12,8 +12,8 @@ import pytest
 import torch
 from tiny import instruction_rows, make_tokenizer, write_jsonl
 
-from rain_tasks.arch import module_of, read_shape
-from rain_tasks.attention import (
+from rain_tasks.io.arch import module_of, read_shape
+from rain_tasks.stage2.attention import (
     SampleSpans,
     add_update,
     attention_stats,
@@ -23,10 +23,10 @@ from rain_tasks.attention import (
     pick_mode,
     recompute_sample_stats,
 )
-from rain_tasks.calibration import load_tokenizer, render
-from rain_tasks.checkpoint import load_tensors, save_tensors
+from rain_tasks.model.calibration import load_tokenizer, render
+from rain_tasks.io.checkpoint import load_tensors, save_tensors
 from rain_tasks.params import AttentionParams
-from rain_tasks.task_vectors import MANIFEST, NON_LAYER, compute_task_vectors, layer_file
+from rain_tasks.merge.task_vectors import MANIFEST, NON_LAYER, compute_task_vectors, layer_file
 
 
 def _row(prompt: str, response: str, related: list[tuple[list[str], list[str]]], unrelated: list[str]) -> dict:

@@ -10,12 +10,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rain_tasks.arch import module_of
-from rain_tasks.baselines import combine_task_vectors, dare_drop, elect_sign_mask, slerp, tensor_seed, trim_top_magnitude
-from rain_tasks.checkpoint import Checkpoint, read_metadata
-from rain_tasks.merge import METHODS, DeltaPlan, TensorDir, TensorInputs, merge_checkpoint
+from rain_tasks.io.arch import module_of
+from rain_tasks.methods.ops import combine_task_vectors, dare_drop, elect_sign_mask, slerp, tensor_seed, trim_top_magnitude
+from rain_tasks.io.checkpoint import Checkpoint, read_metadata
+from rain_tasks.merge.engine import METHODS, DeltaPlan, TensorDir, TensorInputs, merge_checkpoint
 from rain_tasks.params import BaselinesParams, DareRun, ModelsParams, SlerpRun, TaskArithmeticRun, TiesRun, load_params
-from rain_tasks.stages import BASELINES, run_stage
+from rain_tasks.pipeline.stages import BASELINES, run_stage
 
 T = torch.tensor
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,8 +15,8 @@ import os
 
 import pytest
 
-from rain_tasks.generation import behaviour_metrics, load_model
-from rain_tasks.schemas import load_records
+from rain_tasks.model.generation import behaviour_metrics, load_model
+from rain_tasks.io.schemas import load_records
 from rain_tasks.zoo import ZooParams, build_zoo
 from rain_tasks.zoo.config import MULTISTEP_FAMILY
 from rain_tasks.zoo.probe import forced_closed_metrics, task_arithmetic_sweep

@@ -10,14 +10,14 @@ import torch
 from tiny import CHAT_TEMPLATE, make_family, reasoning_rows, write_jsonl
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from rain_tasks.arch import read_shape
-from rain_tasks.calibration import load_tokenizer, think_token_ids
-from rain_tasks.capture import LayerCapture, forward_with_hooks
-from rain_tasks.checkpoint import load_tensors, read_metadata
-from rain_tasks.features import RowAccumulator, accumulate_features, key_positions, layer_chunks, prepare_samples
+from rain_tasks.io.arch import read_shape
+from rain_tasks.model.calibration import load_tokenizer, think_token_ids
+from rain_tasks.model.capture import LayerCapture, forward_with_hooks
+from rain_tasks.io.checkpoint import load_tensors, read_metadata
+from rain_tasks.stage1.features import RowAccumulator, accumulate_features, key_positions, layer_chunks, prepare_samples
 from rain_tasks.params import FeaturesParams
-from rain_tasks.schemas import load_records
-from rain_tasks.task_vectors import layer_file
+from rain_tasks.io.schemas import load_records
+from rain_tasks.merge.task_vectors import layer_file
 
 
 def test_omega_sits_on_the_tags_with_and_without_a_template_that_opens_think(tiny_family, tmp_path):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rain_tasks.generation import (
+from rain_tasks.model.generation import (
     Sampling, chat_prompt, extract_answer_number, generate, opens_think, parse_output, score_outputs, whole_turn,
 )
 from rain_tasks.zoo.config import ZooParams

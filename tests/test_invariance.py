@@ -9,15 +9,15 @@ import pandas as pd
 import pytest
 import torch
 
-from rain_tasks.alpha import module_scales
-from rain_tasks.arch import MODULES, read_shape
-from rain_tasks.checkpoint import Checkpoint, load_tensors, save_tensors
-from rain_tasks.evaluation import think_invariance
-from rain_tasks.features import accumulate_features, row_sets
-from rain_tasks.merge import DeltaPlan, TensorDir, merge_checkpoint
+from rain_tasks.stage2.alpha import module_scales
+from rain_tasks.io.arch import MODULES, read_shape
+from rain_tasks.io.checkpoint import Checkpoint, load_tensors, save_tensors
+from rain_tasks.evaluate.evaluation import think_invariance
+from rain_tasks.stage1.features import accumulate_features, row_sets
+from rain_tasks.merge.engine import DeltaPlan, TensorDir, merge_checkpoint
 from rain_tasks.params import FeaturesParams, ProjectionParams
-from rain_tasks.projection import RowStats, load_stats, project, project_block, protected_basis
-from rain_tasks.task_vectors import compute_task_vectors, layer_file
+from rain_tasks.stage1.projection import RowStats, load_stats, project, project_block, protected_basis
+from rain_tasks.merge.task_vectors import compute_task_vectors, layer_file
 from tiny import make_family, reasoning_rows, write_jsonl
 
 CALIBRATION, HELDOUT = reasoning_rows(20), reasoning_rows(60)[40:]

@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rain_tasks.arch import module_of
-from rain_tasks.checkpoint import INDEX_NAME, Checkpoint, save_tensors
-from rain_tasks.merge import DeltaPlan, TensorDir, merge_checkpoint
-from rain_tasks.task_vectors import compute_task_vectors
+from rain_tasks.io.arch import module_of
+from rain_tasks.io.checkpoint import INDEX_NAME, Checkpoint, save_tensors
+from rain_tasks.merge.engine import DeltaPlan, TensorDir, merge_checkpoint
+from rain_tasks.merge.task_vectors import compute_task_vectors
 
 
 @pytest.fixture(scope="module")

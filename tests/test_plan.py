@@ -7,12 +7,12 @@ import math
 import yaml
 from tiny import reasoning_rows, write_jsonl
 
-from rain_tasks.calibration import load_tokenizer, render
-from rain_tasks.checkpoint import Checkpoint, load_causal_lm
+from rain_tasks.model.calibration import load_tokenizer, render
+from rain_tasks.io.checkpoint import Checkpoint, load_causal_lm
 from rain_tasks.cli import main
 from rain_tasks.params import load_params
-from rain_tasks.plan import stage_plans
-from rain_tasks.schemas import load_records
+from rain_tasks.pipeline.plan import stage_plans
+from rain_tasks.io.schemas import load_records
 
 
 def _project(tiny_family, tmp_path, runtime: dict | None = None):

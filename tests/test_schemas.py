@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from rain_tasks.schemas import SchemaViolation, load_records, validate_records
+from rain_tasks.io.schemas import SchemaViolation, load_records, validate_records
 from tiny import instruction_rows, reasoning_rows, write_jsonl
 
 

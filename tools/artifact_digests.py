@@ -15,9 +15,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from projects import MINI_OVERRIDES, MINI_ZOO, fresh_project, project_env, sh  # noqa: E402
 
-from rain_tasks.digest import tree_digests  # noqa: E402
+from rain_tasks.io.digest import tree_digests  # noqa: E402
 from rain_tasks.s3server import DUMMY_CREDENTIALS  # noqa: E402
-from rain_tasks.stages import STAGES  # noqa: E402
+from rain_tasks.pipeline.stages import STAGES  # noqa: E402
 
 
 def digests() -> dict[str, dict[str, str]]:

@@ -28,7 +28,7 @@ class ZooParams(BaseModel):
     max_value: int | None = Field(None, ge=1)
 
     # Instructions: prompts with a constraint carry `constraints_per_prompt` compatible ones drawn from `formats`
-    # (ids of rain_tasks.zoo.tasks.FORMATS; checked by rain_tasks.instructions).
+    # (ids of rain_tasks.zoo.tasks.FORMATS; checked by rain_tasks.evaluate.instructions).
     formats: tuple[str, ...] = ("change_case:capital_letters", "startend:quotation", "startend:end_checker",
                                 "combination:repeat_answer")
     constraints_per_prompt: int = Field(1, ge=1)

@@ -1,7 +1,7 @@
 """In-memory merge probes of the tiny family: does the ITM's skill transfer into the LRM, and does the thinking matter?
 
 For the tiny family only: it holds all three models in memory. Real checkpoints go through
-the project's streaming merge engine instead (the same per-tensor merge methods, `rain_tasks.merge.METHODS`).
+the project's streaming merge engine instead (the same per-tensor merge methods, `rain_tasks.merge.engine.METHODS`).
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rain_tasks.arch import module_of
-from rain_tasks.generation import behaviour_metrics, generate, load_model, score_outputs
-from rain_tasks.merge import METHODS, TensorInputs
+from rain_tasks.io.arch import module_of
+from rain_tasks.model.generation import behaviour_metrics, generate, load_model, score_outputs
+from rain_tasks.merge.engine import METHODS, TensorInputs
 from rain_tasks.zoo.tasks import think_block
 
 #: what a forced-closed reply starts with: an empty thinking block, closed at once

@@ -1,0 +1,457 @@
+"""Streaming tensor I/O: lazy reads from (sharded) safetensors checkpoints and atomic writes.
+
+Peak memory stays at a few tensors plus one output shard: tensors are read one at a time
+(positioned reads, no memory map) and written into shards that are flushed at a size limit.
+Every output is written to a temporary sibling and renamed into place, so a killed run
+never leaves a file or model directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from rain_tasks.io.arch import layer_of
+from rain_tasks.io.guards import header_length, safe_name
+from rain_tasks.params import RuntimeParams
+from rain_tasks.model.runtime import resolve_device, resolve_dtype
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+#: what a caller that passes no runtime gets: float32 on the CPU (the stages pass params.yaml's `runtime`)
+CPU = RuntimeParams(device="cpu")
+
+
+def load_causal_lm(model_dir: str | Path, runtime: RuntimeParams | None = None, attn_implementation: str = "eager"):
+    """A local causal LM in eval mode, on `runtime`'s device and dtype (default: float32 on the CPU).
+
+    With `runtime.device_map: auto`, accelerate places the layers over the GPUs, the CPU and
+    `offload_folder` within `max_memory`. Eager attention is the only kind that returns weights.
+    """
+    from transformers import AutoModelForCausalLM
+
+    runtime = runtime or CPU
+    device = resolve_device(runtime.device)
+    kwargs: dict = {"dtype": forward_dtype(model_dir, runtime), "attn_implementation": attn_implementation}
+    if runtime.device_map is None:
+        return AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs).to(device).eval()
+    if runtime.max_memory:
+        kwargs["max_memory"] = {int(k) if k.isdigit() else k: parse_size(v) for k, v in runtime.max_memory.items()}
+    if runtime.offload_folder:
+        kwargs["offload_folder"] = str(runtime.offload_folder)
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), device_map=runtime.device_map, **kwargs).eval()
+
+
+def forward_dtype(model_dir: str | Path, runtime: RuntimeParams | None = None) -> torch.dtype:
+    """The dtype `load_causal_lm` runs a checkpoint in under `runtime` (recorded with the artifacts it makes)."""
+    runtime = runtime or CPU
+    return resolve_dtype(runtime.dtype, checkpoint_dtype(model_dir), resolve_device(runtime.device))
+
+
+def checkpoint_dtype(model_dir: str | Path) -> torch.dtype:
+    """The dtype a checkpoint's config.json declares (`dtype` or the older `torch_dtype`; float32 if neither)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return torch_dtype(config.get("dtype") or config.get("torch_dtype") or "float32")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """Parse a dtype name from params or config.json ('bfloat16', 'float32', ...)."""
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unsupported dtype {name!r}; use one of {sorted(_DTYPES)}") from None
+
+
+class Checkpoint:
+    """A Hugging Face safetensors checkpoint opened as its shard index; tensors load lazily."""
+
+    def __init__(self, model_dir: str | Path):
+        self.path = Path(model_dir)
+        index = self.path / INDEX_NAME
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            for shard in set(weight_map.values()):
+                safe_name(shard, f"{index}: shard", single=True)
+        elif (self.path / SINGLE_NAME).is_file():
+            weight_map = {name: SINGLE_NAME for name in TensorFile(self.path / SINGLE_NAME).keys()}
+        else:
+            raise FileNotFoundError(f"{self.path}: neither {INDEX_NAME} nor {SINGLE_NAME}; not a safetensors checkpoint")
+        self.weight_map: dict[str, str] = dict(sorted(weight_map.items()))
+        missing = sorted({s for s in self.weight_map.values() if not (self.path / s).is_file()})
+        if missing:
+            raise FileNotFoundError(f"{self.path}: shard(s) named in the index are missing: {missing}")
+        self._handles: dict[str, TensorFile] = {}
+
+    def names(self) -> list[str]:
+        """All tensor names, sorted."""
+        return list(self.weight_map)
+
+    @property
+    def shards(self) -> list[str]:
+        """Shard file names, sorted."""
+        return sorted(set(self.weight_map.values()))
+
+    def _handle(self, name: str) -> TensorFile:
+        try:
+            shard = self.weight_map[name]
+        except KeyError:
+            raise KeyError(f"{self.path}: no tensor named {name!r}") from None
+        if shard not in self._handles:
+            self._handles[shard] = TensorFile(self.path / shard)
+        return self._handles[shard]
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor (only it is materialised)."""
+        return self._handle(name).get_tensor(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape of one tensor without reading its data."""
+        return self._handle(name).shape(name)
+
+    def dtype_name(self, name: str) -> str:
+        """safetensors dtype string (e.g. 'BF16', 'F32') without reading the data."""
+        return self._handle(name).dtype_name(name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        """torch dtype of one tensor without reading the data."""
+        return _TORCH_DTYPES[self.dtype_name(name)]
+
+    def layer_names(self, layer: int) -> list[str]:
+        """Tensor names of one decoder layer."""
+        return [n for n in self.weight_map if layer_of(n) == layer]
+
+    def non_layer_names(self) -> list[str]:
+        """Embeddings, final norm, lm_head: tensors outside the decoder layers."""
+        return [n for n in self.weight_map if layer_of(n) is None]
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling path to write a file or directory into; rename it over `final` on success.
+
+    On error the temporary is removed and `final` is left as it was (an OSError such as a full
+    disk is re-raised naming `final`). A directory being replaced is renamed aside into the
+    temporary first and deleted only once the new one is in place, so a kill between the two
+    renames loses neither: the next write of `final` puts the old one back (see
+    `remove_stale_temporaries`). Temporaries that killed writers left beside `final` are removed
+    first, so a rerun after SIGKILL does not accumulate them.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(final)}{os.getpid()}-", dir=final.parent))
+    target = tmp / final.name
+    try:
+        yield target
+        if final.is_dir() and not final.is_symlink():
+            os.rename(final, tmp / _ASIDE)  # kept until the new one is in place
+        elif target.is_dir() and (final.exists() or final.is_symlink()):
+            final.unlink()
+        os.replace(target, final)
+    except OSError as e:
+        e.filename = e.filename or str(final)
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+_ASIDE = ".replaced"  # inside an atomic_path temporary: the directory the write is replacing
+
+
+def _temp_prefix(final: Path) -> str:
+    return f".{final.name}.tmp-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by another user
+    return True
+
+
+def remove_stale_temporaries(final: str | Path) -> None:
+    """Delete `atomic_path` temporaries of `final` whose writer process is gone (its pid is in the name); a
+    writer killed between renaming the old directory aside and renaming the new one in gets the old one back."""
+    final = Path(final)
+    prefix = _temp_prefix(final)
+    for p in final.parent.glob(glob.escape(prefix) + "*"):
+        pid = p.name[len(prefix):].split("-", 1)[0]
+        if not (pid.isdigit() and _alive(int(pid))):
+            if (p / _ASIDE).is_dir() and not (final.exists() or final.is_symlink()):
+                os.rename(p / _ASIDE, final)
+            shutil.rmtree(p, ignore_errors=True)
+
+
+class OutputBusy(ValueError):
+    """Another process holds the lock of an output this one would write."""
+
+
+@contextlib.contextmanager
+def output_locks(root: str | Path, outputs: list[str]) -> Iterator[None]:
+    """Hold an exclusive lock per project output (ROOT/.rain/locks/) for a stage's run: a second runner on the
+    same outputs (a Prefect flow and `rain stage` at once) stops with OutputBusy naming the holder, instead of
+    interleaving its writes. Locks are released by the kernel when a holder dies."""
+    import fcntl
+
+    locks = Path(root) / ".rain" / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    held: list[int] = []
+    try:
+        for out in sorted(set(outputs)):
+            fd = os.open(locks / (out.strip("/").replace("/", "__") + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise OutputBusy(f"{out} is being written by another runner (pid {holder}) in {Path(root).resolve()}; wait for it to "
+                                 "finish (or stop it), then rerun: two runners on one output would interleave") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            held.append(fd)
+        yield
+    finally:
+        for fd in held:
+            os.close(fd)
+
+
+_ST_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+_TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+class TensorFile:
+    """One safetensors file read a tensor at a time with positioned reads, not a memory map.
+
+    A memory map leaves every page it touched resident in the process (a whole 15 GB checkpoint
+    by the end of a merge); reading into a fresh buffer keeps only the tensors still referenced.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            n = header_length(f.read(8), self.path.stat().st_size, str(self.path))
+            header = json.loads(f.read(n))
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self.entries: dict[str, dict] = header
+        self._start = 8 + n
+        end = max((e["data_offsets"][1] for e in header.values()), default=0)
+        if self.path.stat().st_size < self._start + end:
+            raise ValueError(f"{self.path}: truncated safetensors file ({self.path.stat().st_size} bytes, "
+                             f"header promises {self._start + end}); rewrite or re-download it")
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.entries[name]["shape"])
+
+    def dtype_name(self, name: str) -> str:
+        return self.entries[name]["dtype"]
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        """Read one tensor into memory it owns."""
+        entry = self.entries[name]
+        begin, end = entry["data_offsets"]
+        dtype = _TORCH_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise ValueError(f"{self.path}: tensor {name} is stored as {entry['dtype']}, which is not read here "
+                             f"(supported: {sorted(_TORCH_DTYPES)}); convert the checkpoint to bfloat16 or float32")
+        if end == begin:
+            return torch.empty(entry["shape"], dtype=dtype)
+        buf = torch.empty(end - begin, dtype=torch.uint8)  # not zero-filled: every byte is read into it
+        view = memoryview(buf.numpy())
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self._start + begin)
+            done = 0
+            while done < len(buf):  # a single read returns at most ~2 GiB on Linux
+                got = f.readinto(view[done:])
+                if not got:
+                    raise ValueError(f"{self.path}: truncated while reading {name}")
+                done += got
+        return buf.view(dtype).reshape(entry["shape"])
+
+
+#: name -> (dtype, shape) of the tensors a file will hold
+Specs = dict[str, tuple[torch.dtype, tuple[int, ...]]]
+
+
+def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    return math.prod(shape) * dtype.itemsize
+
+
+def _header(specs: Specs, metadata: dict[str, str] | None) -> tuple[bytes, dict[str, int]]:
+    """The canonical safetensors header (names sorted, data in that order) and each tensor's data offset.
+
+    safetensors' own writer orders `__metadata__` by a randomly seeded hash map, so two runs with the
+    same inputs would differ byte-wise; this header makes artifacts bit-identical.
+    """
+    header: dict = {"__metadata__": dict(sorted((metadata or {}).items()))} if metadata else {}
+    offsets, offset = {}, 0
+    for name in sorted(specs):
+        dtype, shape = specs[name]
+        size = _nbytes(dtype, shape)
+        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offsets[name] = offset
+        offset += size
+    blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    blob += b" " * (-len(blob) % 8)
+    return len(blob).to_bytes(8, "little") + blob, offsets
+
+
+def _raw(tensor: torch.Tensor) -> memoryview:
+    """The tensor's bytes without a copy (one contiguous CPU copy if it is not already)."""
+    return memoryview(tensor.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy())
+
+
+def _create(path: Path, specs: Specs, metadata: dict[str, str] | None) -> dict[str, int]:
+    """A safetensors file of the final size with its header written; return each tensor's absolute offset."""
+    head, offsets = _header(specs, metadata)
+    with open(path, "wb") as f:
+        f.write(head)
+        f.truncate(len(head) + sum(_nbytes(*spec) for spec in specs.values()))
+    return {name: len(head) + off for name, off in offsets.items()}
+
+
+def _put(path: Path, offset: int, tensor: torch.Tensor) -> None:
+    """Write a tensor's bytes at `offset` of an existing file."""
+    data = _raw(tensor)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        done = 0
+        while done < len(data):
+            done += os.pwrite(fd, data[done:], offset + done)
+    finally:
+        os.close(fd)
+
+
+def save_streamed(path: str | Path, specs: Specs, produce: Callable[[str], torch.Tensor],
+                  metadata: dict[str, str] | None = None) -> None:
+    """Write one safetensors file atomically, computing each tensor only when it is written (memory: one tensor).
+
+    The bytes equal `save_tensors(path, {n: produce(n) for n in specs}, metadata)`.
+    """
+    with atomic_path(path) as tmp:
+        offsets = _create(tmp, specs, metadata)
+        for name, (dtype, shape) in specs.items():
+            tensor = produce(name)
+            if (tensor.dtype, tuple(tensor.shape)) != (dtype, tuple(shape)):
+                raise ValueError(f"{name}: got {tensor.dtype} {tuple(tensor.shape)}, expected {dtype} {tuple(shape)}")
+            _put(tmp, offsets[name], tensor)
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write the safetensors format with the canonical header (see `_header`)."""
+    head, _ = _header({n: (t.dtype, tuple(t.shape)) for n, t in tensors.items()}, metadata)
+    with open(path, "wb") as f:
+        f.write(head)
+        for name in sorted(tensors):
+            f.write(_raw(tensors[name]))
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write one safetensors file atomically and deterministically."""
+    with atomic_path(path) as tmp:
+        write_safetensors(tmp, tensors, metadata)
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a whole (per-layer) safetensors file."""
+    f = TensorFile(path)
+    return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file."""
+    return dict(TensorFile(path).metadata)
+
+
+class ShardWriter:
+    """Writes a checkpoint whose tensors are known in advance straight into their shards, then the HF index.
+
+    `layout` lists (name, dtype, shape) in the order tensors will come; shards are cut greedily in that
+    order at `max_shard_bytes`, each file is created with its final header, and every tensor is written
+    at its offset as it arrives: memory holds one tensor, not a shard. Used inside `atomic_path`, so the
+    model directory appears only once complete.
+    """
+
+    def __init__(self, out_dir: Path, max_shard_bytes: int, layout: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        shards: list[Specs] = []
+        filled = 0
+        for name, dtype, shape in layout:
+            size = _nbytes(dtype, shape)
+            if not shards or (shards[-1] and filled + size > max_shard_bytes):
+                shards.append({})
+                filled = 0
+            shards[-1][name] = (dtype, tuple(shape))
+            filled += size
+        self._specs = {name: spec for shard in shards for name, spec in shard.items()}
+        self._where: dict[str, tuple[str, int]] = {}  # name -> (part file, absolute offset)
+        self._parts: list[tuple[str, list[str]]] = []
+        for i, shard in enumerate(shards):
+            part = f"part-{i:05d}.safetensors"
+            offsets = _create(self.out_dir / part, shard, {"format": "pt", **(metadata or {})})
+            self._where |= {name: (part, off) for name, off in offsets.items()}
+            self._parts.append((part, sorted(shard)))
+        self._total_bytes = sum(_nbytes(*spec) for spec in self._specs.values())
+        self._done: set[str] = set()
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Write one tensor of the layout at its place."""
+        if name not in self._specs:
+            raise KeyError(f"{name!r} is not in the checkpoint layout")
+        if (tensor.dtype, tuple(tensor.shape)) != self._specs[name]:
+            raise ValueError(f"{name}: got {tensor.dtype} {tuple(tensor.shape)}, the layout says {self._specs[name]}")
+        part, offset = self._where[name]
+        _put(self.out_dir / part, offset, tensor)
+        self._done.add(name)
+
+    def close(self) -> list[str]:
+        """Rename shards to the HF `model-0000i-of-0000n` scheme, write the index; return shard names."""
+        missing = sorted(set(self._specs) - self._done)
+        if missing:
+            raise RuntimeError(f"{len(missing)} tensor(s) of the layout were never written: {missing[:5]}")
+        n = len(self._parts)
+        weight_map: dict[str, str] = {}
+        names = []
+        for i, (part, tensor_names) in enumerate(self._parts, start=1):
+            final = SINGLE_NAME if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+            os.replace(self.out_dir / part, self.out_dir / final)
+            names.append(final)
+            weight_map.update({t: final for t in tensor_names})
+        if n > 1:
+            index = {"metadata": {"total_size": self._total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        return names
+
+
+def parse_size(size: str | int) -> int:
+    """'5GB', '200MB', '1MB' or an int -> bytes (decimal units as in transformers)."""
+    if isinstance(size, int):
+        return size
+    s = size.strip().upper()
+    for unit, mult in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * mult)
+    return int(s)
