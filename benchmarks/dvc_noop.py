@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT)]
 
 
 def tree_size(root: Path) -> tuple[int, int]:
@@ -32,7 +32,7 @@ def tree_size(root: Path) -> tuple[int, int]:
 
 def timed(cmd: list[str], cwd: Path, env: dict) -> tuple[float, str]:
     """Wall seconds and output of one command (raises on failure)."""
-    from projects import sh
+    from rain_dev.projects import sh
 
     t0 = time.perf_counter()
     out = sh(cmd, cwd, env)
@@ -47,7 +47,7 @@ def main() -> None:
     p.add_argument("--ffn", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
-    from projects import MINI_OVERRIDES, MINI_ZOO, fresh_project, project_env
+    from rain_dev.projects import MINI_OVERRIDES, MINI_ZOO, fresh_project, project_env
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="rain-dvc-bench-"))
     env = project_env(work)

@@ -22,14 +22,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT)]
 
 RAIN = str(Path(sys.executable).parent / "rain")
 MERGED = "models/merged"
 
 
 def _env(**extra: str) -> dict[str, str]:
-    from rain_tasks.s3server import DUMMY_CREDENTIALS
+    from rain_dev.s3server import DUMMY_CREDENTIALS
 
     return {**os.environ, **DUMMY_CREDENTIALS, "DVC_NO_ANALYTICS": "1", **extra}
 
@@ -38,7 +38,7 @@ def _merge_project(root: Path) -> Path:
     """The test_faults project: every stage before the merge done."""
     import yaml
 
-    from tiny import instruction_rows, make_family, reasoning_rows, write_jsonl
+    from rain_dev.tiny import instruction_rows, make_family, reasoning_rows, write_jsonl
 
     make_family(root / "ckpt", hidden=256, ffn=1024, layers=8)
     write_jsonl(root / "calib/reasoning.jsonl", reasoning_rows())
@@ -50,7 +50,7 @@ def _merge_project(root: Path) -> Path:
                         "reasoning_heldout": "calib/heldout.jsonl"},
         "merge": {"max_shard_size": "64KB"}, "check": {"min_free_space": "0B"}}))
     script = ("from rain_tasks.params import load_params; from rain_tasks.model.runtime import configure; "
-              "from rain_tasks.pipeline.stages import run_stage; configure(); "
+              "from rain_tasks.pipeline.runner import run_stage; configure(); "
               "[run_stage(s, load_params('params.yaml')) for s in "
               "('task_vectors', 'features', 'projection', 'attention_stats', 'alpha')]")
     subprocess.run([sys.executable, "-c", script], cwd=root, env=_env(), check=True, capture_output=True)
@@ -114,8 +114,8 @@ def _released_model(tmp: Path) -> tuple[Path, Path, Path]:
     """(project, merged model, second merged model with other params) on the tiny family."""
     import yaml
 
-    from merged_project import make_project, merge_with_lineage
-    from tiny import make_family, reasoning_rows, write_jsonl
+    from rain_dev.merged_project import make_project, merge_with_lineage
+    from rain_dev.tiny import make_family, reasoning_rows, write_jsonl
 
     family = make_family(tmp / "family")
     family["reasoning"] = write_jsonl(tmp / "family/reasoning.jsonl", reasoning_rows())
@@ -195,7 +195,7 @@ def concurrent_releases(project: Path, models: tuple[Path, Path], key: Path, end
 
 def throttled_releases(project: Path, model: Path, key: Path, endpoint: str, client, every: list[int]) -> list[dict]:
     """A release through a relay answering 503 SlowDown to every n-th request (0: none), and one AccessDenied."""
-    from throttle import ThrottlingRelay
+    from rain_dev.throttle import ThrottlingRelay
 
     rows = []
     for i, n in enumerate(every):
@@ -227,7 +227,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--parts", nargs="+", default=["release", "merge"], choices=["release", "merge"])
     args = parser.parse_args()
-    from rain_tasks.s3server import local_s3
+    from rain_dev.s3server import local_s3
     from rain_tasks.audit.release import s3_client
     from rain_tasks.audit.signing import generate_key_pair
 

@@ -1,7 +1,7 @@
 """Per-layer attribution of RAIN's merge: merge one layer's share λ·α⊙Δ⊥ at a time and measure what it changes.
 
 Usage: python benchmarks/layer_attribution.py [--project .] [--split val|test] [--max-eval N]
-Reads a project whose stages ran up to alpha (`dvc repro alpha`, or `rain demo`): its Δ⊥ (artifacts/projected), α
+Reads a project whose stages ran up to alpha (`dvc repro alpha`, or `make demo`): its Δ⊥ (artifacts/projected), α
 scales (artifacts/alpha) and params (merge.lam). For each layer l, θ_R + λ·α⊙Δ⊥ on layer l's Linear modules only
 (the other layers stay θ_R), then the same with α = 1, evaluated by the evaluation code. Prints per layer its mean
 α, the compliance gained over the LRM and L_think, with α and with α = 1, and the Spearman correlation across layers

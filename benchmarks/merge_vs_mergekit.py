@@ -24,13 +24,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT)]
 
 
 def build(work: Path, args: argparse.Namespace) -> None:
     """The random family (tests/tiny.py) at the requested widths."""
     import torch
-    from tiny import make_family
+    from rain_dev.tiny import make_family
 
     make_family(work / "ckpt", hidden=args.hidden, ffn=args.ffn, layers=args.layers, heads=args.heads,
                 kv_heads=args.kv_heads, dtype=getattr(torch, args.dtype))

@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT)]
 
-from projects import MINI_OVERRIDES, MINI_ZOO, SMALL_ZOO, fresh_project, project_env, sh  # noqa: E402
+from rain_dev.projects import MINI_OVERRIDES, MINI_ZOO, SMALL_ZOO, fresh_project, project_env, sh  # noqa: E402
 
-from rain_tasks.s3server import DUMMY_CREDENTIALS, local_s3  # noqa: E402
+from rain_dev.s3server import DUMMY_CREDENTIALS, local_s3  # noqa: E402
 
 FAMILIES = {"default": ({}, None), "small": (SMALL_ZOO, None), "mini": (MINI_ZOO, MINI_OVERRIDES)}
 FLOW_STATES = str(ROOT / "tests" / "flow_states.py")

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 RAIN_STAGES = ("task_vectors", "features", "projection", "attention_stats", "alpha", "merge")
 TA_STAGES = ("task_vectors", "baselines")
@@ -32,7 +32,7 @@ def build(work: Path, args: argparse.Namespace) -> None:
     """The random family, calibration sets and a params.yaml pointing at them."""
     import torch
     import yaml
-    from tiny import instruction_rows, make_family, reasoning_rows, write_jsonl
+    from rain_dev.tiny import instruction_rows, make_family, reasoning_rows, write_jsonl
 
     make_family(work / "ckpt", hidden=args.hidden, ffn=args.ffn, layers=args.layers, heads=args.heads,
                 kv_heads=args.kv_heads, dtype=getattr(torch, args.dtype))
@@ -53,7 +53,7 @@ def timed_stages(work: Path, stages: tuple[str, ...], phases: dict[str, dict] | 
     """Wall seconds of each stage, run in order in this process; with `phases`, also each stage's phase split."""
     from phases import PhaseClock
     from rain_tasks.params import load_params
-    from rain_tasks.pipeline.stages import run_stage
+    from rain_tasks.pipeline.runner import run_stage
 
     params, seconds = load_params(work / "params.yaml"), {}
     for name in stages:

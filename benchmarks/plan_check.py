@@ -111,7 +111,7 @@ def measure(root: Path, reuse: bool) -> dict[str, dict]:
 
 def calibrate(work: Path, reuse: bool) -> dict:
     """Fit the throughput constants on the subset project and write them to rain_tasks/pipeline/throughput.json."""
-    from rain_tasks.io.checkpoint import load_causal_lm
+    from rain_tasks.model.runtime import load_causal_lm
     from rain_tasks.params import load_params
     from rain_tasks.pipeline.plan import THROUGHPUT, stage_plans
 

@@ -49,7 +49,8 @@ def seed_project(project: Path, work: Path, seed: int, lambdas: list[float]) -> 
 def measure(project: Path, work: Path, seed: int, lambdas: list[float], max_eval: int | None) -> dict:
     from rain_tasks.evaluate.evaluation import evaluate_models
     from rain_tasks.params import load_params
-    from rain_tasks.pipeline.stages import ABLATIONS, ABLATIONS_BY_NAME, BASELINES, MERGED, PAPER_MODEL, run_stage
+    from rain_tasks.pipeline.stages import ABLATIONS, ABLATIONS_BY_NAME, BASELINES, MERGED, PAPER_MODEL
+    from rain_tasks.pipeline.runner import run_stage
 
     root = seed_project(project, work, seed, lambdas)
     p = load_params(root / "params.yaml")

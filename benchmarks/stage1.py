@@ -18,13 +18,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT)]
 
 
 def build(work: Path, args: argparse.Namespace) -> None:
     """Write the random LRM, a random task vector in the task_vectors layout, and a reasoning set."""
     import torch
-    from tiny import make_tokenizer, reasoning_rows, write_jsonl
+    from rain_dev.tiny import make_tokenizer, reasoning_rows, write_jsonl
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from rain_tasks.io.checkpoint import save_tensors

@@ -23,7 +23,8 @@ sys.path[:0] = [str(ROOT)]
 
 
 def measure(seed: int, zoo: dict, work: Path) -> dict:
-    from rain_tasks.model.generation import behaviour_metrics, load_model
+    from rain_tasks.model.generation import load_model
+    from rain_tasks.evaluate.behaviour import behaviour_metrics
     from rain_tasks.io.schemas import load_records
     from rain_tasks.zoo import ZooParams, build_zoo
     from rain_tasks.zoo.probe import task_arithmetic_sweep

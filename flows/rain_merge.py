@@ -48,7 +48,8 @@ from rain_tasks.io.arch import read_shape
 from rain_tasks.io.digest import path_digest
 from rain_tasks.params import Params, load_params
 from rain_tasks.model.runtime import configure
-from rain_tasks.pipeline.stages import LAYER_SPLITS, MERGED, STAGES, Stage, get_stage, run_stage
+from rain_tasks.pipeline.stages import LAYER_SPLITS, MERGED, STAGES, Stage, get_stage
+from rain_tasks.pipeline.runner import run_stage
 from rain_tasks.pipeline.validation import out_of_space_message, validate
 
 log = logging.getLogger(__name__)

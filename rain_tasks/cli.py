@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -16,7 +17,7 @@ from rain_tasks.io.remote import PushFailed
 def _stage(args: argparse.Namespace) -> None:
     from rain_tasks.params import load_params
     from rain_tasks.model.runtime import configure
-    from rain_tasks.pipeline.stages import run_stage
+    from rain_tasks.pipeline.runner import run_stage
 
     configure()
     run_stage(args.name, load_params(args.params))
@@ -67,7 +68,7 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from rain_tasks.audit.lineage import verify
+    from rain_tasks.audit.verify import verify
     from rain_tasks.audit.signing import TrustConfig
 
     key = args.key or os.environ.get("RAIN_TRUST_KEY")
@@ -79,7 +80,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _lineage(args: argparse.Namespace) -> None:
-    from rain_tasks.audit.lineage import describe
+    from rain_tasks.pipeline.describe import describe
 
     print(describe(args.model_dir, args.project))
 
@@ -103,12 +104,6 @@ def _sweep(args: argparse.Namespace) -> None:
     from rain_tasks.evaluate.sweep import run_sweep
 
     print(f"sweep table: {run_sweep(args.project, args.param, args.values)}")
-
-
-def _demo(args: argparse.Namespace) -> None:
-    from rain_tasks.demo import run_demo
-
-    run_demo(args.project)
 
 
 def _execution_options(p: argparse.ArgumentParser) -> None:
@@ -188,17 +183,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("values", nargs="+")
     p.add_argument("--project", default=".")
     p.set_defaults(fn=_sweep)
-    p = sub.add_parser("demo", help="run the pipeline with dvc repro, push to a local S3 server, print the report")
-    p.add_argument("--project", default=".")
-    p.set_defaults(fn=_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    return guarded(lambda: args.fn(args))
+
+
+def guarded(command: Callable[[], int | None]) -> int:
+    """Run a command with INFO logging; a user's error (bad input, a full disk, a failed S3 request) becomes one
+    line on stderr and an exit status instead of a traceback."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        status = args.fn(args)  # commands that audit return a non-zero status on failure
+        status = command()  # commands that audit return a non-zero status on failure
     except (ValueError, FileNotFoundError, PushFailed) as e:
         print(f"rain: error: {e}", file=sys.stderr)
         return 2

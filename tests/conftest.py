@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -15,13 +14,12 @@ os.environ["RAIN_CACHE_DIR"] = tempfile.mkdtemp(prefix="rain-test-cache-")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: no spinning threads on a busy machine
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
 
 torch.set_num_threads(1)  # tiny linear algebra is faster on one thread; zoo builds set their own count
 
-from tiny import instruction_rows, make_family, reasoning_rows, write_jsonl  # noqa: E402
+from rain_dev.tiny import instruction_rows, make_family, reasoning_rows, write_jsonl  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "reference-calibration"
 

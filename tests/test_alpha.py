@@ -10,7 +10,7 @@ import pandas as pd
 import pandera.pandas as pa
 import pytest
 import torch
-from tiny import make_family
+from rain_dev.tiny import make_family
 
 from rain_tasks.stage2.alpha import (closed_form_alpha, reduce_terms, sample_grid, sample_terms, solve_alpha, solve_box_qp, solve_heads,
                                summary_markdown)

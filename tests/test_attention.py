@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from tiny import instruction_rows, make_tokenizer, write_jsonl
+from rain_dev.tiny import instruction_rows, make_tokenizer, write_jsonl
 
 from rain_tasks.io.arch import module_of, read_shape
 from rain_tasks.stage2.attention import (
@@ -195,7 +195,7 @@ def test_add_update_requires_every_merged_tensor(tiny_family, lrm, tmp_path):
 
 
 def test_spans_map_to_the_same_text_whether_or_not_the_template_opens_think():
-    from tiny import CHAT_TEMPLATE
+    from rain_dev.tiny import CHAT_TEMPLATE
 
     r1 = CHAT_TEMPLATE.replace("<|im_start|>assistant\n{% endif %}", "<|im_start|>assistant\n<think>\n{% endif %}")
     for row in instruction_rows(3):

@@ -15,7 +15,8 @@ from rain_tasks.methods.ops import combine_task_vectors, dare_drop, elect_sign_m
 from rain_tasks.io.checkpoint import Checkpoint, read_metadata
 from rain_tasks.merge.engine import METHODS, DeltaPlan, TensorDir, TensorInputs, merge_checkpoint
 from rain_tasks.params import BaselinesParams, DareRun, ModelsParams, SlerpRun, TaskArithmeticRun, TiesRun, load_params
-from rain_tasks.pipeline.stages import BASELINES, run_stage
+from rain_tasks.pipeline.stages import BASELINES
+from rain_tasks.pipeline.runner import run_stage
 
 T = torch.tensor
 ROOT = Path(__file__).resolve().parents[1]

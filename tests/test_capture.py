@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import make_family
+from rain_dev.tiny import make_family
 from transformers import AutoModelForCausalLM
 
 from rain_tasks.model.capture import LayerCapture, attention_probs, forward_with_hooks

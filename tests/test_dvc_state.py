@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from projects import project_env, sh
+from rain_dev.projects import project_env, sh
 from rain_tasks.pipeline import dvc_state
 
 COPY = f"{sys.executable} -c \"import pathlib; pathlib.Path('out.txt').write_text(pathlib.Path('in.txt').read_text().upper())\""

@@ -14,7 +14,7 @@ import yaml
 from rain_tasks.evaluate.evaluation import ContaminationError, contaminated_prompts, lambda_table, lm_eval_scores, require_uncontaminated
 from rain_tasks.params import Params
 from rain_tasks.pipeline.stages import EVAL_DIR, _contamination
-from rain_tasks.zoo.config import ZooParams
+from rain_tasks.params import ZooParams
 from rain_tasks.zoo.tasks import split_problems, write_datasets
 from rain_tasks.zoo.tokenizer import build_tokenizer
 
@@ -118,7 +118,7 @@ def test_thinking_metrics_beyond_omega(tiny_family, tmp_path):
     the KL on a model's own generations is 0 for the LRM and positive for a different model."""
     from rain_tasks.evaluate.evaluation import own_generation_kl, think_invariance
     from rain_tasks.model.generation import load_model
-    from tiny import reasoning_rows
+    from rain_dev.tiny import reasoning_rows
 
     lrm = tiny_family["lrm"]
     closer = _early_closer(lrm, tmp_path / "closer", 3.0)

@@ -15,7 +15,9 @@ import os
 
 import pytest
 
-from rain_tasks.model.generation import behaviour_metrics, load_model
+from rain_tasks.model.generation import load_model
+
+from rain_tasks.evaluate.behaviour import behaviour_metrics
 from rain_tasks.io.schemas import load_records
 from rain_tasks.zoo import ZooParams, build_zoo
 from rain_tasks.zoo.config import MULTISTEP_FAMILY

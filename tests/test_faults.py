@@ -30,10 +30,10 @@ from rain_tasks.io.checkpoint import atomic_path
 from rain_tasks.io.digest import tree_digests
 from rain_tasks.params import load_params
 from rain_tasks.io.remote import PushFailed, push
-from rain_tasks.s3server import DUMMY_CREDENTIALS, free_port
+from rain_dev.s3server import DUMMY_CREDENTIALS, free_port
 from rain_tasks.pipeline.stages import MERGED, PROJ
 from rain_tasks.merge.task_vectors import MANIFEST
-from tiny import instruction_rows, make_family, reasoning_rows, write_jsonl
+from rain_dev.tiny import instruction_rows, make_family, reasoning_rows, write_jsonl
 
 RAIN = str(Path(sys.executable).parent / "rain")
 UPSTREAM = ("task_vectors", "features", "projection", "attention_stats", "alpha")
@@ -68,7 +68,7 @@ def merge_project(tmp_path_factory) -> Path:
     # one subprocess configured as `rain stage` is (runtime.configure: thread count, deterministic kernels), so
     # its artifacts are the bytes a `rain stage projection` rerun makes
     script = ("from rain_tasks.params import load_params; from rain_tasks.model.runtime import configure; "
-              "from rain_tasks.pipeline.stages import run_stage; configure(); "
+              "from rain_tasks.pipeline.runner import run_stage; configure(); "
               f"[run_stage(s, load_params('params.yaml')) for s in {UPSTREAM!r}]")
     subprocess.run([sys.executable, "-c", script], cwd=root, env=_env(), check=True, capture_output=True)
     return root

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from tiny import CHAT_TEMPLATE, make_family, reasoning_rows, write_jsonl
+from rain_dev.tiny import CHAT_TEMPLATE, make_family, reasoning_rows, write_jsonl
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from rain_tasks.io.arch import read_shape

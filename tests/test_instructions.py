@@ -4,7 +4,7 @@ import importlib.util
 
 import pytest
 
-from rain_tasks.model.generation import score_outputs
+from rain_tasks.evaluate.behaviour import score_outputs
 from rain_tasks.evaluate.instructions import CHECKERS, check, ifeval_registry, known_ids
 
 needs_lm_eval = pytest.mark.skipif(

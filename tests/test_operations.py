@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from projects import MINI_OVERRIDES, MINI_ZOO, ROOT, fresh_project, project_env, sh
+from rain_dev.projects import MINI_OVERRIDES, MINI_ZOO, ROOT, fresh_project, project_env, sh
 from rain_tasks.io.digest import tree_digests
-from rain_tasks.s3server import DUMMY_CREDENTIALS, free_port, local_s3
+from rain_dev.s3server import DUMMY_CREDENTIALS, free_port, local_s3
 from rain_tasks.pipeline.stages import LAYER_SPLITS, STAGES
 
 pytestmark = pytest.mark.slow

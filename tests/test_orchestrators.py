@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from projects import MINI_OVERRIDES, MINI_ZOO, ROOT, fresh_project, project_env, sh
+from rain_dev.projects import MINI_OVERRIDES, MINI_ZOO, ROOT, fresh_project, project_env, sh
 from rain_tasks.io.digest import tree_digests
-from rain_tasks.s3server import DUMMY_CREDENTIALS, free_port, local_s3
+from rain_dev.s3server import DUMMY_CREDENTIALS, free_port, local_s3
 from rain_tasks.audit.signing import generate_key_pair
 from rain_tasks.pipeline.stages import LAYER_SPLITS, STAGES
 from test_operations import _start_prefect_server, _stop, _task_states, _wait_for_deployment

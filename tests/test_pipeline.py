@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from projects import ROOT, SMALL_ZOO, fresh_project, project_env, sh
+from rain_dev.projects import ROOT, SMALL_ZOO, fresh_project, project_env, sh
 from rain_tasks.io.arch import read_shape
 from rain_tasks.io.checkpoint import Checkpoint, load_tensors
 from rain_tasks.io.digest import path_digest, tree_digests

@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 
 import yaml
-from tiny import reasoning_rows, write_jsonl
+from rain_dev.tiny import reasoning_rows, write_jsonl
 
 from rain_tasks.model.calibration import load_tokenizer, render
-from rain_tasks.io.checkpoint import Checkpoint, load_causal_lm
+from rain_tasks.io.checkpoint import Checkpoint
+from rain_tasks.model.runtime import load_causal_lm
 from rain_tasks.cli import main
 from rain_tasks.params import load_params
 from rain_tasks.pipeline.plan import stage_plans

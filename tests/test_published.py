@@ -14,7 +14,7 @@ import pytest
 from rain_tasks.stage2.attention import map_sample_spans
 from rain_tasks.model.calibration import render, think_positions
 from rain_tasks.io.schemas import load_records
-from rain_tasks.zoo.config import ZooParams
+from rain_tasks.params import ZooParams
 from rain_tasks.zoo.tokenizer import build_tokenizer
 
 

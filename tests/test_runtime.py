@@ -16,7 +16,8 @@ import torch
 from rain_tasks.stage2.alpha import solve_alpha
 from rain_tasks.stage2.attention import attention_stats
 from rain_tasks.model.capture import token_batches
-from rain_tasks.io.checkpoint import forward_dtype, load_causal_lm, load_tensors
+from rain_tasks.io.checkpoint import load_tensors
+from rain_tasks.model.runtime import forward_dtype, load_causal_lm
 from rain_tasks.stage1.features import accumulate_features
 from rain_tasks.params import AlphaParams, AttentionParams, FeaturesParams, ProjectionParams, RuntimeParams
 from rain_tasks.stage1.projection import project

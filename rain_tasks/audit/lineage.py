@@ -36,16 +36,17 @@ import sys
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import yaml
 
-if TYPE_CHECKING:
-    from rain_tasks.audit.signing import TrustConfig
-
+from rain_tasks.audit.card import CARD, unfilled, write_card
+from rain_tasks.audit.signing import (SignatureError, TrustConfig, compare_signed, provenance_problems,
+                                      verified_manifest)
 from rain_tasks.io.checkpoint import atomic_path, read_metadata
 from rain_tasks.io.digest import file_digest, json_digest, tree_digests
 from rain_tasks.io.guards import confined, unsafe_name
+from rain_tasks.params import load_params, param_values
 
 LINEAGE = "lineage.json"
 RELEASE_MANIFEST = "release.json"  # beside a released model (rain_tasks.audit.release)
@@ -119,8 +120,6 @@ def write_records(model_dir: str | Path, core: dict, root: str | Path, evaluatio
     """The `finalize` of every merging stage: the model card, then lineage.json (which records the card's digest).
 
     `evaluation_row` names the model's row in the evaluation report (see rain_tasks.audit.card)."""
-    from rain_tasks.audit.card import write_card
-
     write_card(Path(model_dir), core, Path(root), evaluation_row)
     write_lineage(model_dir, core)
 
@@ -227,17 +226,6 @@ class LocalFiles:
         return read_metadata(self.model_dir / name)
 
 
-def verify(target: str, project: str | Path | None = None, trust: TrustConfig | None = None,
-           expected_digest: str | None = None, trust_s3_checksums: bool = False) -> LineageReport:
-    """Audit a merged model directory, or a released model given as s3://bucket/prefix/NAME/VERSION, in place
-    (see `audit`; `trust_s3_checksums` takes S3's stored checksums instead of downloading, rain_tasks.audit.release)."""
-    if target.startswith("s3://"):
-        from rain_tasks.audit.release import S3Files
-
-        return audit(S3Files.open(target, trust_checksums=trust_s3_checksums), project, trust, expected_digest)
-    return audit(LocalFiles(Path(target)), project, trust, expected_digest)
-
-
 def verify_lineage(model_dir: str | Path, project: str | Path | None = None) -> LineageReport:
     """Re-hash a merged model directory against its lineage.json (see `audit`)."""
     return audit(LocalFiles(Path(model_dir)), project)
@@ -251,7 +239,7 @@ def audit(files: ModelFiles, project: str | Path | None = None, trust: TrustConf
     root), also re-hash the recorded inputs found there (never outside it) and compare its params.yaml."""
     report = LineageReport(files.location)
     signed = _signed_digests(files, trust, report) if trust is not None else None
-    doc = _load(files, report)
+    doc = load_lineage(files, report)
     everything = files.digests(report, signed)
     if signed is not None:
         _check_signed(files, trust, signed, everything, report)
@@ -277,8 +265,6 @@ def audit(files: ModelFiles, project: str | Path | None = None, trust: TrustConf
 
 def _signed_digests(files: ModelFiles, trust: TrustConfig, report: LineageReport) -> dict[str, str] | None:
     """The digests the release signature covers, once it verifies with `trust`; None (a problem noted) otherwise."""
-    from rain_tasks.audit.signing import SignatureError, verified_manifest
-
     bundle = files.read_bytes(RELEASE_SIGNATURE)
     if bundle is None:
         report.problems.append(f"signature: no {RELEASE_SIGNATURE}: the model is unsigned")
@@ -295,8 +281,6 @@ def _signed_digests(files: ModelFiles, trust: TrustConfig, report: LineageReport
 def _check_signed(files: ModelFiles, trust: TrustConfig, signed: dict[str, str], everything: dict[str, str],
                   report: LineageReport) -> None:
     """Every file but the signature itself is signed with its digest, and the provenance is signed and agrees."""
-    from rain_tasks.audit.signing import compare_signed, provenance_problems
-
     report.problems += compare_signed(signed, {n: d for n, d in everything.items() if n != RELEASE_SIGNATURE})
     envelope = files.read_bytes(PROVENANCE)
     if envelope is None:
@@ -306,7 +290,7 @@ def _check_signed(files: ModelFiles, trust: TrustConfig, signed: dict[str, str],
     report.checked.append(f"{PROVENANCE}: in-toto SLSA provenance checked against the signed files")
 
 
-def _load(files: ModelFiles, report: LineageReport) -> dict | None:
+def load_lineage(files: ModelFiles, report: LineageReport) -> dict | None:
     where = f"{files.location}/{LINEAGE}"
     raw = files.read_bytes(LINEAGE)
     if raw is None:
@@ -345,8 +329,6 @@ def _malformed(doc: Any) -> str | None:
 
 def _output_digests(files: ModelFiles, found: dict[str, str], report: LineageReport) -> dict[str, str]:
     """The files' digests, the model card's taken as the merge wrote it (a release fills its evaluation section)."""
-    from rain_tasks.audit.card import CARD, unfilled
-
     found = dict(found)
     if CARD in found:
         text = files.read_bytes(CARD).decode("utf-8")
@@ -401,9 +383,6 @@ def _check_inputs(project: Path, inputs: dict[str, dict], report: LineageReport)
 
 def _current_params(project: Path, keys: tuple[str, ...]) -> dict[str, Any]:
     """The project's params.yaml values under the recorded keys."""
-    from rain_tasks.params import load_params
-    from rain_tasks.pipeline.stages import param_values
-
     return param_values(load_params(project / "params.yaml"), keys)
 
 
@@ -423,66 +402,3 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     for k, v in obj.items():
         out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
     return out
-
-
-# --- the readable chain -------------------------------------------------------------------------
-
-
-def describe(model_dir: str | Path, project: str | Path = ".") -> str:
-    """The chain inputs → stages → output of a merged model, from its lineage.json, with the provenance and the
-    dvc.lock digests of the run that wrote it where `project` holds its run record (rain_tasks.pipeline.runs)."""
-    from rain_tasks.pipeline.runs import find_run
-
-    model_dir = Path(model_dir)
-    report = LineageReport(str(model_dir))
-    doc = _load(LocalFiles(model_dir), report)
-    if doc is None:
-        raise FileNotFoundError(report.problems[0])
-    core, run = doc["core"], find_run(project, doc["core_digest"])
-    prov = (run or {}).get("provenance", {})
-    return "\n".join([
-        f"{model_dir}: run {run_name(core)}, lineage {doc['core_digest'][:12]}…",
-        "inputs",
-        *_describe_inputs(core["inputs"]),
-        "stages (outputs' md5 as dvc.lock recorded them when the merge ran)",
-        *_describe_stages(core.get("stages", []), prov.get("dvc_lock", {})),
-        "output",
-        f"  {model_dir}  {core['method']} {json.dumps(core['method_params'], sort_keys=True)}",
-        *(f"    {name:<44} sha256 {sha[:16]}" for name, sha in sorted(doc["outputs"].items())),
-        _describe_provenance(run, project),
-    ])
-
-
-def _describe_inputs(inputs: dict[str, dict]) -> list[str]:
-    width = max((len(role) for role in inputs), default=0)
-    return [f"  {role:<{width}}  {rec['path']}  ({len(rec['files'])} file{'s' * (len(rec['files']) != 1)}, "
-            f"sha256 of digests {json_digest(rec['files'])[:16]})" for role, rec in sorted(inputs.items())]
-
-
-def _describe_stages(stages: list[str], dvc_lock: dict[str, dict[str, str]]) -> list[str]:
-    from rain_tasks.pipeline.stages import STAGE_BY_NAME
-
-    if not stages:
-        return ["  (merged outside the pipeline: no stages recorded)"]
-    lines = []
-    for i, name in enumerate(stages):
-        desc = STAGE_BY_NAME[name].desc if name in STAGE_BY_NAME else "(no longer in the registry)"
-        if i == len(stages) - 1:
-            outs = "this run"
-        elif name in dvc_lock:
-            outs = ", ".join(f"{path} {md5[:12]}" for path, md5 in sorted(dvc_lock[name].items()))
-        else:
-            outs = "not in dvc.lock when the merge ran"
-        lines.append(f"  {'→ ' if i else ''}{name}: {desc} [{outs}]")
-    return lines
-
-
-def _describe_provenance(run: dict | None, project: str | Path) -> str:
-    if run is None:
-        return f"provenance: no run record in {project} (made elsewhere, e.g. pulled from the DVC remote)"
-    prov = run["provenance"]
-    git = prov.get("git", {})
-    commit = f"git {git.get('commit') or 'none'}" + (" (dirty)" if git.get("dirty") else "")
-    flow = f"Prefect flow run {prov['prefect_flow_run_id']}" if prov.get("prefect_flow_run_id") else "no Prefect flow run"
-    return (f"provenance: {commit}, code {str(prov.get('code_digest'))[:12]}, {flow}, python {prov.get('python')}; "
-            f"stage {run['stage']} ran on {run['host']} at {run['finished_at']} ({run['seconds']} s)")

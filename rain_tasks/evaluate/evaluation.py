@@ -24,8 +24,10 @@ import torch
 from tqdm import tqdm
 
 from rain_tasks.model.calibration import load_tokenizer, render, think_positions, think_token_ids
-from rain_tasks.io.checkpoint import CPU, atomic_path, forward_dtype, load_causal_lm
-from rain_tasks.model.generation import GREEDY, Sampling, behaviour_metrics, generate_ids, load_model
+from rain_tasks.io.checkpoint import atomic_path
+from rain_tasks.model.runtime import CPU, forward_dtype, load_causal_lm
+from rain_tasks.model.generation import GREEDY, Sampling, generate_ids, load_model
+from rain_tasks.evaluate.behaviour import behaviour_metrics
 from rain_tasks.params import EvaluateParams, RuntimeParams
 from rain_tasks.io.plots import lines, scatter_lines
 from rain_tasks.model.runtime import input_device

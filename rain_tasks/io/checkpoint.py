@@ -22,43 +22,11 @@ import torch
 
 from rain_tasks.io.arch import layer_of
 from rain_tasks.io.guards import header_length, safe_name
-from rain_tasks.params import RuntimeParams
-from rain_tasks.model.runtime import resolve_device, resolve_dtype
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
-
-
-#: what a caller that passes no runtime gets: float32 on the CPU (the stages pass params.yaml's `runtime`)
-CPU = RuntimeParams(device="cpu")
-
-
-def load_causal_lm(model_dir: str | Path, runtime: RuntimeParams | None = None, attn_implementation: str = "eager"):
-    """A local causal LM in eval mode, on `runtime`'s device and dtype (default: float32 on the CPU).
-
-    With `runtime.device_map: auto`, accelerate places the layers over the GPUs, the CPU and
-    `offload_folder` within `max_memory`. Eager attention is the only kind that returns weights.
-    """
-    from transformers import AutoModelForCausalLM
-
-    runtime = runtime or CPU
-    device = resolve_device(runtime.device)
-    kwargs: dict = {"dtype": forward_dtype(model_dir, runtime), "attn_implementation": attn_implementation}
-    if runtime.device_map is None:
-        return AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs).to(device).eval()
-    if runtime.max_memory:
-        kwargs["max_memory"] = {int(k) if k.isdigit() else k: parse_size(v) for k, v in runtime.max_memory.items()}
-    if runtime.offload_folder:
-        kwargs["offload_folder"] = str(runtime.offload_folder)
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), device_map=runtime.device_map, **kwargs).eval()
-
-
-def forward_dtype(model_dir: str | Path, runtime: RuntimeParams | None = None) -> torch.dtype:
-    """The dtype `load_causal_lm` runs a checkpoint in under `runtime` (recorded with the artifacts it makes)."""
-    runtime = runtime or CPU
-    return resolve_dtype(runtime.dtype, checkpoint_dtype(model_dir), resolve_device(runtime.device))
 
 
 def checkpoint_dtype(model_dir: str | Path) -> torch.dtype:

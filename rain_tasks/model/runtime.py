@@ -6,6 +6,9 @@ import os
 
 import torch
 
+from rain_tasks.io.checkpoint import checkpoint_dtype, parse_size
+from rain_tasks.params import RuntimeParams
+
 
 def configure(threads: int | None = None) -> None:
     """Deterministic torch, fixed threads, and no hub access (nothing may download weights)."""
@@ -69,3 +72,33 @@ def add_to_parameter(model: torch.nn.Module, name: str, delta: torch.Tensor, alp
     from accelerate.utils import offload_weight
 
     offload_weight(patched, key, loader.save_folder, index=loader.index)
+
+
+#: what a caller that passes no runtime gets: float32 on the CPU (the stages pass params.yaml's `runtime`)
+CPU = RuntimeParams(device="cpu")
+
+
+def load_causal_lm(model_dir: str | Path, runtime: RuntimeParams | None = None, attn_implementation: str = "eager"):
+    """A local causal LM in eval mode, on `runtime`'s device and dtype (default: float32 on the CPU).
+
+    With `runtime.device_map: auto`, accelerate places the layers over the GPUs, the CPU and
+    `offload_folder` within `max_memory`. Eager attention is the only kind that returns weights.
+    """
+    from transformers import AutoModelForCausalLM
+
+    runtime = runtime or CPU
+    device = resolve_device(runtime.device)
+    kwargs: dict = {"dtype": forward_dtype(model_dir, runtime), "attn_implementation": attn_implementation}
+    if runtime.device_map is None:
+        return AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs).to(device).eval()
+    if runtime.max_memory:
+        kwargs["max_memory"] = {int(k) if k.isdigit() else k: parse_size(v) for k, v in runtime.max_memory.items()}
+    if runtime.offload_folder:
+        kwargs["offload_folder"] = str(runtime.offload_folder)
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), device_map=runtime.device_map, **kwargs).eval()
+
+
+def forward_dtype(model_dir: str | Path, runtime: RuntimeParams | None = None) -> torch.dtype:
+    """The dtype `load_causal_lm` runs a checkpoint in under `runtime` (recorded with the artifacts it makes)."""
+    runtime = runtime or CPU
+    return resolve_dtype(runtime.dtype, checkpoint_dtype(model_dir), resolve_device(runtime.device))

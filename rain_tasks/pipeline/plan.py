@@ -19,12 +19,14 @@ from pathlib import Path
 from rain_tasks.io.arch import ModelShape, read_shape
 from rain_tasks.stage2.attention import prepare_samples as attention_samples
 from rain_tasks.model.calibration import load_tokenizer
-from rain_tasks.io.checkpoint import Checkpoint, forward_dtype, parse_size
+from rain_tasks.io.checkpoint import Checkpoint, parse_size
+from rain_tasks.model.runtime import forward_dtype
 from rain_tasks.stage1.features import layer_bytes, prepare_samples, set_biases, set_dims
 from rain_tasks.params import Params
 from rain_tasks.model.runtime import resolve_device
 from rain_tasks.io.schemas import load_records
 from rain_tasks.pipeline.stages import MERGED, PROJ, TV
+from rain_tasks.pipeline.validation import output_estimates
 
 #: measured throughput constants per "<device type>/<dtype>" (see the module docstring)
 THROUGHPUT = Path(__file__).with_name("throughput.json")
@@ -73,8 +75,6 @@ def _throughput(device: str, dtype: str) -> tuple[dict | None, str]:
 
 def stage_plans(params: Params, root: Path) -> tuple[dict, list[StagePlan]]:
     """The run's facts (parameters, tokens, disk, constants' source) and one StagePlan per model-running stage."""
-    from rain_tasks.pipeline.validation import output_estimates
-
     lrm_dir = root / params.models.lrm
     shape, ckpt, tok = read_shape(lrm_dir), Checkpoint(lrm_dir), load_tokenizer(lrm_dir)
     device = resolve_device(params.runtime.device).type

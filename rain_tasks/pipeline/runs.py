@@ -17,6 +17,9 @@ import platform
 from datetime import datetime, timezone
 from pathlib import Path
 
+from rain_tasks.audit.lineage import provenance
+from rain_tasks.io.checkpoint import atomic_path
+
 RUNS_DIR = ".rain/runs"
 
 
@@ -27,9 +30,6 @@ def runs_file(root: str | Path, stage: str) -> Path:
 
 def record_run(root: str | Path, stage: str, seconds: float, facts: dict | None = None) -> dict:
     """Append one run of `stage` (its wall time, `facts` the stage reported, host and provenance); return the entry."""
-    from rain_tasks.io.checkpoint import atomic_path
-    from rain_tasks.audit.lineage import provenance
-
     entry = {"stage": stage, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
              "seconds": round(seconds, 3), "host": platform.node(), **(facts or {}), "provenance": provenance(root)}
     path = runs_file(root, stage)

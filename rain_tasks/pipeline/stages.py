@@ -2,14 +2,14 @@
 
 `dvc.yaml` is generated from this registry (`rain dvc-yaml`, checked by a test), the CLI's
 `rain stage NAME` runs one entry, and the Prefect flow runs the same entries in order, so
-`dvc repro` and the flow cannot drift apart. Paths are relative to the project root; a dep
+`dvc repro` and the flow cannot drift apart. Each stage body imports the library module it calls when it
+runs, so reading the registry (dvc.yaml, the flow's DAG, `rain plan`) loads no model code. Paths are relative to the project root; a dep
 written `${models.lrm}` is resolved from params.yaml (DVC templating does the same).
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -18,10 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from rain_tasks.params import Params
-from rain_tasks.pipeline.runs import record_run
+from rain_tasks.params import Params, param_values
 
-log = logging.getLogger(__name__)
 
 TV, FEAT, FEAT_HELDOUT, PROJ = "artifacts/task_vectors", "artifacts/features", "artifacts/features_heldout", "artifacts/projected"
 ATTN, ALPHA = "artifacts/attention", "artifacts/alpha"
@@ -106,7 +104,7 @@ def _task_vectors(p: Params, r: Path) -> None:
 
 
 def _features(p: Params, r: Path) -> None:
-    from rain_tasks.io.checkpoint import load_causal_lm
+    from rain_tasks.model.runtime import load_causal_lm
     from rain_tasks.stage1.features import accumulate_features
 
     load_lrm = functools.cache(functools.partial(load_causal_lm, r / p.models.lrm, p.runtime))  # one load for both sets
@@ -388,28 +386,6 @@ def get_stage(name: str) -> Stage:
         raise ValueError(f"unknown stage {name!r}; stages: {[s.name for s in STAGES]}") from None
 
 
-def run_stage(name: str, params: Params, root: str | Path = ".", parts: Path | None = None) -> None:
-    """Run one stage of the project at `root`, after checking its inputs (a stage with deps reads the models).
-
-    With `parts`, the stage finishes from the per-layer work its LAYER_SPLITS entry already did there.
-    """
-    stage, root = get_stage(name), Path(root)
-    if stage.deps:  # the zoo makes the inputs; every other stage refuses bad ones before any work
-        from rain_tasks.pipeline.validation import preflight
-
-        preflight(stage, params, root)
-    log.info("stage %s: %s", name, stage.desc)
-    from rain_tasks.io.checkpoint import output_locks
-
-    start = time.perf_counter()
-    with output_locks(root, [resolve(o, params) for o in stage.outputs]):
-        facts = stage.run(params, root) if parts is None else LAYER_SPLITS[name].finish(params, root, parts)
-    missing = [o for o in stage.outputs if not (root / resolve(o, params)).exists()]
-    if missing:
-        raise RuntimeError(f"stage {name} finished without writing {missing}")
-    record_run(root, name, time.perf_counter() - start, facts)
-
-
 @dataclass(frozen=True)
 class LayerSplit:
     """A stage whose per-layer work the Prefect flow can run as one task per layer (e.g. on a Dask cluster).
@@ -442,18 +418,6 @@ LAYER_SPLITS: dict[str, LayerSplit] = {
     "projection": LayerSplit("project", _projection_layer, _projection_finish),
     "merge": LayerSplit("merge", _merge_layer, _merge),
 }
-
-
-def param_values(params: Params, keys: tuple[str, ...]) -> dict:
-    """The values of dotted params keys, e.g. {'alpha': {...}, 'attention.prior': 1.0}."""
-    dumped = params.model_dump(mode="json")
-    values = {}
-    for key in keys:
-        node = dumped
-        for part in key.split("."):
-            node = node[part]
-        values[key] = node
-    return values
 
 
 def _reads(path: str, output: str) -> bool:

@@ -36,7 +36,8 @@ from tqdm import tqdm
 from rain_tasks.io.arch import MODULES, ModelShape, read_shape
 from rain_tasks.model.calibration import load_tokenizer, render, think_positions, think_token_ids
 from rain_tasks.model.capture import LayerCapture, attention_probs, forward_batch_with_hooks, token_batches
-from rain_tasks.io.checkpoint import CPU, Checkpoint, atomic_path, forward_dtype, load_causal_lm, save_tensors
+from rain_tasks.io.checkpoint import Checkpoint, atomic_path, save_tensors
+from rain_tasks.model.runtime import CPU, forward_dtype, load_causal_lm
 from rain_tasks.io.guards import require_finite
 from rain_tasks.io.digest import json_digest, path_digest
 from rain_tasks.params import FeaturesParams, RuntimeParams

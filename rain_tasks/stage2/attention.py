@@ -41,11 +41,13 @@ from tqdm import tqdm
 from rain_tasks.io.arch import ModelShape, module_of, read_shape
 from rain_tasks.model.calibration import Rendered, load_tokenizer, render, span_positions
 from rain_tasks.model.capture import attention_probs, forward_batch_with_hooks, pad_right, token_batches
-from rain_tasks.io.checkpoint import CPU, atomic_path, load_causal_lm, load_tensors
+from rain_tasks.io.checkpoint import atomic_path, load_tensors
+from rain_tasks.model.runtime import CPU, load_causal_lm
 from rain_tasks.io.guards import require_finite
 from rain_tasks.params import AttentionParams, RuntimeParams
 from rain_tasks.model.runtime import add_to_parameter, input_device
 from rain_tasks.io.schemas import STATS_SCHEMA, load_records
+from rain_tasks.merge.engine import TensorDir
 from rain_tasks.merge.task_vectors import MANIFEST, layer_file
 
 #: "auto" uses the eager path while layers × heads × T² fp32 attention weights stay below this.
@@ -234,8 +236,6 @@ def add_update(model, projected_dir: str | Path, shape: ModelShape, step: float,
     if missing:
         raise ValueError(f"{projected_dir}: no Δ⊥ for {len(missing)} merged tensor(s), e.g. {missing[:3]}")
     if other_dir is not None:
-        from rain_tasks.merge.engine import TensorDir
-
         others = TensorDir(other_dir)
         for name in sorted(set(params) - expected):
             delta = others.get(name)

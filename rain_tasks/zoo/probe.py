@@ -12,7 +12,8 @@ from pathlib import Path
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rain_tasks.io.arch import module_of
-from rain_tasks.model.generation import behaviour_metrics, generate, load_model, score_outputs
+from rain_tasks.model.generation import generate, load_model
+from rain_tasks.evaluate.behaviour import behaviour_metrics, score_outputs
 from rain_tasks.merge.engine import METHODS, TensorInputs
 from rain_tasks.zoo.tasks import think_block
 

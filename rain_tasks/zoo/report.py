@@ -14,7 +14,8 @@ import io
 from pathlib import Path
 
 from rain_tasks.io.checkpoint import atomic_path
-from rain_tasks.model.generation import behaviour_metrics, load_model
+from rain_tasks.model.generation import load_model
+from rain_tasks.evaluate.behaviour import behaviour_metrics
 from rain_tasks.io.schemas import load_records
 from rain_tasks.zoo.build import deterministic, task_vector_geometry as geometry_of
 from rain_tasks.zoo.probe import forced_closed_metrics, merge_sweep, task_arithmetic_sweep

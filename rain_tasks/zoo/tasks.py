@@ -20,12 +20,11 @@ from pathlib import Path
 from typing import Callable
 
 from rain_tasks.evaluate.instructions import ANSWER_STATEMENT
-from rain_tasks.zoo.config import ZooParams
+from rain_tasks.model.calibration import THINK_CLOSE, THINK_OPEN
+from rain_tasks.params import ZooParams
 
 EOS = "<|endoftext|>"
 IM_END = "<|im_end|>"
-THINK_OPEN = "<think>"
-THINK_CLOSE = "</think>"
 _OPS: dict[str, tuple[str, int]] = {"add": ("plus", 1), "sub": ("minus", -1)}
 DISTRACTORS: tuple[str, ...] = (
     "please be careful .",

@@ -1,8 +1,8 @@
 """Build the mini-family project with `dvc repro` and record (or compare) every stage output's digests.
 
 Used to show that a refactoring leaves artifacts bit-identical:
-  python tools/artifact_digests.py record /path/baseline.json    # before
-  python tools/artifact_digests.py compare /path/baseline.json   # after: exit 1 on any difference
+  python -m rain_dev.artifact_digests record /path/baseline.json    # before
+  python -m rain_dev.artifact_digests compare /path/baseline.json   # after: exit 1 on any difference
 """
 
 from __future__ import annotations
@@ -12,12 +12,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from projects import MINI_OVERRIDES, MINI_ZOO, fresh_project, project_env, sh  # noqa: E402
-
-from rain_tasks.io.digest import tree_digests  # noqa: E402
-from rain_tasks.s3server import DUMMY_CREDENTIALS  # noqa: E402
-from rain_tasks.pipeline.stages import STAGES  # noqa: E402
+from rain_dev.projects import MINI_OVERRIDES, MINI_ZOO, fresh_project, project_env, sh
+from rain_dev.s3server import DUMMY_CREDENTIALS
+from rain_tasks.io.digest import tree_digests
+from rain_tasks.pipeline.stages import STAGES
 
 
 def digests() -> dict[str, dict[str, str]]:

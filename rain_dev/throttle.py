@@ -9,7 +9,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
-from rain_tasks.s3server import free_port
+from rain_dev.s3server import free_port
 
 _ERROR = ('<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>{message}</Message>'
           '<RequestId>relay</RequestId></Error>')

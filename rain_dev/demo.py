@@ -1,16 +1,19 @@
-"""`make demo`: the whole pipeline under `dvc repro` with artifacts pushed to a local S3 server, and the merged
+"""`make demo` (`python -m rain_dev.demo`): the whole pipeline under `dvc repro` with artifacts pushed to a local S3 server, and the merged
 model released there, signed with a demo key pair kept under .rain/keys (git-ignored), then verified."""
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import time
 from pathlib import Path
 
+from rain_dev.s3server import local_s3
 from rain_tasks.audit.lineage import audit
 from rain_tasks.audit.release import S3Files, release, s3_client
+from rain_tasks.audit.signing import SigningConfig, TrustConfig, generate_key_pair
+from rain_tasks.cli import guarded
 from rain_tasks.io.remote import push
-from rain_tasks.s3server import local_s3
 from rain_tasks.pipeline.stages import MERGED
 
 REMOTE = "storage"
@@ -24,8 +27,6 @@ def _dvc(*args: str, root: Path) -> None:
 def release_signed(root: Path, endpoint: str, bucket: str) -> str:
     """Release the merged model to the local S3 server signed with the demo key pair, and verify it with the public
     key; return the release's URI."""
-    from rain_tasks.audit.signing import SigningConfig, TrustConfig, generate_key_pair
-
     private, public = generate_key_pair(root / DEMO_KEYS)
     uri = f"s3://{bucket}/releases/rain-merged/demo"
     client = s3_client(endpoint)
@@ -53,3 +54,15 @@ def run_demo(root: str | Path = ".", bucket: str = "rain-artifacts") -> None:
     print(f"metrics:      {root / 'metrics/eval.json'}  (dvc metrics show)")
     print(f"release:      {released}  (signed with {root / DEMO_KEYS}; verified with its public key)")
     print(f"artifacts pushed to s3://{bucket} on the local S3 server; demo took {time.monotonic() - start:.0f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m rain_dev.demo [--project DIR]`: the demo with the CLI's error messages."""
+    parser = argparse.ArgumentParser(description="run the pipeline with dvc repro, push to a local S3 server, print the report")
+    parser.add_argument("--project", default=".")
+    project = parser.parse_args(argv).project
+    return guarded(lambda: run_demo(project))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
