@@ -1,4 +1,5 @@
-"""The library's import graph, read with `ast` from every import statement (module level or inside a function).
+"""The library's layers, checked on its import graph (rain_tasks.pipeline.imports: every import statement, module
+level or inside a function).
 
     python -m rain_dev.import_graph     # print the layers, the edges that break them, and any circle
 
@@ -9,59 +10,14 @@ asserts both.
 
 from __future__ import annotations
 
-import ast
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-PACKAGE = "rain_tasks"
+from rain_tasks.pipeline.imports import graph, modules
+
 #: bottom to top; a module's layer is the first entry its dotted name starts with
 LAYERS = ("rain_tasks.io", "rain_tasks.params", "rain_tasks.model", "rain_tasks.methods", "rain_tasks.merge",
           "rain_tasks.stage1", "rain_tasks.stage2", "rain_tasks.evaluate", "rain_tasks.zoo", "rain_tasks.audit",
           "rain_tasks.pipeline", "rain_tasks.cli")
-
-
-def modules(root: Path = ROOT) -> dict[str, Path]:
-    """Dotted name -> file of every module of the library (a package is its __init__)."""
-    found = {}
-    for path in sorted((root / PACKAGE).rglob("*.py")):
-        parts = path.relative_to(root).with_suffix("").parts
-        found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
-    return found
-
-
-def _target(name: str, known: dict[str, Path]) -> str | None:
-    """The library module an imported dotted name resolves to (the longest known prefix), if any."""
-    while name:
-        if name in known:
-            return name
-        name = name.rpartition(".")[0]
-    return None
-
-
-def imports(module: str, path: Path, known: dict[str, Path]) -> set[str]:
-    """The library modules `module` imports anywhere in its file (`from X import y` counts X.y when y is a module)."""
-    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
-            names = [f"{base}.{a.name}" for a in node.names]
-        else:
-            continue
-        found |= {t for n in names if (t := _target(n, known)) and t != module}
-    return found
-
-
-def graph(root: Path = ROOT) -> dict[str, set[str]]:
-    """Module -> the library modules it imports (package __init__ files left out of the edges' targets when they
-    merely hold a docstring, so `from rain_tasks.io import x` names x)."""
-    known = modules(root)
-    return {m: imports(m, p, known) for m, p in known.items()}
 
 
 def layer(module: str) -> int | None:

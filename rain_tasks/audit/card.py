@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from rain_tasks.io.checkpoint import atomic_path
-from rain_tasks.io.digest import file_digest, json_digest
+from rain_tasks.io.digest import json_digest
 
 CARD = "README.md"
 REPORT = "reports/report.json"
@@ -122,22 +122,3 @@ def fill_evaluation(text: str, table: str) -> str:
 def unfilled(text: str) -> str:
     """The card as the merge wrote it: the evaluation section back to the placeholder."""
     return _replace_evaluation(text, PLACEHOLDER)
-
-
-def evaluation_table(card_text: str, project: Path) -> str | None:
-    """The evaluation section a release adds: the model's row of the project's report beside the LRM and ITM
-    rows, or None when the project has no report or the report has no row for this model."""
-    from rain_tasks.evaluate.evaluation import format_table
-
-    spec = front_matter(card_text).get("rain_evaluation") or {}
-    report_path = project / spec.get("report", REPORT)
-    if not report_path.is_file():
-        return None
-    report = json.loads(report_path.read_text())
-    row = spec.get("row")
-    if row not in report.get("models", {}):
-        return None
-    names = [n for n in ("LRM", "ITM") if n in report["models"] and n != row] + [row]
-    table = format_table({n: report["models"][n] for n in names}, report.get("labels", {}))
-    return (f"From `{spec.get('report', REPORT)}` (sha256 `{file_digest(report_path)[:16]}`), the `evaluate` stage's report "
-            f"at release time; row `{row}` is this model, LRM and ITM are the references.\n\n{table}")

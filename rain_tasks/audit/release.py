@@ -34,13 +34,13 @@ import base64
 import hashlib
 import json
 import math
-import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rain_tasks.audit.card import CARD, evaluation_table, fill_evaluation
+from rain_tasks.audit.card import CARD, REPORT, fill_evaluation, front_matter
+from rain_tasks.evaluate.evaluation import format_table
 from rain_tasks.io.checkpoint import parse_size
 from rain_tasks.io.digest import file_digest, tree_files
 from rain_tasks.io.guards import header_length, safe_name
@@ -240,6 +240,23 @@ def _refuse_committed(client: Any, target: S3Location) -> None:
     if committed(client, target):
         raise ReleaseError(f"{target} already exists: a complete release. Released versions are never overwritten; "
                            "release under a new VERSION.")
+
+
+def evaluation_table(card_text: str, project: Path) -> str | None:
+    """The evaluation section a release adds: the model's row of the project's report beside the LRM and ITM
+    rows, or None when the project has no report or the report has no row for this model."""
+    spec = front_matter(card_text).get("rain_evaluation") or {}
+    report_path = project / spec.get("report", REPORT)
+    if not report_path.is_file():
+        return None
+    report = json.loads(report_path.read_text())
+    row = spec.get("row")
+    if row not in report.get("models", {}):
+        return None
+    names = [n for n in ("LRM", "ITM") if n in report["models"] and n != row] + [row]
+    table = format_table({n: report["models"][n] for n in names}, report.get("labels", {}))
+    return (f"From `{spec.get('report', REPORT)}` (sha256 `{file_digest(report_path)[:16]}`), the `evaluate` stage's report "
+            f"at release time; row `{row}` is this model, LRM and ITM are the references.\n\n{table}")
 
 
 def _released_card(model_dir: Path, project: Path) -> tuple[bytes, bool]:

@@ -9,7 +9,6 @@ mean the same for both styles.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from rain_tasks.params import Params, param_values
+from rain_tasks.pipeline.imports import closure, function_imports, graph, source_files
 
 
 TV, FEAT, FEAT_HELDOUT, PROJ = "artifacts/task_vectors", "artifacts/features", "artifacts/features_heldout", "artifacts/projected"
@@ -65,7 +66,6 @@ class Stage:
     name: str
     run: Callable[[Params, Path], dict | None]  # (params, project root) -> facts for the run record, if any
     deps: tuple[str, ...]
-    code: tuple[str, ...] = ()  # library files whose change must rerun the stage
     params: tuple[str, ...] = ()
     outs: tuple[str, ...] = ()
     metrics: tuple[str, ...] = ()
@@ -75,6 +75,18 @@ class Stage:
 
     def __post_init__(self):
         object.__setattr__(self, "outputs", self.outs + self.metrics + self.plots)
+
+    @property
+    def code(self) -> tuple[str, ...]:
+        """Library files whose change must rerun the stage: the import closure of its body (dvc.yaml's code deps)."""
+        return body_code(self.run.__name__)
+
+
+@functools.cache
+def body_code(body: str) -> tuple[str, ...]:
+    """The library files a stage body of this module loads when it runs: what it imports and, transitively, what
+    those import. This registry file itself is left out (every body lives here: any edit would rerun every stage)."""
+    return source_files(closure(function_imports(__name__, body), graph()) - {__name__})
 
 
 _REF = re.compile(r"\$\{([a-z_]+)\.([a-z_]+)\}")
@@ -332,45 +344,38 @@ def _evaluate(p: Params, r: Path) -> None:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("zoo", _zoo, deps=(), code=("rain_tasks/zoo", "rain_tasks/evaluate/instructions.py", "rain_tasks/model/generation.py"), params=("zoo",),
+    Stage("zoo", _zoo, deps=(), params=("zoo",),
           outs=("models/base", "models/itm", "models/lrm", "data/calibration", EVAL_DIR, ZOO_MD), plots=(ZOO_CSV,),
           desc="build the tiny model family and its calibration/evaluation data; report task arithmetic's λ sweep on it"),
-    Stage("task_vectors", _task_vectors, deps=("${models.base}", "${models.itm}"),
-          code=("rain_tasks/merge/task_vectors.py",), outs=(TV,),
+    Stage("task_vectors", _task_vectors, deps=("${models.base}", "${models.itm}"), outs=(TV,),
           desc="Δ_I = θ_ITM − θ_base per layer (fp32)"),
-    Stage("orthogonality", _orthogonality, deps=("${models.base}", "${models.itm}", "${models.lrm}"),
-          code=("rain_tasks/stage1/orthogonality.py", "rain_tasks/io/plots.py"), params=("orthogonality",), plots=(ORTHO_CSV, ORTHO_PNG),
+    Stage("orthogonality", _orthogonality, deps=("${models.base}", "${models.itm}", "${models.lrm}"), params=("orthogonality",), plots=(ORTHO_CSV, ORTHO_PNG),
           desc="principal-angle cosines between the top-r singular subspaces of Δ_R and Δ_I per module"),
-    Stage("features", _features, deps=("${models.lrm}", "${calibration.reasoning}", "${calibration.reasoning_heldout}"),
-          code=("rain_tasks/stage1/features.py", "rain_tasks/model/capture.py", "rain_tasks/model/calibration.py"), params=("features", "runtime.dtype"),
+    Stage("features", _features, deps=("${models.lrm}", "${calibration.reasoning}", "${calibration.reasoning_heldout}"), params=("features", "runtime.dtype"),
           outs=(FEAT, FEAT_HELDOUT), desc="Stage 1: LRM features at Ω_think (calibration and held-out), Gram accumulation"),
-    Stage("projection", _projection, deps=(TV, FEAT, FEAT_HELDOUT), code=("rain_tasks/stage1/projection.py",), params=("projection",),
+    Stage("projection", _projection, deps=(TV, FEAT, FEAT_HELDOUT), params=("projection",),
           outs=(PROJ, "reports/projection.parquet"), metrics=("metrics/projection.json",),
           desc="Stage 1: null-space projection Δ⊥ and its invariance residuals"),
     Stage("attention_stats", _attention_stats, deps=("${models.lrm}", PROJ, TV, "${calibration.instruction}"),
-          code=("rain_tasks/stage2/attention.py", "rain_tasks/model/capture.py", "rain_tasks/model/calibration.py"),
           params=("attention", "merge.lam", "merge.scope", "runtime.dtype"), outs=(ATTN,),
           desc="Stage 2: instruction-attention statistics along the merge's update (passes at 0, p, 2p)"),
-    Stage("alpha", _alpha, deps=(ATTN, "${models.lrm}/config.json"), code=("rain_tasks/stage2/alpha.py",), params=("alpha", "attention.prior"),
+    Stage("alpha", _alpha, deps=(ATTN, "${models.lrm}/config.json"), params=("alpha", "attention.prior"),
           outs=(ALPHA,), metrics=(ALPHA_METRICS,), plots=("plots/alpha_heatmap.csv", ALPHA_PNG),
           desc="Stage 2: α per head with its evidence, mapped to modules; uniform and permuted controls"),
-    Stage("merge", _merge, deps=("${models.lrm}", PROJ, ALPHA, TV), code=("rain_tasks/merge/engine.py", "rain_tasks/audit/lineage.py", "rain_tasks/audit/card.py"), params=("merge",), outs=(MERGED,),
+    Stage("merge", _merge, deps=("${models.lrm}", PROJ, ALPHA, TV), params=("merge",), outs=(MERGED,),
           desc="Stage 3: θ_R + λ·α⊙Δ⊥, streamed into new shards"),
-    Stage("ablations", _ablations, deps=("${models.lrm}", PROJ, ALPHA, TV), code=("rain_tasks/merge/engine.py",), params=("merge",),
+    Stage("ablations", _ablations, deps=("${models.lrm}", PROJ, ALPHA, TV), params=("merge",),
           outs=(ABLATIONS,),
           desc="the paper's ablations (Stage 1 only, Stage 2 only), α controls (uniform, permuted) and RAIN over λ, same engine"),
     Stage("paper_preset", _paper_preset, deps=("${models.lrm}", TV, FEAT, "${calibration.instruction}"),
-          code=("rain_tasks/stage1/projection.py", "rain_tasks/stage2/attention.py", "rain_tasks/stage2/alpha.py", "rain_tasks/merge/engine.py"),
           params=("attention", "alpha", "merge.max_shard_size", "runtime.dtype"), outs=(PAPER_WORK, PAPER_MODEL),
           desc="RAIN as METHOD.md publishes it (PAPER_PRESET), beside the configured RAIN in the report"),
     Stage("baselines", _baselines, deps=("${models.lrm}", "${models.base}", TV),
-          code=("rain_tasks/merge/engine.py", "rain_tasks/methods/ops.py", "rain_tasks/audit/lineage.py", "rain_tasks/audit/card.py"),
           params=("baselines", "merge.max_shard_size"),
           outs=(BASELINES,),
           desc="task arithmetic, TIES, DARE and SLERP baselines on the same engine"),
     Stage("evaluate", _evaluate, deps=("${models.lrm}", "${models.itm}", MERGED, ABLATIONS, PAPER_MODEL, BASELINES, EVAL_DIR, ALPHA,
                                        "${calibration.reasoning}", "${calibration.instruction}", ORTHO_PNG),
-          code=("rain_tasks/evaluate/evaluation.py", "rain_tasks/model/generation.py", "rain_tasks/evaluate/instructions.py", "rain_tasks/io/plots.py"),
           params=("evaluate", "baselines", "runtime.dtype"), outs=("reports/report.md", "reports/report.json"), metrics=("metrics/eval.json",),
           plots=("plots/eval.csv", LAMBDA_CSV, LAMBDA_PNG, FRONTIER_CSV, FRONTIER_PNG),
           desc="contamination check, behaviour, L_think and the comparison report"),
