@@ -28,7 +28,7 @@ SPLITS = {"val": "data/eval/instruction_val.jsonl", "test": "data/eval/instructi
 
 def one_layer(projected: Path, layer: int, dest: Path) -> Path:
     """A Δ⊥ directory holding layer `layer` only (a link): every other tensor gets no update in the merge."""
-    from rain_tasks.merge.task_vectors import MANIFEST, layer_file
+    from rain_tasks.io.artifacts import MANIFEST, layer_file
 
     dest.mkdir(parents=True)
     layer_file(dest, layer).symlink_to(layer_file(projected, layer).resolve())

@@ -28,7 +28,7 @@ def build(work: Path, args: argparse.Namespace) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from rain_tasks.io.checkpoint import save_tensors
-    from rain_tasks.merge.task_vectors import MANIFEST, layer_file
+    from rain_tasks.io.artifacts import MANIFEST, layer_file
 
     tok = make_tokenizer()
     cfg = AutoConfig.for_model(

@@ -26,7 +26,8 @@ from rain_tasks.stage2.attention import (
 from rain_tasks.model.calibration import load_tokenizer, render
 from rain_tasks.io.checkpoint import load_tensors, save_tensors
 from rain_tasks.params import AttentionParams
-from rain_tasks.merge.task_vectors import MANIFEST, NON_LAYER, compute_task_vectors, layer_file
+from rain_tasks.merge.task_vectors import compute_task_vectors
+from rain_tasks.io.artifacts import MANIFEST, NON_LAYER, layer_file
 
 
 def _row(prompt: str, response: str, related: list[tuple[list[str], list[str]]], unrelated: list[str]) -> dict:

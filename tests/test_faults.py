@@ -26,13 +26,13 @@ import boto3
 import pytest
 import yaml
 
-from rain_tasks.io.checkpoint import atomic_path
+from rain_tasks.io.artifacts import atomic_path
 from rain_tasks.io.digest import tree_digests
 from rain_tasks.params import load_params
 from rain_tasks.io.remote import PushFailed, push
 from rain_dev.s3server import DUMMY_CREDENTIALS, free_port
 from rain_tasks.pipeline.stages import MERGED, PROJ
-from rain_tasks.merge.task_vectors import MANIFEST
+from rain_tasks.io.artifacts import MANIFEST
 from rain_dev.tiny import instruction_rows, make_family, reasoning_rows, write_jsonl
 
 RAIN = str(Path(sys.executable).parent / "rain")
@@ -333,7 +333,7 @@ def test_a_writer_killed_between_the_two_renames_gets_the_old_directory_back(tmp
     (stale / ".replaced" / "weights.bin").write_bytes(b"old")
     (stale / "model").mkdir()
     (stale / "model" / "weights.bin").write_bytes(b"half-written")
-    from rain_tasks.io.checkpoint import remove_stale_temporaries
+    from rain_tasks.io.artifacts import remove_stale_temporaries
 
     remove_stale_temporaries(final)
     assert (final / "weights.bin").read_bytes() == b"old" and not stale.exists()

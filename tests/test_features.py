@@ -17,7 +17,7 @@ from rain_tasks.io.checkpoint import load_tensors, read_metadata
 from rain_tasks.stage1.features import RowAccumulator, accumulate_features, key_positions, layer_chunks, prepare_samples
 from rain_tasks.params import FeaturesParams
 from rain_tasks.io.schemas import load_records
-from rain_tasks.merge.task_vectors import layer_file
+from rain_tasks.io.artifacts import layer_file
 
 
 def test_omega_sits_on_the_tags_with_and_without_a_template_that_opens_think(tiny_family, tmp_path):

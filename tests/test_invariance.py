@@ -17,7 +17,8 @@ from rain_tasks.stage1.features import accumulate_features, row_sets
 from rain_tasks.merge.engine import DeltaPlan, TensorDir, merge_checkpoint
 from rain_tasks.params import FeaturesParams, ProjectionParams
 from rain_tasks.stage1.projection import RowStats, load_stats, project, project_block, protected_basis
-from rain_tasks.merge.task_vectors import compute_task_vectors, layer_file
+from rain_tasks.merge.task_vectors import compute_task_vectors
+from rain_tasks.io.artifacts import layer_file
 from rain_dev.tiny import make_family, reasoning_rows, write_jsonl
 
 CALIBRATION, HELDOUT = reasoning_rows(20), reasoning_rows(60)[40:]

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from rain_tasks.io.checkpoint import atomic_path
+from rain_tasks.io.artifacts import write_text
 from rain_tasks.io.digest import json_digest
 
 CARD = "README.md"
@@ -96,8 +96,7 @@ def render(core: dict, root: Path, evaluation_row: str) -> str:
 
 def write_card(model_dir: Path, core: dict, root: Path, evaluation_row: str) -> Path:
     """Write README.md into `model_dir` (the merge's temporary directory, before lineage.json records it)."""
-    with atomic_path(model_dir / CARD) as tmp:
-        tmp.write_text(render(core, root, evaluation_row), encoding="utf-8")
+    write_text(model_dir / CARD, render(core, root, evaluation_row))
     return model_dir / CARD
 
 

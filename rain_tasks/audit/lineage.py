@@ -43,7 +43,8 @@ import yaml
 from rain_tasks.audit.card import CARD, unfilled, write_card
 from rain_tasks.audit.signing import (SignatureError, TrustConfig, compare_signed, provenance_problems,
                                       verified_manifest)
-from rain_tasks.io.checkpoint import atomic_path, read_metadata
+from rain_tasks.io.checkpoint import read_metadata
+from rain_tasks.io.artifacts import write_json
 from rain_tasks.io.digest import file_digest, json_digest, tree_digests
 from rain_tasks.io.guards import confined, unsafe_name
 from rain_tasks.params import load_params, param_values
@@ -106,8 +107,7 @@ def write_lineage(model_dir: str | Path, core: dict) -> Path:
     outputs = {name: sha for name, sha in tree_digests(model_dir, hidden=True).items() if name != LINEAGE}
     doc = {"core": core, "core_digest": json_digest(core), "outputs": outputs,
            "lineage_digest": lineage_digest(json_digest(core), outputs)}
-    with atomic_path(model_dir / LINEAGE) as tmp:
-        tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    write_json(model_dir / LINEAGE, doc)
     return model_dir / LINEAGE
 
 

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from rain_tasks.model.calibration import load_tokenizer, render, think_positions, think_token_ids
-from rain_tasks.io.checkpoint import atomic_path
+from rain_tasks.io.artifacts import atomic_path, write_json, write_text
 from rain_tasks.model.runtime import CPU, forward_dtype, load_causal_lm
 from rain_tasks.model.generation import GREEDY, Sampling, generate_ids, load_model
 from rain_tasks.evaluate.behaviour import behaviour_metrics
@@ -335,15 +335,12 @@ def write_outputs(
     the table, and `sections` further markdown blocks (e.g. the α summary) after them.
     """
     metrics = {**results, "contamination": context["contamination"]}
-    with atomic_path(metrics_path) as tmp:
-        tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    write_json(metrics_path, metrics)
     rows = ["model,metric,value"] + [f"{n},{k},{m[k]}" for n, m in results.items() for k in TABLE_COLUMNS if k in m]
-    with atomic_path(plots_path) as tmp:
-        tmp.write_text("\n".join(rows) + "\n")
+    write_text(plots_path, "\n".join(rows) + "\n")
     table = {"columns": TABLE_COLUMNS, "labels": context["labels"], "contamination": context["contamination"],
              "models": results}
-    with atomic_path(report_path.with_suffix(".json")) as tmp:
-        tmp.write_text(json.dumps(table, indent=2) + "\n")
+    write_json(report_path.with_suffix(".json"), table, sort_keys=False)
     report = [
         "# RAIN-Merging evaluation report",
         "",
@@ -364,5 +361,4 @@ def write_outputs(
         "Params: `" + json.dumps(context.get("params", {}), sort_keys=True) + "`",
         "",
     ]
-    with atomic_path(report_path) as tmp:
-        tmp.write_text("\n".join(report))
+    write_text(report_path, "\n".join(report))

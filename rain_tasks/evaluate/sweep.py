@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from rain_tasks.io.checkpoint import atomic_path
+from rain_tasks.io.artifacts import atomic_path
 from rain_tasks.params import load_params
 from rain_tasks.io.plots import lines
 

@@ -1,26 +1,23 @@
-"""Streaming tensor I/O: lazy reads from (sharded) safetensors checkpoints and atomic writes.
+"""Streaming tensor I/O: lazy reads from (sharded) safetensors checkpoints, streamed and sharded writes.
 
 Peak memory stays at a few tensors plus one output shard: tensors are read one at a time
 (positioned reads, no memory map) and written into shards that are flushed at a size limit.
-Every output is written to a temporary sibling and renamed into place, so a killed run
-never leaves a file or model directory that looks complete.
+Every output is written inside rain_tasks.io.artifacts.atomic_path, so a killed run never leaves a file
+or model directory that looks complete.
 """
 
 from __future__ import annotations
 
-import contextlib
-import glob
 import json
 import math
 import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from rain_tasks.io.arch import layer_of
+from rain_tasks.io.artifacts import atomic_path
 from rain_tasks.io.guards import header_length, safe_name
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -104,99 +101,6 @@ class Checkpoint:
     def non_layer_names(self) -> list[str]:
         """Embeddings, final norm, lm_head: tensors outside the decoder layers."""
         return [n for n in self.weight_map if layer_of(n) is None]
-
-
-@contextlib.contextmanager
-def atomic_path(final: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling path to write a file or directory into; rename it over `final` on success.
-
-    On error the temporary is removed and `final` is left as it was (an OSError such as a full
-    disk is re-raised naming `final`). A directory being replaced is renamed aside into the
-    temporary first and deleted only once the new one is in place, so a kill between the two
-    renames loses neither: the next write of `final` puts the old one back (see
-    `remove_stale_temporaries`). Temporaries that killed writers left beside `final` are removed
-    first, so a rerun after SIGKILL does not accumulate them.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(final)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(final)}{os.getpid()}-", dir=final.parent))
-    target = tmp / final.name
-    try:
-        yield target
-        if final.is_dir() and not final.is_symlink():
-            os.rename(final, tmp / _ASIDE)  # kept until the new one is in place
-        elif target.is_dir() and (final.exists() or final.is_symlink()):
-            final.unlink()
-        os.replace(target, final)
-    except OSError as e:
-        e.filename = e.filename or str(final)
-        raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-_ASIDE = ".replaced"  # inside an atomic_path temporary: the directory the write is replacing
-
-
-def _temp_prefix(final: Path) -> str:
-    return f".{final.name}.tmp-"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, owned by another user
-    return True
-
-
-def remove_stale_temporaries(final: str | Path) -> None:
-    """Delete `atomic_path` temporaries of `final` whose writer process is gone (its pid is in the name); a
-    writer killed between renaming the old directory aside and renaming the new one in gets the old one back."""
-    final = Path(final)
-    prefix = _temp_prefix(final)
-    for p in final.parent.glob(glob.escape(prefix) + "*"):
-        pid = p.name[len(prefix):].split("-", 1)[0]
-        if not (pid.isdigit() and _alive(int(pid))):
-            if (p / _ASIDE).is_dir() and not (final.exists() or final.is_symlink()):
-                os.rename(p / _ASIDE, final)
-            shutil.rmtree(p, ignore_errors=True)
-
-
-class OutputBusy(ValueError):
-    """Another process holds the lock of an output this one would write."""
-
-
-@contextlib.contextmanager
-def output_locks(root: str | Path, outputs: list[str]) -> Iterator[None]:
-    """Hold an exclusive lock per project output (ROOT/.rain/locks/) for a stage's run: a second runner on the
-    same outputs (a Prefect flow and `rain stage` at once) stops with OutputBusy naming the holder, instead of
-    interleaving its writes. Locks are released by the kernel when a holder dies."""
-    import fcntl
-
-    locks = Path(root) / ".rain" / "locks"
-    locks.mkdir(parents=True, exist_ok=True)
-    held: list[int] = []
-    try:
-        for out in sorted(set(outputs)):
-            fd = os.open(locks / (out.strip("/").replace("/", "__") + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-                os.close(fd)
-                raise OutputBusy(f"{out} is being written by another runner (pid {holder}) in {Path(root).resolve()}; wait for it to "
-                                 "finish (or stop it), then rerun: two runners on one output would interleave") from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, str(os.getpid()).encode(), 0)
-            held.append(fd)
-        yield
-    finally:
-        for fd in held:
-            os.close(fd)
 
 
 _ST_DTYPES = {
@@ -423,3 +327,27 @@ def parse_size(size: str | int) -> int:
         if s.endswith(unit):
             return int(float(s[: -len(unit)]) * mult)
     return int(s)
+
+
+def is_current(path: Path, metadata: dict[str, str]) -> bool:
+    """True if a per-layer artifact exists and was made from exactly these inputs."""
+    if not path.is_file():
+        return False
+    try:
+        meta = read_metadata(path)
+    except Exception:  # a truncated or foreign file is simply recomputed
+        return False
+    return all(meta.get(k) == v for k, v in metadata.items())
+
+
+def check_compatible(a: Checkpoint, b: Checkpoint) -> None:
+    """Refuse two checkpoints whose tensor names or shapes differ, listing the differences."""
+    only_a, only_b = sorted(set(a.names()) - set(b.names())), sorted(set(b.names()) - set(a.names()))
+    problems = []
+    if only_a or only_b:
+        problems.append(f"tensor names differ: only in {a.path}: {only_a[:5]}; only in {b.path}: {only_b[:5]}")
+    shapes = [n for n in set(a.names()) & set(b.names()) if a.shape(n) != b.shape(n)]
+    for n in sorted(shapes)[:5]:
+        problems.append(f"{n}: shape {a.shape(n)} in {a.path} vs {b.shape(n)} in {b.path}")
+    if problems:
+        raise ValueError("checkpoints are not the same architecture:\n  " + "\n  ".join(problems))

@@ -26,8 +26,9 @@ from tqdm import tqdm
 
 from rain_tasks.methods import ops as baselines
 from rain_tasks.io.arch import layer_of, module_of
-from rain_tasks.io.checkpoint import Checkpoint, ShardWriter, TensorFile, atomic_path, parse_size, save_tensors
-from rain_tasks.merge.task_vectors import NON_LAYER, layer_file
+from rain_tasks.io.checkpoint import Checkpoint, ShardWriter, TensorFile, parse_size, save_tensors
+from rain_tasks.io.artifacts import atomic_path
+from rain_tasks.io.artifacts import NON_LAYER, layer_file
 
 log = logging.getLogger(__name__)
 

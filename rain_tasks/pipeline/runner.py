@@ -10,7 +10,7 @@ import logging
 import time
 from pathlib import Path
 
-from rain_tasks.io.checkpoint import output_locks
+from rain_tasks.io.artifacts import output_locks
 from rain_tasks.params import Params
 from rain_tasks.pipeline.runs import record_run
 from rain_tasks.pipeline.stages import LAYER_SPLITS, get_stage, resolve

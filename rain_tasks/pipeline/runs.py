@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from rain_tasks.audit.lineage import provenance
-from rain_tasks.io.checkpoint import atomic_path
+from rain_tasks.io.artifacts import write_text
 
 RUNS_DIR = ".rain/runs"
 
@@ -35,8 +35,7 @@ def record_run(root: str | Path, stage: str, seconds: float, facts: dict | None 
     path = runs_file(root, stage)
     path.parent.mkdir(parents=True, exist_ok=True)
     before = path.read_text() if path.is_file() else ""
-    with atomic_path(path) as tmp:
-        tmp.write_text(before + json.dumps(entry, sort_keys=True) + "\n")
+    write_text(path, before + json.dumps(entry, sort_keys=True) + "\n")
     return entry
 
 

@@ -212,7 +212,7 @@ def _merge(p: Params, r: Path, parts: Path | None = None) -> dict:
 
 def _merge_layer(p: Params, r: Path, layer: int, parts: Path) -> None:
     from rain_tasks.merge.engine import merge_layer
-    from rain_tasks.merge.task_vectors import layer_file
+    from rain_tasks.io.artifacts import layer_file
 
     merge_layer(r / p.models.lrm, layer, "rain", {"lam": p.merge.lam}, _rain_plan(p, r), layer_file(parts, layer))
 
@@ -225,7 +225,7 @@ def frontier_name(lam: float) -> str:
 def _ablations(p: Params, r: Path) -> dict:
     """RAIN with one part changed (ABLATIONS_BY_NAME) and RAIN at each λ of merge.frontier_lams, each a model under
     models/ablations, same engine."""
-    from rain_tasks.io.checkpoint import atomic_path
+    from rain_tasks.io.artifacts import atomic_path
     from rain_tasks.merge.engine import merge_checkpoint
 
     variants = {name: (p.merge.lam, _rain_plan(p, r, a.projected, a.alpha)) for name, a in ABLATIONS_BY_NAME.items()}
@@ -263,7 +263,8 @@ def _paper_preset(p: Params, r: Path) -> None:
 
 def _baselines(p: Params, r: Path) -> dict:
     """One model per configured run under models/baselines, each with its lineage and model card like the merge's."""
-    from rain_tasks.io.checkpoint import Checkpoint, atomic_path
+    from rain_tasks.io.checkpoint import Checkpoint
+    from rain_tasks.io.artifacts import atomic_path
     from rain_tasks.io.digest import json_digest
     from rain_tasks.merge.engine import DeltaPlan, TensorDir
 

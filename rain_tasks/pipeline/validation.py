@@ -37,7 +37,7 @@ from rain_tasks.params import Params, ParamsError, load_params
 from rain_tasks.io.schemas import load_records
 from rain_tasks.pipeline.stages import (ABLATIONS, ABLATIONS_BY_NAME, BASELINES, FEAT, FEAT_HELDOUT, MERGED, PROJ, STAGES, TV, Stage,
                                resolve)
-from rain_tasks.merge.task_vectors import MANIFEST
+from rain_tasks.io.artifacts import MANIFEST
 
 ROLES = ("base", "itm", "lrm")
 #: config.json keys that must agree across the three checkpoints (one architecture, one size)

@@ -36,13 +36,15 @@ from tqdm import tqdm
 from rain_tasks.io.arch import MODULES, ModelShape, read_shape
 from rain_tasks.model.calibration import load_tokenizer, render, think_positions, think_token_ids
 from rain_tasks.model.capture import LayerCapture, attention_probs, forward_batch_with_hooks, token_batches
-from rain_tasks.io.checkpoint import Checkpoint, atomic_path, save_tensors
+from rain_tasks.io.checkpoint import Checkpoint, save_tensors
+from rain_tasks.io.artifacts import write_json
 from rain_tasks.model.runtime import CPU, forward_dtype, load_causal_lm
 from rain_tasks.io.guards import require_finite
 from rain_tasks.io.digest import json_digest, path_digest
 from rain_tasks.params import FeaturesParams, RuntimeParams
 from rain_tasks.io.schemas import load_records
-from rain_tasks.merge.task_vectors import MANIFEST, is_current, layer_file
+from rain_tasks.io.checkpoint import is_current
+from rain_tasks.io.artifacts import MANIFEST, layer_file
 
 log = logging.getLogger(__name__)
 
@@ -245,8 +247,7 @@ def accumulate_features(
         for chunk in layer_chunks(todo, per_layer, memory_budget_bytes):
             _accumulate_chunk(model, samples, shape, params, chunk, biases, low_rank, out_dir, meta, runtime.batch_tokens)
     manifest = {**meta, "num_layers": shape.num_layers, "shape": asdict(shape), "params_json": params.model_dump()}
-    with atomic_path(out_dir / MANIFEST) as tmp:
-        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    write_json(out_dir / MANIFEST, manifest)
     return out_dir / MANIFEST
 
 

@@ -41,13 +41,15 @@ import torch
 from tqdm import tqdm
 
 from rain_tasks.io.arch import MODULES, ModelShape
-from rain_tasks.io.checkpoint import atomic_path, load_tensors, read_metadata, save_tensors
+from rain_tasks.io.checkpoint import load_tensors, read_metadata, save_tensors
+from rain_tasks.io.artifacts import atomic_path, write_json
 from rain_tasks.io.guards import require_finite
 from rain_tasks.io.digest import file_digest, json_digest
 from rain_tasks.stage1.features import GRAM, ROWS, row_sets
 from rain_tasks.params import ProjectionParams
 from rain_tasks.io.schemas import PROJECTION_REPORT_SCHEMA
-from rain_tasks.merge.task_vectors import MANIFEST, is_current, layer_file
+from rain_tasks.io.checkpoint import is_current
+from rain_tasks.io.artifacts import MANIFEST, layer_file
 
 _ZERO_RTOL = 1e-12
 #: an input dimension whose RMS over the Ω rows exceeds this × the median is an outlier dimension (report only)
@@ -329,11 +331,9 @@ def project(
         report.extend(json.loads(read_metadata(path)["report"]))
     table = write_report(report, report_path)
     if metrics_path is not None:
-        with atomic_path(metrics_path) as tmp:
-            tmp.write_text(json.dumps(report_summary(table), indent=2, sort_keys=True) + "\n")
+        write_json(metrics_path, report_summary(table))
     manifest = {**meta, "num_layers": shape.num_layers, "params_json": params.model_dump()}
-    with atomic_path(out_dir / MANIFEST) as tmp:
-        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    write_json(out_dir / MANIFEST, manifest)
     return out_dir / MANIFEST
 
 

@@ -32,7 +32,6 @@ heads (`permuted`), which the ablations merge to show what the allocation itself
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +41,8 @@ from scipy.optimize import minimize
 from scipy.stats import spearmanr
 
 from rain_tasks.io.arch import ModelShape, layer_of, module_of, read_shape
-from rain_tasks.io.checkpoint import Checkpoint, atomic_path, save_tensors
+from rain_tasks.io.checkpoint import Checkpoint, save_tensors
+from rain_tasks.io.artifacts import atomic_path, write_json, write_text
 from rain_tasks.io.guards import require_finite
 from rain_tasks.params import AlphaParams
 from rain_tasks.io.plots import heatmap
@@ -264,8 +264,7 @@ def solve_alpha(
     if out_metrics is not None:
         summary = {"alpha_mean": float(alpha.mean()), "at_box_lo": float((alpha <= params.box_lo).mean()),
                    "at_box_hi": float((alpha >= params.box_hi).mean()), **evidence}
-        with atomic_path(out_metrics) as tmp:
-            tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        write_json(out_metrics, summary)
     if out_plot_csv is not None:
         with atomic_path(out_plot_csv) as tmp:
             unit = "L" + table["layer"].astype(str) + ".h" + table["head"].astype(str)
@@ -274,8 +273,7 @@ def solve_alpha(
         title = f"α per (layer, head): {params.variant}, {params.scale}"
         heatmap(table, "layer", "head", "alpha", out_plot_png, title, vmin=params.box_lo, vmax=params.box_hi)
     if out_summary is not None:
-        with atomic_path(out_summary) as tmp:
-            tmp.write_text(summary_markdown(table, params, summary_image, evidence))
+        write_text(out_summary, summary_markdown(table, params, summary_image, evidence))
     return Path(out_table)
 
 

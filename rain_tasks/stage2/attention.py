@@ -27,7 +27,6 @@ The JSON report counts unmapped span strings per kind over every row read (per s
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,14 +40,15 @@ from tqdm import tqdm
 from rain_tasks.io.arch import ModelShape, module_of, read_shape
 from rain_tasks.model.calibration import Rendered, load_tokenizer, render, span_positions
 from rain_tasks.model.capture import attention_probs, forward_batch_with_hooks, pad_right, token_batches
-from rain_tasks.io.checkpoint import atomic_path, load_tensors
+from rain_tasks.io.checkpoint import load_tensors
+from rain_tasks.io.artifacts import atomic_path, write_json
 from rain_tasks.model.runtime import CPU, load_causal_lm
 from rain_tasks.io.guards import require_finite
 from rain_tasks.params import AttentionParams, RuntimeParams
 from rain_tasks.model.runtime import add_to_parameter, input_device
 from rain_tasks.io.schemas import STATS_SCHEMA, load_records
 from rain_tasks.merge.engine import TensorDir
-from rain_tasks.merge.task_vectors import MANIFEST, layer_file
+from rain_tasks.io.artifacts import MANIFEST, layer_file
 
 #: "auto" uses the eager path while layers × heads × T² fp32 attention weights stay below this.
 EAGER_BUDGET_BYTES = 256 * 2**20
@@ -293,12 +293,6 @@ def stats_table(a: list[np.ndarray], u: list[np.ndarray]) -> pd.DataFrame:
         for k in range(3):
             table[f"{kind}{k}"] = passes[k].ravel() if k < len(passes) else np.full(n * layers * heads, np.nan)
     return pd.DataFrame(table)
-
-
-def write_json(path: str | Path, obj: dict) -> None:
-    """Write a JSON report atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def attention_stats(

@@ -13,7 +13,7 @@ import csv
 import io
 from pathlib import Path
 
-from rain_tasks.io.checkpoint import atomic_path
+from rain_tasks.io.artifacts import write_text
 from rain_tasks.model.generation import load_model
 from rain_tasks.evaluate.behaviour import behaviour_metrics
 from rain_tasks.io.schemas import load_records
@@ -118,8 +118,7 @@ def write_zoo_report(models_dir: Path, eval_path: Path, lambdas: list[float], md
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(COLUMNS)
     writer.writerows([[f"{r[c]:g}" if c == "lambda" else f"{r[c]:.4f}" for c in COLUMNS] for r in rows])
-    with atomic_path(csv_path) as tmp:
-        tmp.write_text(buffer.getvalue())
+    write_text(csv_path, buffer.getvalue())
     lrm = next((r for r in rows if r["lambda"] == 0), None)
     header = ["| model | `</think>` closed | correct | complies (prompt) | complies (instruction) | all three |",
               "|---|---:|---:|---:|---:|---:|"]
@@ -163,6 +162,5 @@ def write_zoo_report(models_dir: Path, eval_path: Path, lambdas: list[float], md
         f"‖Δ_LRM‖ {geometry['norm_delta_lrm']:.3f}, cos(Δ_ITM, Δ_LRM) {geometry['cosine_delta_itm_lrm']:.3f}.",
         "",
     ]
-    with atomic_path(md_path) as tmp:
-        tmp.write_text("\n".join(lines))
+    write_text(md_path, "\n".join(lines))
     return rows
