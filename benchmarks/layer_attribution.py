@@ -47,7 +47,7 @@ def main() -> None:
 
     from rain_tasks.io.arch import read_shape
     from rain_tasks.evaluate.evaluation import evaluate_models
-    from rain_tasks.merge.engine import DeltaPlan, TensorDir, merge_checkpoint
+    from rain_tasks.merge.engine import DeltaPlan, SingleFile, TensorDir, merge_checkpoint
     from rain_tasks.model.runtime import configure
 
     configure()
@@ -60,7 +60,7 @@ def main() -> None:
     models = {"LRM": lrm}
     for layer in range(read_shape(lrm).num_layers):
         delta = TensorDir(one_layer(projected, layer, work / f"delta{layer}"))
-        for tag, scale in (("alpha", TensorDir(None, single_file=scales)), ("alpha1", None)):
+        for tag, scale in (("alpha", SingleFile(scales)), ("alpha1", None)):
             merge_checkpoint(lrm, work / f"{tag}{layer}", "rain", {"lam": lam}, DeltaPlan(linear=delta, scales=scale), "1GB")
             models[f"{tag}{layer}"] = work / f"{tag}{layer}"
     e = params["evaluate"]

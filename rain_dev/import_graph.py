@@ -15,7 +15,7 @@ import sys
 from rain_tasks.pipeline.imports import graph, modules
 
 #: bottom to top; a module's layer is the first entry its dotted name starts with
-LAYERS = ("rain_tasks.io", "rain_tasks.params", "rain_tasks.model", "rain_tasks.methods", "rain_tasks.merge",
+LAYERS = ("rain_tasks.io", "rain_tasks.methods", "rain_tasks.params", "rain_tasks.model", "rain_tasks.merge",
           "rain_tasks.stage1", "rain_tasks.stage2", "rain_tasks.evaluate", "rain_tasks.zoo", "rain_tasks.audit",
           "rain_tasks.pipeline", "rain_tasks.cli")
 

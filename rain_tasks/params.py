@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, Discriminator, Field, Tag, ValidationError, create_model, model_validator
 
-from rain_tasks.io.guards import safe_name
+from rain_tasks.io.guards import STRICT_PARAMS, safe_name
+from rain_tasks.methods import METHODS, Method
 
 
 class _Section(BaseModel):
-    # allow_inf_nan=False: every float parameter must be finite (a NaN λ would silently poison the merge)
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    model_config = STRICT_PARAMS
 
 
 _SIZE = re.compile(r"^\s*\d+(\.\d+)?\s*(GB|MB|KB|B)?\s*$", re.IGNORECASE)
@@ -247,8 +247,9 @@ class _BaselineRun(_Section):
     scope: Literal["linear", "all"] = "all"  # 'linear': only the seven Linear modules; 'all': also embeddings, norms
 
     def method_params(self) -> dict:
-        """The registered merge method's own params (everything but name, method and scope)."""
-        return self.model_dump(mode="json", exclude={"name", "method", "scope"})
+        """The registered merge method's own params, in its signature's order (everything but name, method, scope)."""
+        dumped = self.model_dump(mode="json")
+        return {k: dumped[k] for k in METHODS[self.method].params.model_fields}
 
     def describe(self) -> str:
         """One line for the report, e.g. 'ties density=0.5 weights=[1.0, 1.0] lam=1.0 (scope all)'."""
@@ -256,53 +257,29 @@ class _BaselineRun(_Section):
         return f"{self.method} {args} (scope {self.scope})"
 
 
-class TaskArithmeticRun(_BaselineRun):
-    """θ_R + λ·Δ_I."""
-
-    method: Literal["task_arithmetic"] = "task_arithmetic"
-    lam: float = 1.0
+#: the method a run written without `method` has (the original schema, task arithmetic only)
+DEFAULT_RUN_METHOD = "task_arithmetic"
 
 
-class TiesRun(_BaselineRun):
-    """θ_B + λ·TIES(Δ_R, Δ_I): trim each to its top `density` magnitudes, elect signs, disjoint weighted mean."""
-
-    method: Literal["ties"]
-    density: float = Field(0.2, gt=0.0, le=1.0)
-    weights: tuple[float, float] = (1.0, 1.0)  # (w_R, w_I)
-    lam: float = 1.0
-
-
-class DareRun(_BaselineRun):
-    """θ_B + λ·merge of DARE(Δ_R), DARE(Δ_I): drop with probability `drop` (seeded per tensor), rescale 1/(1−drop)."""
-
-    method: Literal["dare"]
-    drop: float = Field(0.5, ge=0.0, lt=1.0)
-    seed: int = 0
-    combine: Literal["linear", "ties"] = "linear"  # mergekit dare_linear | dare_ties
-    weights: tuple[float, float] = (1.0, 1.0)  # (w_R, w_I)
-    lam: float = 1.0
+def _run_model(method: Method) -> type[_BaselineRun]:
+    """The `baselines.runs` entry of a registered method: name and scope, then the method's own params model."""
+    tag = (Literal[method.name], method.name if method.name == DEFAULT_RUN_METHOD else ...)
+    camel = "".join(part.title() for part in method.name.split("_"))
+    fields = {k: (f.annotation, f) for k, f in method.params.model_fields.items()}
+    return create_model(f"{camel}Run", __base__=_BaselineRun, __doc__=method.doc, method=tag, **fields)
 
 
-class SlerpRun(_BaselineRun):
-    """Per-tensor SLERP θ_R (t=0) ↔ θ_I (t=1), linear where the two are nearly colinear."""
-
-    method: Literal["slerp"]
-    t: float = Field(0.5, ge=0.0, le=1.0)
-    dot_threshold: float = Field(0.9995, gt=0.0, le=1.0)
+#: method name -> the model of a `baselines.runs` entry with that method (every method registered as a baseline)
+RUN_MODELS: dict[str, type[_BaselineRun]] = {name: _run_model(m) for name, m in METHODS.items() if m.baseline}
 
 
 def _method_of(run: object) -> str:
     """The union tag of a baseline run; a run written without `method` is task arithmetic (the original schema)."""
-    return run.get("method", "task_arithmetic") if isinstance(run, dict) else getattr(run, "method", "")
+    return run.get("method", DEFAULT_RUN_METHOD) if isinstance(run, dict) else getattr(run, "method", "")
 
 
-BaselineSpec = Annotated[
-    Annotated[TaskArithmeticRun, Tag("task_arithmetic")]
-    | Annotated[TiesRun, Tag("ties")]
-    | Annotated[DareRun, Tag("dare")]
-    | Annotated[SlerpRun, Tag("slerp")],
-    Discriminator(_method_of),
-]
+BaselineSpec = Annotated[Union[tuple(Annotated[model, Tag(name)] for name, model in RUN_MODELS.items())],  # noqa: UP007
+                         Discriminator(_method_of)]
 
 
 class BaselinesParams(_Section):

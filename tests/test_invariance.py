@@ -14,7 +14,7 @@ from rain_tasks.io.arch import MODULES, read_shape
 from rain_tasks.io.checkpoint import Checkpoint, load_tensors, save_tensors
 from rain_tasks.evaluate.evaluation import think_invariance
 from rain_tasks.stage1.features import accumulate_features, row_sets
-from rain_tasks.merge.engine import DeltaPlan, TensorDir, merge_checkpoint
+from rain_tasks.merge.engine import DeltaPlan, SingleFile, TensorDir, merge_checkpoint
 from rain_tasks.params import FeaturesParams, ProjectionParams
 from rain_tasks.stage1.projection import RowStats, load_stats, project, project_block, protected_basis
 from rain_tasks.merge.task_vectors import compute_task_vectors
@@ -133,7 +133,7 @@ def test_random_alpha_merge_keeps_hidden_states_near_omega(gqa62, tmp_path):
     lrm = family["lrm"]
     save_tensors(tmp_path / "scales.safetensors", _random_scales(lrm, 7), {"kind": "alpha_scales"})
     plans = {"task_arithmetic": DeltaPlan(linear=TensorDir(root / "tv")), "rain_alpha_1": DeltaPlan(linear=TensorDir(root / "proj")),
-             "rain": DeltaPlan(linear=TensorDir(root / "proj"), scales=TensorDir(None, single_file=tmp_path / "scales.safetensors"))}
+             "rain": DeltaPlan(linear=TensorDir(root / "proj"), scales=SingleFile(tmp_path / "scales.safetensors"))}
     for name, plan in plans.items():
         merge_checkpoint(lrm, tmp_path / name, "rain", {"lam": 1.0}, plan, "1MB")
     result = think_invariance(lrm, {n: tmp_path / n for n in plans}, trace, 2)

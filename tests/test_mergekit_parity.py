@@ -28,7 +28,9 @@ from mergekit.options import MergeOptions  # noqa: E402
 
 from rain_tasks.io.checkpoint import Checkpoint  # noqa: E402
 from rain_tasks.merge.engine import DeltaPlan, TensorDir, merge_checkpoint  # noqa: E402
-from rain_tasks.params import DareRun, SlerpRun, TiesRun  # noqa: E402
+from rain_tasks.params import RUN_MODELS  # noqa: E402
+
+TiesRun, DareRun, SlerpRun = (RUN_MODELS[m] for m in ("ties", "dare", "slerp"))
 
 ATOL, RTOL = 1e-6, 1e-5
 WEIGHTS = (1.0, 0.7)

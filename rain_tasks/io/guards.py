@@ -14,8 +14,13 @@ from typing import TypeVar
 
 import numpy as np
 import torch
+from pydantic import ConfigDict
 
 T = TypeVar("T")
+
+#: the config of every params model: unknown keys refused, values frozen, every float finite (a NaN λ would
+#: silently poison the merge)
+STRICT_PARAMS = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 #: largest safetensors header accepted (the safetensors library's own limit, 100 MB)
 MAX_HEADER_BYTES = 100_000_000

@@ -158,13 +158,13 @@ def _rain_plan(p: Params, r: Path, projected: bool = True, alpha: str | None = "
     'permuted' takes a control's scales at the same mean α.
     """
     from rain_tasks.stage2.alpha import control_scales_path
-    from rain_tasks.merge.engine import DeltaPlan, TensorDir
+    from rain_tasks.merge.engine import DeltaPlan, SingleFile, TensorDir
 
     scales = r / ALPHA / "scales.safetensors"
     return DeltaPlan(
         linear=TensorDir(r / (PROJ if projected else TV)),
         other=TensorDir(r / TV) if p.merge.scope == "all" else None,
-        scales=None if alpha is None else TensorDir(None, single_file=control_scales_path(scales, alpha) if alpha else scales),
+        scales=None if alpha is None else SingleFile(control_scales_path(scales, alpha) if alpha else scales),
     )
 
 
@@ -249,7 +249,7 @@ def _paper_preset(p: Params, r: Path) -> None:
     """RAIN under PAPER_PRESET from the same task vectors and features: its own Δ⊥, statistics, α and merged model."""
     from rain_tasks.stage2.alpha import solve_alpha
     from rain_tasks.stage2.attention import attention_stats
-    from rain_tasks.merge.engine import DeltaPlan, TensorDir, merge_checkpoint
+    from rain_tasks.merge.engine import DeltaPlan, SingleFile, TensorDir, merge_checkpoint
     from rain_tasks.stage1.projection import project
 
     q, work, lrm = with_overrides(p, PAPER_PRESET), r / PAPER_WORK, r / p.models.lrm
@@ -257,7 +257,7 @@ def _paper_preset(p: Params, r: Path) -> None:
     attention_stats(lrm, work / "projected", r / q.calibration.instruction, q.attention, work / "stats.parquet",
                     work / "attention.json", lam=q.merge.lam, runtime=p.runtime)
     solve_alpha(work / "stats.parquet", lrm, q.alpha, q.attention.prior, work / "alpha.parquet", work / "scales.safetensors")
-    plan = DeltaPlan(linear=TensorDir(work / "projected"), scales=TensorDir(None, single_file=work / "scales.safetensors"))
+    plan = DeltaPlan(linear=TensorDir(work / "projected"), scales=SingleFile(work / "scales.safetensors"))
     merge_checkpoint(lrm, r / PAPER_MODEL, "rain", {"lam": q.merge.lam}, plan, q.merge.max_shard_size)
 
 
