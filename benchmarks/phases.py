@@ -34,7 +34,7 @@ PHASES: tuple[tuple[str, str], ...] = (
     ("residual diagnostics", "rain_tasks.stage1.projection:RowStats.quad_before_after"),
     ("attention statistics", "rain_tasks.stage2.attention:span_stats"),
     ("update added", "rain_tasks.stage2.attention:add_update"),
-    ("alpha solve", "rain_tasks.stage2.alpha:solve_box_qp"),
+    ("alpha solve", "rain_dev.checks:solve_box_qp"),
     ("alpha solve", "rain_tasks.stage2.alpha:closed_form_alpha"),
     ("merge arithmetic", "rain_tasks.merge.engine:_merged"),
     ("plots", "rain_tasks.io.plots:heatmap"),

@@ -146,7 +146,7 @@ def calibrate(work: Path, reuse: bool) -> dict:
 
 def compare(work: Path, reuse: bool) -> list[dict]:
     """The full-length run against the plan: per stage, estimated and measured time and peak RSS."""
-    from rain_tasks.stage2.attention import prepare_samples as attention_samples
+    from rain_tasks.stage2.attention import prepare_instruction_samples as attention_samples
     from rain_tasks.model.calibration import load_tokenizer
     from rain_tasks.params import load_params
     from rain_tasks.pipeline.plan import format_plan, stage_plans

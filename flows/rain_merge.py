@@ -50,7 +50,7 @@ from rain_tasks.params import Params, load_params
 from rain_tasks.model.runtime import configure
 from rain_tasks.pipeline.stages import LAYER_SPLITS, MERGED, STAGES, Stage, get_stage
 from rain_tasks.pipeline.runner import run_stage
-from rain_tasks.pipeline.validation import out_of_space_message, validate
+from rain_tasks.pipeline.validation import check_inputs, deferred_inputs, out_of_space_message, validate
 
 log = logging.getLogger(__name__)
 
@@ -108,25 +108,26 @@ def _cached(message: str, outputs: dict[str, str]) -> State:
 
 
 @task(**_TASK_OPTIONS)
-def stage_task(name: str, project_dir: str, params_file: str, parts: str | None = None,
-               reused: str | None = None) -> dict[str, str]:
-    """Run one stage (finishing from per-layer `parts` where given) and commit it through DVC; return its output
-    digests. With `reused` (why DVC needs no run), only report the outputs DVC already records."""
+def stage_task(name: str, project_dir: str, params: dict, parts: str | None = None,
+               reused: str | None = None, inputs_checked: bool = False) -> dict[str, str]:
+    """Run one stage on the flow's validated `params` (finishing from per-layer `parts` where given) and commit it
+    through DVC; return its output digests. With `reused` (why DVC needs no run), only report the outputs DVC
+    already records."""
     root, outputs = Path(project_dir), get_stage(name).outputs
     if reused:
         return _cached(f"stage {name}: {reused}", _digests(root, outputs))
     configure()
-    run_stage(name, load_params(root / params_file), root, Path(parts) if parts else None)
+    run_stage(name, Params.model_validate(params), root, Path(parts) if parts else None, inputs_checked=inputs_checked)
     dvc_state.commit(root, name)
     return _digests(root, outputs)
 
 
 @task(**_TASK_OPTIONS)
-def layer_task(name: str, layer: int, project_dir: str, params_file: str, parts: str) -> str:
-    """Do one layer of a split stage into `parts`."""
+def layer_task(name: str, layer: int, project_dir: str, params: dict, parts: str) -> str:
+    """Do one layer of a split stage into `parts`, on the flow's validated `params`."""
     root = Path(project_dir)
     configure()
-    LAYER_SPLITS[name].run(load_params(root / params_file), root, layer, Path(parts))
+    LAYER_SPLITS[name].run(Params.model_validate(params), root, layer, Path(parts))
     return f"{name} layer {layer}"
 
 
@@ -201,7 +202,7 @@ def _with_storage(t: Task, storage, name: str) -> Task:
     return t.with_options(task_run_name=name, **({"result_storage": storage} if storage is not None else {}))
 
 
-def _fan_out(stage: Stage, runner: TaskRunner, storage, root: Path, params_file: str, params: Params) -> tuple[str, list[str]]:
+def _fan_out(stage: Stage, runner: TaskRunner, storage, root: Path, params: Params) -> tuple[str, list[str]]:
     """Run the stage's per-layer tasks on `runner`; return the parts directory and their final state names."""
     parts = root / PARTS_DIR / stage.name
     shutil.rmtree(parts, ignore_errors=True)  # layers of an earlier, interrupted run may be of other inputs
@@ -210,8 +211,8 @@ def _fan_out(stage: Stage, runner: TaskRunner, storage, root: Path, params_file:
     with runner.duplicate() as r:
         futures = [
             r.submit(_with_storage(layer_task, storage, f"{verb} layer {layer}"),
-                     {"name": stage.name, "layer": layer, "project_dir": str(root), "params_file": params_file,
-                      "parts": str(parts)})
+                     {"name": stage.name, "layer": layer, "project_dir": str(root),
+                      "params": params.model_dump(mode="json"), "parts": str(parts)})
             for layer in layers
         ]
         for f in futures:
@@ -219,14 +220,14 @@ def _fan_out(stage: Stage, runner: TaskRunner, storage, root: Path, params_file:
         return str(parts), [f.state.name for f in futures]
 
 
-def _run(stage: Stage, root: Path, params_file: str, params: Params, runner: TaskRunner, storage) -> dict:
+def _run(stage: Stage, root: Path, params: Params, runner: TaskRunner, storage, inputs_checked: bool) -> dict:
     """Run one stage, per layer first where it splits, unless DVC holds its outputs; return state names and digests."""
     reused = dvc_state.reuse(root, stage.name)
     parts, layer_states = (None, [])
     if reused is None and stage.name in LAYER_SPLITS:
-        parts, layer_states = _fan_out(stage, runner, storage, root, params_file, params)
+        parts, layer_states = _fan_out(stage, runner, storage, root, params)
     call = _with_storage(stage_task, storage, f"{stage.name}: {stage.desc}")
-    state = call(stage.name, str(root), params_file, parts, reused, return_state=True)
+    state = call(stage.name, str(root), params.model_dump(mode="json"), parts, reused, inputs_checked, return_state=True)
     if parts is not None:
         shutil.rmtree(parts, ignore_errors=True)
     return {"state": state.name, "outputs": state.result(), "layers": layer_states}
@@ -256,10 +257,16 @@ def rain_merge(
     storage = resolve_result_storage(result_storage)
     if pull:
         _transfer(pull_task, storage, "dvc pull", str(root), remote)
-    params = validate(root, params_file)  # every input problem at once, before any stage runs
+    params = validate(root, params_file)  # every input problem at once, before any stage runs; the tasks get these
     dvc_state.require_project(root)
     runner = layer_runner(task_runner, dask_address)
-    summary = {stage.name: _run(stage, root, params_file, params, runner, storage) for stage in STAGES}
+    deferred = deferred_inputs(params, root)  # inputs the zoo stage makes are checked once, when it has made them
+    summary = {}
+    for stage in STAGES:
+        summary[stage.name] = _run(stage, root, params, runner, storage, inputs_checked=not deferred)
+        if deferred and not stage.deps:
+            check_inputs(params, root)
+            deferred = False
     print("stages: " + ", ".join(f"{name} {r['state']}" for name, r in summary.items()))
     if push:
         _transfer(push_task, storage, "dvc push", str(root), remote)

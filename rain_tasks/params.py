@@ -225,9 +225,9 @@ class AlphaParams(_Section):
 class MergeParams(_Section):
     """Stage 3: θ = θ_R + λ·α⊙Δ⊥ on the merged modules (scope 'all' also adds embeddings and norms)."""
 
-    lam: float = 1.0
+    lam: float = 3.0
     scope: Literal["linear", "all"] = "linear"
-    max_shard_size: Size = "2GB"
+    max_shard_size: Size = "1MB"  # the tiny family's; real models want e.g. 5GB
     #: λ values of the RAIN frontier (models/ablations/rain_lam_<λ>, the same α): compliance against thinking cost
     frontier_lams: tuple[float, ...] = (1.0, 2.0, 4.0)
 

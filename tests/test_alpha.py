@@ -12,8 +12,8 @@ import pytest
 import torch
 from rain_dev.tiny import make_family
 
-from rain_tasks.stage2.alpha import (closed_form_alpha, reduce_terms, sample_grid, sample_terms, solve_alpha, solve_box_qp, solve_heads,
-                               summary_markdown)
+from rain_tasks.stage2.alpha import closed_form_alpha, reduce_terms, sample_grid, sample_terms, solve_alpha, solve_heads, summary_markdown
+from rain_dev.checks import solve_box_qp
 from rain_tasks.io.arch import MODULES, read_shape
 from rain_tasks.io.checkpoint import Checkpoint, load_tensors
 from rain_tasks.params import AlphaParams, Params

@@ -116,7 +116,8 @@ def _early_closer(lrm: Path, dest: Path, logit_gain: float) -> Path:
 def test_thinking_metrics_beyond_omega(tiny_family, tmp_path):
     """kl_close and early_close_mass are 0 / the LRM's own for the LRM and grow when a model favours `</think>`;
     the KL on a model's own generations is 0 for the LRM and positive for a different model."""
-    from rain_tasks.evaluate.evaluation import own_generation_kl, think_invariance
+    from rain_tasks.evaluate.evaluation import own_generation_kl
+    from rain_dev.checks import think_invariance
     from rain_tasks.model.generation import load_model
     from rain_dev.tiny import reasoning_rows
 

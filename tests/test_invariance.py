@@ -12,11 +12,12 @@ import torch
 from rain_tasks.stage2.alpha import module_scales
 from rain_tasks.io.arch import MODULES, read_shape
 from rain_tasks.io.checkpoint import Checkpoint, load_tensors, save_tensors
-from rain_tasks.evaluate.evaluation import think_invariance
+from rain_dev.checks import think_invariance
 from rain_tasks.stage1.features import accumulate_features, row_sets
 from rain_tasks.merge.engine import DeltaPlan, SingleFile, TensorDir, merge_checkpoint
 from rain_tasks.params import FeaturesParams, ProjectionParams
-from rain_tasks.stage1.projection import RowStats, load_stats, project, project_block, protected_basis
+from rain_tasks.stage1.projection import RowStats, load_stats, project, protected_basis
+from rain_dev.checks import project_block
 from rain_tasks.merge.task_vectors import compute_task_vectors
 from rain_tasks.io.artifacts import layer_file
 from rain_dev.tiny import make_family, reasoning_rows, write_jsonl

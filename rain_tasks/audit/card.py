@@ -46,7 +46,7 @@ def checkpoint_name(root: Path, recorded_path: str) -> str:
     return name if _HUB_ID.match(name) else recorded_path
 
 
-def render(core: dict, root: Path, evaluation_row: str) -> str:
+def render_card(core: dict, root: Path, evaluation_row: str) -> str:
     """The merge-time card of the model whose lineage core is `core` (inputs resolved under `root`)."""
     inputs = core["inputs"]
     meta = {
@@ -96,7 +96,7 @@ def render(core: dict, root: Path, evaluation_row: str) -> str:
 
 def write_card(model_dir: Path, core: dict, root: Path, evaluation_row: str) -> Path:
     """Write README.md into `model_dir` (the merge's temporary directory, before lineage.json records it)."""
-    write_text(model_dir / CARD, render(core, root, evaluation_row))
+    write_text(model_dir / CARD, render_card(core, root, evaluation_row))
     return model_dir / CARD
 
 

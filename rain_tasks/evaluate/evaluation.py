@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from rain_tasks.model.calibration import load_tokenizer, render, think_positions, think_token_ids
+from rain_tasks.model.calibration import load_tokenizer, render_sample, think_positions, think_token_ids
 from rain_tasks.io.artifacts import atomic_path, write_json, write_text
 from rain_tasks.model.runtime import CPU, forward_dtype, load_causal_lm
 from rain_tasks.model.generation import GREEDY, Sampling, generate_ids, load_model
@@ -135,7 +135,7 @@ class AtOmega(NamedTuple):
 
 
 @torch.no_grad()
-def _at_omega(model, traces: list[Trace], close_id: int) -> AtOmega:
+def at_omega(model, traces: list[Trace], close_id: int) -> AtOmega:
     """The model's distributions and hidden states on the traces (see AtOmega), gathered on the CPU."""
     log_probs, close, hidden, early = [], [], [], []
     device = input_device(model)
@@ -150,12 +150,12 @@ def _at_omega(model, traces: list[Trace], close_id: int) -> AtOmega:
     return AtOmega(log_probs, torch.stack(close), hidden, torch.stack(early))
 
 
-def _encode_traces(lrm_dir: str | Path, traces: list[dict], radius: int) -> tuple[list[Trace], int]:
+def encode_traces(lrm_dir: str | Path, traces: list[dict], radius: int) -> tuple[list[Trace], int]:
     """Each trace rendered with the LRM's tokenizer and template (see Trace), and the `</think>` token id."""
     tok = load_tokenizer(lrm_dir)
     encoded = []
     for row in traces:
-        r = render(tok, row["prompt"], row["reasoning"], row["response"])
+        r = render_sample(tok, row["prompt"], row["reasoning"], row["response"])
         omega = think_positions(r, radius)
         early = [p for p in range(r.think_open + 1, r.think_close - 1) if p not in set(omega)]
         encoded.append(Trace(r.input_ids, omega, r.think_close - 1, early))
@@ -167,11 +167,11 @@ def _kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return (p.exp() * (p - q)).sum(-1)
 
 
-def _invariance(reference: AtOmega, model, traces: list[Trace], close_id: int) -> dict[str, float]:
+def invariance(reference: AtOmega, model, traces: list[Trace], close_id: int) -> dict[str, float]:
     """Thinking-format metrics of one model against the LRM's view of the traces: L_think (KL at Ω), h_drift (hidden
     states at Ω), kl_close (KL at the `</think>`-predicting position alone) and early_close_mass (mean over traces
     of Σ p(`</think>`) at the other thinking positions: a merge that pins Ω can still close the block early)."""
-    view = _at_omega(model, traces, close_id)
+    view = at_omega(model, traces, close_id)
     ref_hidden = torch.cat(reference.hidden, dim=1)
     diff = torch.linalg.vector_norm(torch.cat(view.hidden, dim=1) - ref_hidden, dim=(1, 2))
     drift = diff / torch.linalg.vector_norm(ref_hidden, dim=(1, 2))
@@ -200,15 +200,6 @@ def own_generation_kl(reference_model, model, tokenizer, prompts: list[str], max
     return float(torch.cat(kls).mean()) if kls else float("nan")
 
 
-def think_invariance(lrm_dir: str | Path, model_dirs: dict[str, Path], traces: list[dict], radius: int,
-                     runtime: RuntimeParams | None = None) -> dict[str, dict]:
-    """Per model, teacher forced on the traces: L_think = mean KL(p_LRM ‖ p_model) at Ω, h_drift = mean over layers
-    of ‖h_model − h_LRM‖ / ‖h_LRM‖ at Ω (both 0 for the LRM itself), kl_close and early_close_mass."""
-    encoded, close_id = _encode_traces(lrm_dir, traces, radius)
-    reference = _at_omega(load_model(lrm_dir, runtime)[0], encoded, close_id)
-    return {name: _invariance(reference, load_model(path, runtime)[0], encoded, close_id) for name, path in model_dirs.items()}
-
-
 def evaluate_models(
     lrm_dir: str | Path,
     model_dirs: dict[str, Path],
@@ -227,15 +218,15 @@ def evaluate_models(
     dtype, and replies are drawn with `sampling`."""
     problems = load_records(instruction_eval, "instruction_eval")[:max_eval]
     traces = load_records(reasoning_eval, "reasoning")[:max_eval]
-    encoded, close_id = _encode_traces(lrm_dir, traces, radius)
+    encoded, close_id = encode_traces(lrm_dir, traces, radius)
     lrm = load_model(lrm_dir, runtime)[0]
-    reference = _at_omega(lrm, encoded, close_id)
+    reference = at_omega(lrm, encoded, close_id)
     results = {}
     for name, path in tqdm(model_dirs.items(), desc="evaluate", unit="model"):
         model, tok = load_model(path, runtime)
         m = behaviour_metrics(model, tok, problems, max_new_tokens=max_new_tokens, batch_size=batch_size, sampling=sampling)
         kl_own = own_generation_kl(lrm, model, tok, [t["prompt"] for t in traces], max_new_tokens, batch_size)
-        results[name] = {**m, **_invariance(reference, model, encoded, close_id), "kl_own": kl_own}
+        results[name] = {**m, **invariance(reference, model, encoded, close_id), "kl_own": kl_own}
         log.info("%s: %s", name, {k: results[name][k] for k in TABLE_COLUMNS if k in results[name]})
     return results
 

@@ -27,6 +27,7 @@ from rain_tasks.io.arch import layer_of, module_of
 from rain_tasks.io.artifacts import NON_LAYER, atomic_path, layer_file
 from rain_tasks.io.checkpoint import Checkpoint, ShardWriter, TensorFile, parse_size, save_tensors
 from rain_tasks.methods import Method, TensorInputs, get_method
+from rain_tasks.params import MergeParams
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,7 @@ def merge_checkpoint(
     method: str,
     method_params: dict,
     plan: DeltaPlan,
-    max_shard_size: str | int = "2GB",
+    max_shard_size: str | int = MergeParams.model_fields["max_shard_size"].default,
     metadata: dict[str, str] | None = None,
     parts: TensorSource | None = None,
     finalize: Callable[[Path], None] | None = None,

@@ -54,7 +54,7 @@ def _token_at(offsets: list[tuple[int, int]], char: int, what: str) -> int:
     raise ValueError(f"no token starts at the {what} tag (char {char}); the tokenizer split it")
 
 
-def render(tokenizer, prompt: str, reasoning: str, response: str) -> Rendered:
+def render_sample(tokenizer, prompt: str, reasoning: str, response: str) -> Rendered:
     """Render and tokenize one sample as the LRM would see it (see module docstring)."""
     open_id, close_id = think_token_ids(tokenizer)
     head = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)

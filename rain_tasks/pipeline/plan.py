@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rain_tasks.io.arch import ModelShape, read_shape
-from rain_tasks.stage2.attention import prepare_samples as attention_samples
+from rain_tasks.stage2.attention import prepare_instruction_samples
 from rain_tasks.model.calibration import load_tokenizer
 from rain_tasks.io.checkpoint import Checkpoint, parse_size
 from rain_tasks.model.runtime import forward_dtype
-from rain_tasks.stage1.features import layer_bytes, prepare_samples, set_biases, set_dims
+from rain_tasks.stage1.features import layer_bytes, prepare_reasoning_samples, row_set_biases, row_set_dims
 from rain_tasks.params import Params
 from rain_tasks.model.runtime import resolve_device
 from rain_tasks.io.schemas import load_records
@@ -82,9 +82,9 @@ def stage_plans(params: Params, root: Path) -> tuple[dict, list[StagePlan]]:
     itemsize = dtype.itemsize
     n_params = parameter_count(ckpt)
     reasoning = [s for path in (params.calibration.reasoning, params.calibration.reasoning_heldout)
-                 for s in prepare_samples(tok, load_records(root / path, "reasoning")[: params.features.max_samples],
+                 for s in prepare_reasoning_samples(load_records(root / path, "reasoning")[: params.features.max_samples], tok,
                                           params.features)[0]]
-    instruction, _ = attention_samples(load_records(root / params.calibration.instruction, "instruction")[: params.attention.max_samples],
+    instruction, _ = prepare_instruction_samples(load_records(root / params.calibration.instruction, "instruction")[: params.attention.max_samples],
                                        tok, params.attention.max_tokens)
     r_len = [len(s.input_ids) for s in reasoning]
     i_len = [len(s.input_ids) for s in instruction]
@@ -105,8 +105,8 @@ def stage_plans(params: Params, root: Path) -> tuple[dict, list[StagePlan]]:
         return flops / constants[f"{kind}_flops_per_s"] + start
 
     # Stage 1: forward + per-sample rows at Ω (S_t = A·X in float64, key rows) + accumulation (≤ FEATURES_BUDGET)
-    biases = set_biases(ckpt, shape, 0)
-    accumulators = min(FEATURES_BUDGET, shape.num_layers * layer_bytes(set_dims(shape, biases), reasoning, shape, True))
+    biases = row_set_biases(ckpt, shape, 0)
+    accumulators = min(FEATURES_BUDGET, shape.num_layers * layer_bytes(row_set_dims(shape, biases), reasoning, shape, True))
     omega = max((len(s.omega) for s in reasoning), default=0)
     rows_work = sum(2 * shape.num_layers * shape.num_heads * len(s.omega) * len(s.input_ids) * shape.hidden_size
                     + 2 * shape.num_layers * len(s.input_ids) * shape.hidden_size ** 2 for s in reasoning)
@@ -122,7 +122,7 @@ def stage_plans(params: Params, root: Path) -> tuple[dict, list[StagePlan]]:
         2 * shape.num_layers * shape.num_heads * shape.head_dim * len(s.spans.query_rows) * len(s.input_ids) for s in instruction))
     a_peak = baseline + weights + activations(i_len) + shape.num_heads * query * 4 * 4
     # Stage 1 projection: per layer one Gram per row set, its eigendecomposition, and the layer's Δ in float64
-    dims = set_dims(shape, biases)
+    dims = row_set_dims(shape, biases)
     p_flops = float(shape.num_layers * sum(10 * d ** 3 for d in dims.values()))
     p_flops += 4.0 * shape.num_layers * layer_parameters(shape) * max(dims.values())
     p_peak = baseline + 3 * max(dims.values()) ** 2 * 8 * 2 + 3 * layer_parameters(shape) * 8

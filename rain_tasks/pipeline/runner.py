@@ -19,14 +19,17 @@ from rain_tasks.pipeline.validation import preflight
 log = logging.getLogger(__name__)
 
 
-def run_stage(name: str, params: Params, root: str | Path = ".", parts: Path | None = None) -> None:
+def run_stage(name: str, params: Params, root: str | Path = ".", parts: Path | None = None,
+              inputs_checked: bool = False) -> None:
     """Run one stage of the project at `root`, after checking its inputs (a stage with deps reads the models).
 
     With `parts`, the stage finishes from the per-layer work its LAYER_SPLITS entry already did there.
+    `inputs_checked`: the caller (the flow) validated this run's inputs already, so only the stage's upstream
+    artifacts are checked here, not the checkpoints and calibration sets again.
     """
     stage, root = get_stage(name), Path(root)
     if stage.deps:  # the zoo makes the inputs; every other stage refuses bad ones before any work
-        preflight(stage, params, root)
+        preflight(stage, params, root, inputs_checked=inputs_checked)
     log.info("stage %s: %s", name, stage.desc)
     start = time.perf_counter()
     with output_locks(root, [resolve(o, params) for o in stage.outputs]):

@@ -30,7 +30,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from rain_tasks.io.arch import arch_for, module_of
-from rain_tasks.model.calibration import load_tokenizer, render, think_token_ids
+from rain_tasks.model.calibration import load_tokenizer, render_sample, think_token_ids
 from rain_tasks.io.checkpoint import INDEX_NAME, Checkpoint, parse_size
 from rain_tasks.io.digest import file_identity, load_memo, save_memo
 from rain_tasks.params import Params, ParamsError, load_params
@@ -268,7 +268,7 @@ def length_problems(params: Params, root: Path, tokenizer) -> list[Problem]:
         path, limit = root / getattr(params.calibration, field), getattr(params, section)
         try:
             records = load_records(path, kind)[: limit.max_samples]
-            lengths = [len(render(tokenizer, r["prompt"], r[thought], r["response"])) for r in records]
+            lengths = [len(render_sample(tokenizer, r["prompt"], r[thought], r["response"])) for r in records]
         except (OSError, ValueError):  # missing or malformed: calibration_problems reports it, the stage names the row
             continue
         over = [(_sample_name(r, i), n) for i, (r, n) in enumerate(zip(records, lengths)) if n > limit.max_tokens]
@@ -412,6 +412,18 @@ def validate(root: str | Path = ".", params_file: str | Path = "params.yaml", *,
     return params
 
 
+def check_inputs(params: Params, root: str | Path) -> None:
+    """`validate` on params already parsed: every check on the run's inputs, InputProblems listing every problem."""
+    problems = input_problems(params, Path(root), run_outputs(), scan_values=True)
+    if problems:
+        raise InputProblems(problems)
+
+
+def deferred_inputs(params: Params, root: str | Path) -> bool:
+    """True when some input checkpoint does not exist yet because the zoo stage makes it (checked once it exists)."""
+    return any(_made_by_run(Path(root) / getattr(params.models, role), Path(root)) for role in ROLES)
+
+
 #: per-layer stage directories whose manifest.json is written last: without it the stage was interrupted
 LAYERED = (TV, FEAT, FEAT_HELDOUT, PROJ)
 
@@ -432,9 +444,12 @@ def upstream_problems(stage: Stage, params: Params, root: Path) -> list[Problem]
     return problems
 
 
-def preflight(stage: Stage, params: Params, root: Path) -> None:
-    """Before one stage: its upstream artifacts, then the cheap checks (all but the value scan); raise InputProblems."""
-    problems = upstream_problems(stage, params, root) + input_problems(params, root, stage.outputs, scan_values=False)
+def preflight(stage: Stage, params: Params, root: Path, *, inputs_checked: bool = False) -> None:
+    """Before one stage: its upstream artifacts, then (unless this run's inputs were checked already) the cheap input
+    checks (all but the value scan); raise InputProblems."""
+    problems = upstream_problems(stage, params, root)
+    if not inputs_checked:
+        problems += input_problems(params, root, stage.outputs, scan_values=False)
     if problems:
         raise InputProblems(problems)
 

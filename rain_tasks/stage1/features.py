@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from rain_tasks.io.arch import MODULES, ModelShape, read_shape
-from rain_tasks.model.calibration import load_tokenizer, render, think_positions, think_token_ids
+from rain_tasks.model.calibration import load_tokenizer, render_sample, think_positions, think_token_ids
 from rain_tasks.model.capture import LayerCapture, attention_probs, forward_batch_with_hooks, token_batches
 from rain_tasks.io.checkpoint import Checkpoint, save_tensors
 from rain_tasks.io.artifacts import write_json
@@ -68,25 +68,25 @@ def feature_key(kind: str, set_name: str) -> str:
     return f"{kind}.{set_name}"
 
 
-def set_modules(shape: ModelShape) -> dict[str, str]:
+def row_set_modules(shape: ModelShape) -> dict[str, str]:
     """Row-set name -> the module whose input width (and bias) defines it."""
     return {name: module for module in MODULES for _, name in row_sets(module, shape)}
 
 
-def set_dims(shape: ModelShape, biases: dict[str, bool]) -> dict[str, int]:
+def row_set_dims(shape: ModelShape, biases: dict[str, bool]) -> dict[str, int]:
     """Row width per set: the module's input width (one head's for o_proj), plus 1 for a bias column."""
     width = {"q": shape.hidden_size, "mlp_in": shape.hidden_size, "down": shape.intermediate_size}
     return {name: (shape.head_dim if name.startswith("o.") else width.get(name, shape.hidden_size)) + int(biases[name])
-            for name in set_modules(shape)}
+            for name in row_set_modules(shape)}
 
 
-def set_biases(ckpt: Checkpoint, shape: ModelShape, layer: int) -> dict[str, bool]:
+def row_set_biases(ckpt: Checkpoint, shape: ModelShape, layer: int) -> dict[str, bool]:
     """Whether each row set carries a bias column (gate and up must agree; o_proj's per-head sets never do)."""
     names = set(ckpt.layer_names(layer))
     has = {m: shape.spec.param_name(layer, m, "bias") in names for m in MODULES}
     if has["gate_proj"] != has["up_proj"]:
         raise ValueError(f"layer {layer}: gate_proj and up_proj disagree on having a bias; they share one row set")
-    return {name: has[module] and module != "o_proj" for name, module in set_modules(shape).items()}
+    return {name: has[module] and module != "o_proj" for name, module in row_set_modules(shape).items()}
 
 
 class RowAccumulator:
@@ -154,20 +154,20 @@ def layer_rows(
 
 
 @dataclass(frozen=True)
-class Sample:
+class ReasoningSample:
     """A rendered calibration sample: token ids and its Ω_think positions."""
 
     input_ids: torch.Tensor
     omega: list[int]
 
 
-def prepare_samples(tokenizer, records: list[dict], params: FeaturesParams) -> tuple[list[Sample], int]:
+def prepare_reasoning_samples(records: list[dict], tokenizer, params: FeaturesParams) -> tuple[list[ReasoningSample], int]:
     """Render every record, locate Ω_think, and drop those over `max_tokens`; return (samples, skipped)."""
     open_id, close_id = think_token_ids(tokenizer)
     samples, skipped = [], 0
     for i, rec in enumerate(records):
         try:
-            r = render(tokenizer, rec["prompt"], rec["reasoning"], rec["response"])
+            r = render_sample(tokenizer, rec["prompt"], rec["reasoning"], rec["response"])
         except ValueError as e:
             raise ValueError(f"reasoning sample {i}: {e}") from None
         if r.input_ids.count(open_id) != 1 or r.input_ids.count(close_id) != 1:
@@ -178,11 +178,11 @@ def prepare_samples(tokenizer, records: list[dict], params: FeaturesParams) -> t
         if len(r) > params.max_tokens:
             skipped += 1
             continue
-        samples.append(Sample(torch.tensor(r.input_ids), think_positions(r, params.neighbour_radius)))
+        samples.append(ReasoningSample(torch.tensor(r.input_ids), think_positions(r, params.neighbour_radius)))
     return samples, skipped
 
 
-def layer_bytes(dims: dict[str, int], samples: list[Sample], shape: ModelShape, low_rank: bool) -> int:
+def layer_bytes(dims: dict[str, int], samples: list[ReasoningSample], shape: ModelShape, low_rank: bool) -> int:
     """Upper bound on one layer's accumulator memory over all samples."""
     omega = sum(len(s.omega) for s in samples)
     keys = sum(len(s.input_ids) for s in samples)
@@ -221,7 +221,7 @@ def accumulate_features(
     shape = read_shape(lrm_dir)
     tokenizer = load_tokenizer(lrm_dir)
     records = load_records(reasoning_path, "reasoning")[: params.max_samples]
-    samples, skipped = prepare_samples(tokenizer, records, params)
+    samples, skipped = prepare_reasoning_samples(records, tokenizer, params)
     if not samples:
         raise ValueError(f"{reasoning_path}: no sample fits max_tokens={params.max_tokens} ({skipped} skipped)")
     if skipped:
@@ -241,8 +241,8 @@ def accumulate_features(
     todo = [layer for layer in range(shape.num_layers) if not is_current(layer_file(out_dir, layer), meta)]
     if todo:
         ckpt = Checkpoint(lrm_dir)
-        biases = {layer: set_biases(ckpt, shape, layer) for layer in todo}
-        per_layer = max(layer_bytes(set_dims(shape, b), samples, shape, low_rank) for b in biases.values())
+        biases = {layer: row_set_biases(ckpt, shape, layer) for layer in todo}
+        per_layer = max(layer_bytes(row_set_dims(shape, b), samples, shape, low_rank) for b in biases.values())
         model = load_model() if load_model is not None else load_causal_lm(lrm_dir, runtime)
         for chunk in layer_chunks(todo, per_layer, memory_budget_bytes):
             _accumulate_chunk(model, samples, shape, params, chunk, biases, low_rank, out_dir, meta, runtime.batch_tokens)
@@ -253,7 +253,7 @@ def accumulate_features(
 
 def _accumulate_chunk(
     model: torch.nn.Module,
-    samples: list[Sample],
+    samples: list[ReasoningSample],
     shape: ModelShape,
     params: FeaturesParams,
     chunk: list[int],
@@ -264,7 +264,7 @@ def _accumulate_chunk(
     batch_tokens: int,
 ) -> None:
     """Stream every sample through the layers of `chunk` (batches of `batch_tokens` padded tokens) and write their feature files."""
-    dims = {layer: set_dims(shape, biases[layer]) for layer in chunk}
+    dims = {layer: row_set_dims(shape, biases[layer]) for layer in chunk}
     accs = {layer: {name: RowAccumulator(d, low_rank) for name, d in dims[layer].items()} for layer in chunk}
 
     def reduce(cap: LayerCapture, omega: list[int]) -> None:

@@ -206,11 +206,6 @@ def protected_basis(stats: RowStats, params: ProjectionParams, block: torch.Tens
     return Basis(vecs[:, keep], w[keep], energy)
 
 
-def project_block(m: torch.Tensor, basis: Basis) -> torch.Tensor:
-    """M − (M U) diag(w) Uᵀ: remove the protected directions from the rows of M."""
-    return project_block_with_coefficients(m, basis)[0]
-
-
 def project_block_with_coefficients(m: torch.Tensor, basis: Basis) -> tuple[torch.Tensor, torch.Tensor]:
     """(M − A Uᵀ, A) with A = (M U) diag(w), the coefficients the residual diagnostics reuse."""
     a = (m @ basis.u) * basis.w

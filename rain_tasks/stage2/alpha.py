@@ -11,7 +11,8 @@ The statistics (attention.py) hold, per sample x and (layer, head), the alignmen
 α maximises g·α − ½H·α² − ½ℓ₂(α − p)² − ℓ₁|α − p| on [lo, hi]: for H + ℓ₂ > 0
   α = clip(p + soft(g − H·p, ℓ₁) / (H + ℓ₂), lo, hi)
 (for ℓ₁ = 0, clip((g + ℓ₂p)/(H + ℓ₂), lo, hi)); where H + ℓ₂ ≤ 0 the objective is convex on the box and
-the better bound wins. `solve_box_qp` solves the same problem for a general (non-diagonal) curvature.
+the better bound wins. (rain_dev.checks.solve_box_qp solves the same problem numerically for any curvature; the
+tests check the closed form against it.)
 
 Evidence: g's standard error over samples (g_se); a head whose |g| < min_t·g_se has no measurable gain and
 keeps the prior p. Heads whose curvature is not measurably positive are counted (the attention objective
@@ -37,7 +38,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from scipy.optimize import minimize
 from scipy.stats import spearmanr
 
 from rain_tasks.io.arch import ModelShape, layer_of, module_of, read_shape
@@ -122,30 +122,6 @@ def split_half_reliability(g_x: np.ndarray, h_x: np.ndarray, params: AlphaParams
     if np.ptp(halves[0]) == 0 or np.ptp(halves[1]) == 0:
         return float("nan")
     return float(spearmanr(halves[0], halves[1]).statistic)
-
-
-def solve_box_qp(curvature: np.ndarray, g: np.ndarray, params: AlphaParams, prior: float) -> np.ndarray:
-    """Numerical maximiser of gᵀα − ½αᵀHα − ½ℓ₂‖α−p‖² − ℓ₁‖α−p‖₁ on the box for any PSD curvature H.
-
-    α = p + s⁺ − s⁻ with bounded s± ≥ 0 makes the L1 term linear (exact at the optimum) and maps the
-    box exactly; L-BFGS-B then handles the bounds.
-    """
-    n = len(g)
-    p = np.full(n, float(prior))
-    lo, hi = params.box_lo, params.box_hi
-    bounds = [(max(lo - prior, 0.0), max(hi - prior, 0.0))] * n + [(max(prior - hi, 0.0), max(prior - lo, 0.0))] * n
-
-    def loss(z: np.ndarray) -> tuple[float, np.ndarray]:
-        alpha = p + z[:n] - z[n:]
-        grad = curvature @ alpha - g + params.l2 * (alpha - p)
-        value = 0.5 * alpha @ curvature @ alpha - g @ alpha + 0.5 * params.l2 * np.sum((alpha - p) ** 2) + params.l1 * z.sum()
-        return value, np.concatenate([grad + params.l1, -grad + params.l1])
-
-    z0 = np.array([b[0] for b in bounds])
-    res = minimize(loss, z0, jac=True, method="L-BFGS-B", bounds=bounds, options={"ftol": 1e-15, "gtol": 1e-12, "maxiter": 10_000})
-    if not res.success:
-        raise RuntimeError(f"box QP did not converge: {res.message}")
-    return np.clip(p + res.x[:n] - res.x[n:], lo, hi)
 
 
 def rescale(alpha: np.ndarray, params: AlphaParams, prior: float) -> np.ndarray:

@@ -38,7 +38,7 @@ import torch
 from tqdm import tqdm
 
 from rain_tasks.io.arch import ModelShape, module_of, read_shape
-from rain_tasks.model.calibration import Rendered, load_tokenizer, render, span_positions
+from rain_tasks.model.calibration import Rendered, load_tokenizer, render_sample, span_positions
 from rain_tasks.model.capture import attention_probs, forward_batch_with_hooks, pad_right, token_batches
 from rain_tasks.io.checkpoint import load_tensors
 from rain_tasks.io.artifacts import atomic_path, write_json
@@ -74,7 +74,7 @@ class SampleSpans:
 
 
 @dataclass(frozen=True)
-class Sample:
+class InstructionSample:
     """One usable calibration sample: token ids and span positions."""
 
     sample_id: str
@@ -184,7 +184,7 @@ _PATHS = {"eager": eager_batch_stats, "recompute": recompute_batch_stats}
 
 @torch.no_grad()
 def run_pass(
-    model, samples: Sequence[Sample], shape: ModelShape, mode: str, desc: str, batch_tokens: int = 1
+    model, samples: Sequence[InstructionSample], shape: ModelShape, mode: str, desc: str, batch_tokens: int = 1
 ) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
     """a and u per sample, each [samples, layers, heads] float64, plus how many samples each path served.
 
@@ -252,13 +252,13 @@ def _add(model, name: str, param: torch.Tensor, delta: torch.Tensor, step: float
     add_to_parameter(model, name, delta, step)
 
 
-def prepare_samples(rows: Sequence[dict], tokenizer, max_tokens: int) -> tuple[list[Sample], dict]:
+def prepare_instruction_samples(rows: Sequence[dict], tokenizer, max_tokens: int) -> tuple[list[InstructionSample], dict]:
     """Render and span-map every row; keep those within max_tokens with a usable instruction; report the rest."""
     samples, per_sample_unmapped = [], []
     totals = Counter({kind: 0 for kind in SPAN_KINDS})
     too_long = no_pair = unusable = 0
     for row in rows:
-        r = render(tokenizer, row["prompt"], row["reason"], row["response"])
+        r = render_sample(tokenizer, row["prompt"], row["reason"], row["response"])
         spans = map_sample_spans(r, row)
         totals.update(spans.unmapped)
         unusable += spans.unusable_instructions
@@ -269,7 +269,7 @@ def prepare_samples(rows: Sequence[dict], tokenizer, max_tokens: int) -> tuple[l
         elif not spans.pairs:
             no_pair += 1
         else:
-            samples.append(Sample(str(row["id"]), tuple(r.input_ids), spans))
+            samples.append(InstructionSample(str(row["id"]), tuple(r.input_ids), spans))
     lengths = [len(s.input_ids) for s in samples]
     report = {
         "samples_read": len(rows),
@@ -315,7 +315,7 @@ def attention_stats(
     runtime = runtime or CPU
     shape = read_shape(lrm_dir)
     rows = load_records(instruction_path, "instruction")[: params.max_samples]
-    samples, report = prepare_samples(rows, load_tokenizer(lrm_dir), params.max_tokens)
+    samples, report = prepare_instruction_samples(rows, load_tokenizer(lrm_dir), params.max_tokens)
     if not samples:
         raise ValueError(f"{instruction_path}: no usable sample (too long: {report['skipped_too_long']}, no usable instruction: {report['skipped_no_usable_instruction']})")
     model = load_lrm(lrm_dir, runtime)

@@ -36,19 +36,6 @@ BASELINE_GRID: tuple[dict, ...] = (
 _SETTING_KEYS = ("lam", "density", "drop", "combine", "t")
 
 
-def family_properties(lrm: dict, itm: dict, sweep: list[dict]) -> dict[str, bool]:
-    """The four properties the default family must have, from behaviour metrics (sweep[0] is λ = 0, the LRM):
-    lrm: closes `</think>` ≥ 95 %, correct ≥ 90 %, complies ≤ 20 %; itm: complies ≥ 90 %, never opens `<think>`;
-    transfer: task arithmetic raises compliance ≥ 20 points at some λ; breaks: a larger λ closes < 80 %."""
-    gains = [i for i, r in enumerate(sweep) if r["comply_rate"] - sweep[0]["comply_rate"] >= 0.20]
-    return {
-        "lrm": lrm["close_rate"] >= 0.95 and lrm["correct_rate"] >= 0.90 and lrm["comply_rate"] <= 0.20,
-        "itm": itm["comply_rate"] >= 0.90 and itm["think_rate"] == 0.0,
-        "transfer": bool(gains),
-        "breaks": bool(gains) and any(r["close_rate"] < 0.80 for r in sweep[gains[0] + 1:]),
-    }
-
-
 def thinking_matters(thinking: dict, forced_closed: dict, margin: float = 0.30) -> bool:
     """The LRM thinking is ≥ 90 % correct and with its thinking block forced closed ≥ `margin` less accurate."""
     return thinking["correct_rate"] >= 0.90 and forced_closed["correct_rate"] <= thinking["correct_rate"] - margin
