@@ -9,6 +9,7 @@ from typing import Annotated, Literal, Union
 import yaml
 from pydantic import AfterValidator, BaseModel, Discriminator, Field, Tag, ValidationError, create_model, model_validator
 
+from rain_tasks.io.checkpoint import parse_size
 from rain_tasks.io.guards import STRICT_PARAMS, safe_name
 from rain_tasks.methods import METHODS, Method
 
@@ -17,13 +18,9 @@ class _Section(BaseModel):
     model_config = STRICT_PARAMS
 
 
-_SIZE = re.compile(r"^\s*\d+(\.\d+)?\s*(GB|MB|KB|B)?\s*$", re.IGNORECASE)
-
-
 def _size(value: str) -> str:
-    """Accept what `checkpoint.parse_size` reads ('5GB', '200MB', '1.5 GB', '1000'); refuse anything else here, not mid-run."""
-    if not _SIZE.match(value):
-        raise ValueError(f"{value!r} is not a size; write e.g. '5GB', '200MB', '512KB' or a byte count")
+    """Accept what `parse_size` reads ('5GB', '200MB', '1.5 GB', '1000'); refuse anything else here, not mid-run."""
+    parse_size(value)
     return value
 
 

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from rain_tasks import set_environment  # imports no torch
+
+set_environment()  # before torch: no spinning threads on a busy machine, no hub access
 # the value-scan record (rain_tasks.pipeline.validation.scanned_shards_file) of this run only, not the user's
 os.environ["RAIN_CACHE_DIR"] = tempfile.mkdtemp(prefix="rain-test-cache-")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: no spinning threads on a busy machine
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 

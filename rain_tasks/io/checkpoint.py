@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,21 +24,17 @@ from rain_tasks.io.guards import header_length, safe_name
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+#: dtype names (params.yaml's runtime.dtype, config.json's `dtype`) -> torch dtypes
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 def checkpoint_dtype(model_dir: str | Path) -> torch.dtype:
     """The dtype a checkpoint's config.json declares (`dtype` or the older `torch_dtype`; float32 if neither)."""
     config = json.loads((Path(model_dir) / "config.json").read_text())
-    return torch_dtype(config.get("dtype") or config.get("torch_dtype") or "float32")
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    """Parse a dtype name from params or config.json ('bfloat16', 'float32', ...)."""
-    try:
-        return _DTYPES[name]
-    except KeyError:
-        raise ValueError(f"unsupported dtype {name!r}; use one of {sorted(_DTYPES)}") from None
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    if name not in DTYPES:
+        raise ValueError(f"{model_dir}: unsupported dtype {name!r}; use one of {sorted(DTYPES)}")
+    return DTYPES[name]
 
 
 class Checkpoint:
@@ -108,6 +105,8 @@ _ST_DTYPES = {
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
 }
 _TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
+#: safetensors dtype codes of floating-point tensors (the ones a value scan reads)
+FLOAT_CODES = frozenset(code for dtype, code in _ST_DTYPES.items() if dtype.is_floating_point)
 
 
 class TensorFile:
@@ -318,15 +317,20 @@ class ShardWriter:
         return names
 
 
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(GB|MB|KB|B)?\s*$", re.IGNORECASE)
+_UNITS = {"GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1, None: 1}
+
+
 def parse_size(size: str | int) -> int:
-    """'5GB', '200MB', '1MB' or an int -> bytes (decimal units as in transformers)."""
+    """'5GB', '200MB', '1.5 GB', '1000' or an int -> bytes (decimal units as in transformers); anything else is refused
+    with a message saying what to write (params.yaml's sizes are validated with it)."""
     if isinstance(size, int):
         return size
-    s = size.strip().upper()
-    for unit, mult in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
-        if s.endswith(unit):
-            return int(float(s[: -len(unit)]) * mult)
-    return int(s)
+    match = _SIZE.match(size)
+    if match is None:
+        raise ValueError(f"{size!r} is not a size; write e.g. '5GB', '200MB', '512KB' or a byte count")
+    unit = match.group(2).upper() if match.group(2) else None
+    return int(float(match.group(1)) * _UNITS[unit])
 
 
 def is_current(path: Path, metadata: dict[str, str]) -> bool:

@@ -7,15 +7,14 @@ from pathlib import Path
 
 import torch
 
-from rain_tasks.io.checkpoint import checkpoint_dtype, parse_size
+from rain_tasks import set_environment
+from rain_tasks.io.checkpoint import DTYPES, checkpoint_dtype, parse_size
 from rain_tasks.params import RuntimeParams
 
 
 def configure(threads: int | None = None) -> None:
     """Deterministic torch, fixed threads, and no hub access (nothing may download weights)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    set_environment()
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(threads or int(os.environ.get("RAIN_THREADS", "2")))
 
@@ -35,7 +34,7 @@ def resolve_device(name: str) -> torch.device:
 def resolve_dtype(name: str, checkpoint_dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """`runtime.dtype` as a torch dtype: auto is the checkpoint's dtype on an accelerator and float32 on the CPU."""
     if name != "auto":
-        return getattr(torch, name)
+        return DTYPES[name]
     return checkpoint_dtype if device.type != "cpu" else torch.float32
 
 

@@ -31,7 +31,7 @@ from safetensors import SafetensorError, safe_open
 
 from rain_tasks.io.arch import arch_for, module_of
 from rain_tasks.model.calibration import load_tokenizer, render_sample, think_token_ids
-from rain_tasks.io.checkpoint import INDEX_NAME, Checkpoint, parse_size
+from rain_tasks.io.checkpoint import FLOAT_CODES, INDEX_NAME, Checkpoint, parse_size
 from rain_tasks.io.digest import file_identity, load_memo, save_memo
 from rain_tasks.params import Params, ParamsError, load_params
 from rain_tasks.io.schemas import load_records
@@ -45,7 +45,6 @@ ARCH_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_he
              "intermediate_size", "vocab_size", "head_dim")
 MAX_LISTED = 5
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 _SAME_MODELS = "use a base, ITM and LRM of the same model family and size (RAIN adds ITM − base to the LRM tensor by tensor)"
 
 
@@ -181,7 +180,7 @@ def nonfinite_problems(role: str, ckpt: Checkpoint, scanned: dict[str, list] | N
         key, identity = str(path.resolve()), file_identity(path)
         if scanned is not None and scanned.get(key) == identity:
             continue
-        names = [n for n, s in ckpt.weight_map.items() if s == shard and ckpt.dtype_name(n) in _FLOAT_DTYPES]
+        names = [n for n, s in ckpt.weight_map.items() if s == shard and ckpt.dtype_name(n) in FLOAT_CODES]
         found = [n for n in names if not torch.isfinite(ckpt.get(n)).all()]
         bad += found
         if scanned is not None and not found:
