@@ -344,14 +344,23 @@ def is_current(path: Path, metadata: dict[str, str]) -> bool:
     return all(meta.get(k) == v for k, v in metadata.items())
 
 
+def checkpoint_differences(a: Checkpoint, b: Checkpoint) -> dict[str, list[str]]:
+    """What differs between two checkpoints' tensors, each list sorted: names only in `a`, names only in `b`, and shared
+    names whose shape or whose dtype differs ('name [shape in a] vs [shape in b]', 'name BF16 vs F32')."""
+    names, other = set(a.names()), set(b.names())
+    shared = sorted(names & other)
+    return {"only_a": sorted(names - other), "only_b": sorted(other - names),
+            "shapes": [f"{n} {list(a.shape(n))} vs {list(b.shape(n))}" for n in shared if a.shape(n) != b.shape(n)],
+            "dtypes": [f"{n} {a.dtype_name(n)} vs {b.dtype_name(n)}" for n in shared if a.dtype_name(n) != b.dtype_name(n)]}
+
+
 def check_compatible(a: Checkpoint, b: Checkpoint) -> None:
     """Refuse two checkpoints whose tensor names or shapes differ, listing the differences."""
-    only_a, only_b = sorted(set(a.names()) - set(b.names())), sorted(set(b.names()) - set(a.names()))
+    diff = checkpoint_differences(a, b)
     problems = []
-    if only_a or only_b:
-        problems.append(f"tensor names differ: only in {a.path}: {only_a[:5]}; only in {b.path}: {only_b[:5]}")
-    shapes = [n for n in set(a.names()) & set(b.names()) if a.shape(n) != b.shape(n)]
-    for n in sorted(shapes)[:5]:
-        problems.append(f"{n}: shape {a.shape(n)} in {a.path} vs {b.shape(n)} in {b.path}")
+    if diff["only_a"] or diff["only_b"]:
+        problems.append(f"tensor names differ: only in {a.path}: {diff['only_a'][:5]}; only in {b.path}: {diff['only_b'][:5]}")
+    if diff["shapes"]:
+        problems.append(f"shapes differ ({a.path} vs {b.path}): {diff['shapes'][:5]}")
     if problems:
         raise ValueError("checkpoints are not the same architecture:\n  " + "\n  ".join(problems))

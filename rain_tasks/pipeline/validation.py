@@ -31,7 +31,7 @@ from safetensors import SafetensorError, safe_open
 
 from rain_tasks.io.arch import arch_for, module_of
 from rain_tasks.model.calibration import load_tokenizer, render_sample, think_token_ids
-from rain_tasks.io.checkpoint import FLOAT_CODES, INDEX_NAME, Checkpoint, parse_size
+from rain_tasks.io.checkpoint import FLOAT_CODES, INDEX_NAME, Checkpoint, checkpoint_differences, parse_size
 from rain_tasks.io.digest import file_identity, load_memo, save_memo
 from rain_tasks.params import Params, ParamsError, load_params
 from rain_tasks.io.schemas import load_records
@@ -153,16 +153,15 @@ def config_problems(configs: dict[str, dict]) -> list[Problem]:
 def tensor_problems(role: str, ckpt: Checkpoint, ref: Checkpoint) -> list[Problem]:
     """Tensor names, shapes and dtypes of one checkpoint against the LRM's, with the differences listed."""
     where = f"models.{role} ({ckpt.path})"
-    names, ref_names = set(ckpt.names()), set(ref.names())
+    diff = checkpoint_differences(ckpt, ref)
     problems = []
-    if missing := sorted(ref_names - names):
+    if missing := diff["only_b"]:
         problems.append(Problem(where, f"lacks {len(missing)} tensor(s) the LRM has: {_listed(missing)}", _SAME_MODELS))
-    if extra := sorted(names - ref_names):
+    if extra := diff["only_a"]:
         problems.append(Problem(where, f"has {len(extra)} tensor(s) the LRM lacks: {_listed(extra)}", _SAME_MODELS))
-    shared = sorted(names & ref_names)
-    if shapes := [f"{n} {list(ckpt.shape(n))} vs {list(ref.shape(n))}" for n in shared if ckpt.shape(n) != ref.shape(n)]:
+    if shapes := diff["shapes"]:
         problems.append(Problem(where, f"{len(shapes)} tensor shape(s) differ from the LRM's: {_listed(shapes)}", _SAME_MODELS))
-    if dtypes := [f"{n} {ckpt.dtype_name(n)} vs {ref.dtype_name(n)}" for n in shared if ckpt.dtype_name(n) != ref.dtype_name(n)]:
+    if dtypes := diff["dtypes"]:
         problems.append(Problem(where, f"{len(dtypes)} tensor dtype(s) differ from the LRM's: {_listed(dtypes)}",
                                 "save the three checkpoints in one dtype (e.g. all bfloat16)"))
     return problems
