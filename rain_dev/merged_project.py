@@ -12,8 +12,7 @@ import yaml
 
 from rain_tasks.audit import lineage
 from rain_tasks.merge.engine import DeltaPlan, TensorDir, merge_checkpoint
-from rain_tasks.params import load_params
-from rain_tasks.params import param_values
+from rain_tasks.params import load_params, param_values
 from rain_tasks.merge.task_vectors import compute_task_vectors
 
 INPUTS = {"models.base": "models/base", "models.itm": "models/itm", "models.lrm": "models/lrm",

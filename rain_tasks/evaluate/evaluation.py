@@ -25,12 +25,11 @@ from tqdm import tqdm
 
 from rain_tasks.model.calibration import load_tokenizer, render_sample, think_positions, think_token_ids
 from rain_tasks.io.artifacts import atomic_path, write_json, write_text
-from rain_tasks.model.runtime import CPU, forward_dtype, load_causal_lm
+from rain_tasks.model.runtime import CPU, forward_dtype, input_device, load_causal_lm
 from rain_tasks.model.generation import GREEDY, Sampling, generate_ids, load_model
 from rain_tasks.evaluate.behaviour import behaviour_metrics
 from rain_tasks.params import EvaluateParams, RuntimeParams
 from rain_tasks.io.plots import lines, scatter_lines
-from rain_tasks.model.runtime import input_device
 from rain_tasks.io.schemas import load_records
 
 log = logging.getLogger(__name__)

@@ -23,6 +23,14 @@ def layer_file(directory: str | Path, layer: int) -> Path:
     return Path(directory) / f"layer_{layer:03d}.safetensors"
 
 
+def read_manifest(directory: str | Path, what: str) -> dict:
+    """A per-layer stage directory's manifest; its absence means the stage that writes `what` was interrupted."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {what} are incomplete (no {MANIFEST}); rerun that stage")
+    return json.loads(path.read_text())
+
+
 def write_json(path: str | Path, obj: Any, *, sort_keys: bool = True, indent: int | None = 2) -> Path:
     """Write `obj` as JSON (2-space indent, sorted keys, a final newline: the same bytes for the same object) atomically."""
     return write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys) + "\n")

@@ -16,9 +16,8 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rain_tasks.model.calibration import THINK_OPEN, load_tokenizer
-from rain_tasks.model.runtime import load_causal_lm
+from rain_tasks.model.runtime import input_device, load_causal_lm
 from rain_tasks.params import RuntimeParams
-from rain_tasks.model.runtime import input_device
 
 
 

@@ -20,10 +20,9 @@ from rain_tasks.io.arch import ModelShape, read_shape
 from rain_tasks.stage2.attention import prepare_instruction_samples
 from rain_tasks.model.calibration import load_tokenizer
 from rain_tasks.io.checkpoint import Checkpoint, parse_size
-from rain_tasks.model.runtime import forward_dtype
+from rain_tasks.model.runtime import forward_dtype, resolve_device
 from rain_tasks.stage1.features import layer_bytes, prepare_reasoning_samples, row_set_biases, row_set_dims
 from rain_tasks.params import Params
-from rain_tasks.model.runtime import resolve_device
 from rain_tasks.io.schemas import load_records
 from rain_tasks.pipeline.stages import MERGED, PROJ, TV
 from rain_tasks.pipeline.validation import output_estimates

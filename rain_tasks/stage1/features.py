@@ -36,15 +36,13 @@ from tqdm import tqdm
 from rain_tasks.io.arch import MODULES, ModelShape, read_shape
 from rain_tasks.model.calibration import load_tokenizer, render_sample, think_positions, think_token_ids
 from rain_tasks.model.capture import LayerCapture, attention_probs, forward_batch_with_hooks, token_batches
-from rain_tasks.io.checkpoint import Checkpoint, save_tensors
-from rain_tasks.io.artifacts import write_json
+from rain_tasks.io.checkpoint import Checkpoint, is_current, save_tensors
+from rain_tasks.io.artifacts import MANIFEST, layer_file, write_json
 from rain_tasks.model.runtime import CPU, forward_dtype, load_causal_lm
 from rain_tasks.io.guards import require_finite
 from rain_tasks.io.digest import json_digest, path_digest
 from rain_tasks.params import FeaturesParams, RuntimeParams
 from rain_tasks.io.schemas import load_records
-from rain_tasks.io.checkpoint import is_current
-from rain_tasks.io.artifacts import MANIFEST, layer_file
 
 log = logging.getLogger(__name__)
 

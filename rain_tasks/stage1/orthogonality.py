@@ -24,12 +24,11 @@ from tqdm import tqdm
 
 from rain_tasks.io.arch import MODULES, layer_of, module_of
 from rain_tasks.methods.ops import tensor_seed
-from rain_tasks.io.checkpoint import Checkpoint
+from rain_tasks.io.checkpoint import check_compatible, Checkpoint
 from rain_tasks.io.artifacts import atomic_path
 from rain_tasks.params import OrthogonalityParams
 from rain_tasks.io.plots import heatmap
 from rain_tasks.io.schemas import ORTHOGONALITY_SCHEMA
-from rain_tasks.io.checkpoint import check_compatible
 
 log = logging.getLogger(__name__)
 

@@ -41,15 +41,13 @@ import torch
 from tqdm import tqdm
 
 from rain_tasks.io.arch import MODULES, ModelShape
-from rain_tasks.io.checkpoint import load_tensors, read_metadata, save_tensors
-from rain_tasks.io.artifacts import atomic_path, write_json
+from rain_tasks.io.checkpoint import is_current, load_tensors, read_metadata, save_tensors
+from rain_tasks.io.artifacts import MANIFEST, atomic_path, layer_file, read_manifest, write_json
 from rain_tasks.io.guards import require_finite
 from rain_tasks.io.digest import file_digest, json_digest
 from rain_tasks.stage1.features import GRAM, ROWS, row_sets
 from rain_tasks.params import ProjectionParams
 from rain_tasks.io.schemas import PROJECTION_REPORT_SCHEMA
-from rain_tasks.io.checkpoint import is_current
-from rain_tasks.io.artifacts import MANIFEST, layer_file
 
 _ZERO_RTOL = 1e-12
 #: an input dimension whose RMS over the Ω rows exceeds this × the median is an outlier dimension (report only)
@@ -299,13 +297,6 @@ def project_layer(
     return out, report
 
 
-def _manifest(directory: Path, what: str) -> dict:
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: {what} are incomplete (no {MANIFEST}); rerun that stage")
-    return json.loads(path.read_text())
-
-
 def project(
     task_vectors_dir: str | Path,
     features_dir: str | Path,
@@ -352,9 +343,9 @@ def _layer_meta(
     task_vectors_dir: str | Path, features_dir: str | Path, params: ProjectionParams, heldout_features_dir: str | Path | None
 ) -> tuple[ModelShape, dict[str, str]]:
     """Check the inputs are complete and agree; return the model shape and the layer files' metadata (input digests)."""
-    tv, feats = _manifest(Path(task_vectors_dir), "task vectors"), _manifest(Path(features_dir), "features")
+    tv, feats = read_manifest(Path(task_vectors_dir), "task vectors"), read_manifest(Path(features_dir), "features")
     if heldout_features_dir is not None:
-        _manifest(Path(heldout_features_dir), "held-out features")
+        read_manifest(Path(heldout_features_dir), "held-out features")
     if tv["num_layers"] != feats["num_layers"]:
         raise ValueError(f"task vectors have {tv['num_layers']} layers, features {feats['num_layers']}")
     shape = ModelShape(**feats["shape"])

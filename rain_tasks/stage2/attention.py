@@ -41,14 +41,12 @@ from rain_tasks.io.arch import ModelShape, module_of, read_shape
 from rain_tasks.model.calibration import Rendered, load_tokenizer, render_sample, span_positions
 from rain_tasks.model.capture import attention_probs, forward_batch_with_hooks, pad_right, token_batches
 from rain_tasks.io.checkpoint import load_tensors
-from rain_tasks.io.artifacts import atomic_path, write_json
-from rain_tasks.model.runtime import CPU, load_causal_lm
+from rain_tasks.io.artifacts import atomic_path, layer_file, read_manifest, write_json
+from rain_tasks.model.runtime import CPU, add_to_parameter, input_device, load_causal_lm
 from rain_tasks.io.guards import require_finite
 from rain_tasks.params import AttentionParams, RuntimeParams
-from rain_tasks.model.runtime import add_to_parameter, input_device
 from rain_tasks.io.schemas import STATS_SCHEMA, load_records
 from rain_tasks.merge.engine import TensorDir
-from rain_tasks.io.artifacts import MANIFEST, layer_file
 
 #: "auto" uses the eager path while layers × heads × T² fp32 attention weights stay below this.
 EAGER_BUDGET_BYTES = 256 * 2**20
@@ -217,8 +215,7 @@ def add_update(model, projected_dir: str | Path, shape: ModelShape, step: float,
     The Δ⊥ directory must be complete (its manifest written last) and hold a Δ⊥ of the same shape
     for every q/k/v/o/gate/up/down weight and bias of the model; `other_dir` one for every other parameter.
     """
-    if not (Path(projected_dir) / MANIFEST).is_file():
-        raise FileNotFoundError(f"{projected_dir}: no {MANIFEST}; the Stage 1 output is incomplete")
+    read_manifest(projected_dir, "Δ⊥ (Stage 1's projected task vectors)")
     params = dict(model.named_parameters())
     expected = {n for n in params if module_of(n) is not None}
     seen, ignored = set(), []
