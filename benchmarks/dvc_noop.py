@@ -1,7 +1,7 @@
 """Time of a no-op `dvc repro` (and `dvc status`) on the full pipeline tree, with the tree's file count and bytes.
 
 Usage: python benchmarks/dvc_noop.py [--workdir DIR] [--layers 28 --hidden 32 --ffn 64] [--repeats 3]
-Builds a fresh project (a copy of this repository, as tests/projects.py makes them) whose zoo has `layers`
+Builds a fresh project (a copy of this repository, as rain_dev/projects.py makes them) whose zoo has `layers`
 decoder layers (28 = the 7B models' count, so every per-layer output has its real-scale number of files;
 widths stay small so the first repro takes minutes), runs `dvc repro` once to completion, then times
 `repeats` no-op runs. DVC skips re-hashing outputs whose size, mtime and inode are unchanged, so a no-op costs

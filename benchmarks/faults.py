@@ -2,7 +2,7 @@
 runners on one output and concurrent releases of one version; a release through injected throttling.
 
 Merges run as the real `rain stage merge` subprocess on an 8-layer hidden-256 family (the tests/test_faults.py
-project); releases go to moto's S3 server on 127.0.0.1 (throttling from tests/throttle.py's HTTP relay).
+project); releases go to moto's S3 server on 127.0.0.1 (throttling from rain_dev/throttle.py's HTTP relay).
 
     python benchmarks/faults.py [--trials 10]
 """

@@ -28,7 +28,7 @@ sys.path[:0] = [str(ROOT)]
 
 
 def build(work: Path, args: argparse.Namespace) -> None:
-    """The random family (tests/tiny.py) at the requested widths."""
+    """The random family (rain_dev/tiny.py) at the requested widths."""
     import torch
     from rain_dev.tiny import make_family
 

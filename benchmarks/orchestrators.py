@@ -4,7 +4,7 @@ remote (the local S3 server) holds everything.
 
 Usage: python benchmarks/orchestrators.py [--family default|small|mini] [--workdir DIR]
 `default` is the project's params.yaml as it is (what `make demo` builds); `small` and `mini` are the
-scaled-down families of tests/projects.py. Prints one JSON object of wall seconds and the flow's states.
+scaled-down families of rain_dev/projects.py. Prints one JSON object of wall seconds and the flow's states.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Usage: python benchmarks/pipeline_ratio.py [--workdir DIR] [--hidden 128 --ffn 256 --layers 4 --heads 4 --kv-heads 2]
        [--dtype float32|bfloat16] [--samples 50] [--phases]
 Both sides run through the same stage machinery (`run_stage`: up-front checks, lineage, atomic
-writes) on one random base/ITM/LRM family (tests/tiny.py): RAIN = task_vectors, features,
+writes) on one random base/ITM/LRM family (rain_dev/tiny.py): RAIN = task_vectors, features,
 projection, attention_stats, alpha, merge; task arithmetic = task_vectors and the baselines
 stage with one task_arithmetic run. The up-front check each stage does (validation.preflight)
 is also timed alone. Prints a table and one JSON line.
