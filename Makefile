@@ -30,7 +30,7 @@ $(VENV)/.installed: requirements.txt requirements-test.txt requirements-eval.txt
 	touch $@
 
 demo: venv
-	$(VENV)/bin/rain demo
+	$(PY) -m rain_dev.demo
 
 flow: venv
 	$(VENV)/bin/rain flow

@@ -28,15 +28,14 @@ WORDS = "the a of to and we need first next result answer is step so then".split
 
 def write_triplet(root: Path, layers: int) -> dict[str, Path]:
     """Random 7B-width base/ITM/LRM in bf16 (ITM and LRM = base + small seeded deltas) with the tiny tokenizer."""
-    sys.path.insert(0, str(HERE.parent / "tests"))
-    from tiny import make_family
+    from rain_dev.tiny import make_family
 
     return make_family(root, hidden=3584, layers=layers, heads=28, kv_heads=4, ffn=18944, dtype=torch.bfloat16,
                        chat_template=_r1_template())
 
 
 def _r1_template() -> str:
-    from tiny import CHAT_TEMPLATE
+    from rain_dev.tiny import CHAT_TEMPLATE
 
     return CHAT_TEMPLATE.replace("<|im_start|>assistant\n{% endif %}", "<|im_start|>assistant\n<think>\n{% endif %}")
 
@@ -49,8 +48,7 @@ def _text(n: int, seed: int) -> str:
 def write_calibration(root: Path, long: int) -> dict[str, Path]:
     """Reasoning rows of ~1.5k words and instruction rows from 500 words up to `long` words (one word = one token)."""
     reasoning = [{"prompt": f"add {i} and 2", "reasoning": _text(1500, i), "response": f"answer is {i + 2}"} for i in range(16)]
-    sys.path.insert(0, str(HERE.parent / "tests"))
-    from tiny import instruction_rows
+    from rain_dev.tiny import instruction_rows
 
     instruction = [{**row, "id": i, "reason": _text(n, 100 + i)} for i, (row, n) in enumerate(zip(instruction_rows(4), [500, 2000, 5000, long]))]
     paths = {"reasoning": root / "reasoning.jsonl", "instruction": root / "instruction.jsonl"}
@@ -70,8 +68,8 @@ def main() -> int:
               "Run it on a GPU machine: python benchmarks/device_pipeline.py WORKDIR")
         return 0
     from rain_tasks.params import load_params
-    from rain_tasks.runtime import configure
-    from rain_tasks.stages import get_stage
+    from rain_tasks.model.runtime import configure
+    from rain_tasks.pipeline.stages import get_stage
 
     configure()
     torch.use_deterministic_algorithms(True, warn_only=True)

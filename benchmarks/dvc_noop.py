@@ -1,7 +1,7 @@
 """Time of a no-op `dvc repro` (and `dvc status`) on the full pipeline tree, with the tree's file count and bytes.
 
 Usage: python benchmarks/dvc_noop.py [--workdir DIR] [--layers 28 --hidden 32 --ffn 64] [--repeats 3]
-Builds a fresh project (a copy of this repository, as tests/projects.py makes them) whose zoo has `layers`
+Builds a fresh project (a copy of this repository, as rain_dev/projects.py makes them) whose zoo has `layers`
 decoder layers (28 = the 7B models' count, so every per-layer output has its real-scale number of files;
 widths stay small so the first repro takes minutes), runs `dvc repro` once to completion, then times
 `repeats` no-op runs. DVC skips re-hashing outputs whose size, mtime and inode are unchanged, so a no-op costs
@@ -14,14 +14,13 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT)]
 
 
 def tree_size(root: Path) -> tuple[int, int]:
@@ -32,7 +31,7 @@ def tree_size(root: Path) -> tuple[int, int]:
 
 def timed(cmd: list[str], cwd: Path, env: dict) -> tuple[float, str]:
     """Wall seconds and output of one command (raises on failure)."""
-    from projects import sh
+    from rain_dev.projects import sh
 
     t0 = time.perf_counter()
     out = sh(cmd, cwd, env)
@@ -47,7 +46,7 @@ def main() -> None:
     p.add_argument("--ffn", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
-    from projects import MINI_OVERRIDES, MINI_ZOO, fresh_project, project_env
+    from rain_dev.projects import MINI_OVERRIDES, MINI_ZOO, fresh_project, project_env
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="rain-dvc-bench-"))
     env = project_env(work)

@@ -2,7 +2,7 @@
 runners on one output and concurrent releases of one version; a release through injected throttling.
 
 Merges run as the real `rain stage merge` subprocess on an 8-layer hidden-256 family (the tests/test_faults.py
-project); releases go to moto's S3 server on 127.0.0.1 (throttling from tests/throttle.py's HTTP relay).
+project); releases go to moto's S3 server on 127.0.0.1 (throttling from rain_dev/throttle.py's HTTP relay).
 
     python benchmarks/faults.py [--trials 10]
 """
@@ -10,7 +10,6 @@ project); releases go to moto's S3 server on 127.0.0.1 (throttling from tests/th
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import signal
@@ -22,14 +21,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT)]
 
 RAIN = str(Path(sys.executable).parent / "rain")
 MERGED = "models/merged"
 
 
 def _env(**extra: str) -> dict[str, str]:
-    from rain_tasks.s3server import DUMMY_CREDENTIALS
+    from rain_dev.s3server import DUMMY_CREDENTIALS
 
     return {**os.environ, **DUMMY_CREDENTIALS, "DVC_NO_ANALYTICS": "1", **extra}
 
@@ -38,7 +37,7 @@ def _merge_project(root: Path) -> Path:
     """The test_faults project: every stage before the merge done."""
     import yaml
 
-    from tiny import instruction_rows, make_family, reasoning_rows, write_jsonl
+    from rain_dev.tiny import instruction_rows, make_family, reasoning_rows, write_jsonl
 
     make_family(root / "ckpt", hidden=256, ffn=1024, layers=8)
     write_jsonl(root / "calib/reasoning.jsonl", reasoning_rows())
@@ -49,8 +48,8 @@ def _merge_project(root: Path) -> Path:
         "calibration": {"reasoning": "calib/reasoning.jsonl", "instruction": "calib/instruction.jsonl",
                         "reasoning_heldout": "calib/heldout.jsonl"},
         "merge": {"max_shard_size": "64KB"}, "check": {"min_free_space": "0B"}}))
-    script = ("from rain_tasks.params import load_params; from rain_tasks.runtime import configure; "
-              "from rain_tasks.stages import run_stage; configure(); "
+    script = ("from rain_tasks.params import load_params; from rain_tasks.model.runtime import configure; "
+              "from rain_tasks.pipeline.runner import run_stage; configure(); "
               "[run_stage(s, load_params('params.yaml')) for s in "
               "('task_vectors', 'features', 'projection', 'attention_stats', 'alpha')]")
     subprocess.run([sys.executable, "-c", script], cwd=root, env=_env(), check=True, capture_output=True)
@@ -58,7 +57,7 @@ def _merge_project(root: Path) -> Path:
 
 
 def _model(root: Path) -> dict[str, str] | None:
-    from rain_tasks.digest import tree_digests
+    from rain_tasks.io.digest import tree_digests
 
     if not (root / MERGED).is_dir():
         return None
@@ -114,8 +113,8 @@ def _released_model(tmp: Path) -> tuple[Path, Path, Path]:
     """(project, merged model, second merged model with other params) on the tiny family."""
     import yaml
 
-    from merged_project import make_project, merge_with_lineage
-    from tiny import make_family, reasoning_rows, write_jsonl
+    from rain_dev.merged_project import make_project, merge_with_lineage
+    from rain_dev.tiny import make_family, reasoning_rows, write_jsonl
 
     family = make_family(tmp / "family")
     family["reasoning"] = write_jsonl(tmp / "family/reasoning.jsonl", reasoning_rows())
@@ -160,9 +159,9 @@ def release_kills(project: Path, model: Path, key: Path, public: Path, endpoint:
 
 def concurrent_releases(project: Path, models: tuple[Path, Path], key: Path, endpoint: str, client, trials: int) -> list[dict]:
     """Two releases of different content to one version at once, `trials` times."""
-    from rain_tasks.lineage import audit
-    from rain_tasks.release import ReleaseError, S3Files, release, s3_client
-    from rain_tasks.signing import SigningConfig, TrustConfig
+    from rain_tasks.audit.lineage import audit
+    from rain_tasks.audit.release import ReleaseError, S3Files, release, s3_client
+    from rain_tasks.audit.signing import SigningConfig, TrustConfig
 
     rows = []
     for i in range(trials):
@@ -195,7 +194,7 @@ def concurrent_releases(project: Path, models: tuple[Path, Path], key: Path, end
 
 def throttled_releases(project: Path, model: Path, key: Path, endpoint: str, client, every: list[int]) -> list[dict]:
     """A release through a relay answering 503 SlowDown to every n-th request (0: none), and one AccessDenied."""
-    from throttle import ThrottlingRelay
+    from rain_dev.throttle import ThrottlingRelay
 
     rows = []
     for i, n in enumerate(every):
@@ -227,9 +226,9 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--parts", nargs="+", default=["release", "merge"], choices=["release", "merge"])
     args = parser.parse_args()
-    from rain_tasks.s3server import local_s3
-    from rain_tasks.release import s3_client
-    from rain_tasks.signing import generate_key_pair
+    from rain_dev.s3server import local_s3
+    from rain_tasks.audit.release import s3_client
+    from rain_tasks.audit.signing import generate_key_pair
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)

@@ -23,9 +23,9 @@ sys.path[:0] = [str(ROOT)]
 
 def seed_frontier(root: Path, max_eval: int | None) -> pd.DataFrame:
     """One seed's frontier: (method, λ) rows with FRONTIER_METRICS on the test prompts."""
-    from rain_tasks.evaluation import evaluate_models, frontier_table
+    from rain_tasks.evaluate.evaluation import evaluate_models, frontier_table
     from rain_tasks.params import load_params
-    from rain_tasks.stages import ABLATIONS, BASELINES, MERGED, frontier_name
+    from rain_tasks.pipeline.stages import ABLATIONS, BASELINES, MERGED, frontier_name
 
     p = load_params(root / "params.yaml")
     models = {"RAIN λ {:g}".format(p.merge.lam): (root / MERGED, "RAIN", p.merge.lam)}
@@ -46,8 +46,8 @@ def main() -> None:
     p.add_argument("--out", type=Path)
     p.add_argument("--max-eval", type=int)
     args = p.parse_args()
-    from rain_tasks.evaluation import write_frontier
-    from rain_tasks.runtime import configure
+    from rain_tasks.evaluate.evaluation import write_frontier
+    from rain_tasks.model.runtime import configure
 
     configure()
     seeds = sorted(d for d in args.workdir.glob("seed*") if (d / "params.yaml").is_file())

@@ -1,7 +1,7 @@
 """Per-layer attribution of RAIN's merge: merge one layer's share λ·α⊙Δ⊥ at a time and measure what it changes.
 
 Usage: python benchmarks/layer_attribution.py [--project .] [--split val|test] [--max-eval N]
-Reads a project whose stages ran up to alpha (`dvc repro alpha`, or `rain demo`): its Δ⊥ (artifacts/projected), α
+Reads a project whose stages ran up to alpha (`dvc repro alpha`, or `make demo`): its Δ⊥ (artifacts/projected), α
 scales (artifacts/alpha) and params (merge.lam). For each layer l, θ_R + λ·α⊙Δ⊥ on layer l's Linear modules only
 (the other layers stay θ_R), then the same with α = 1, evaluated by the evaluation code. Prints per layer its mean
 α, the compliance gained over the LRM and L_think, with α and with α = 1, and the Spearman correlation across layers
@@ -28,7 +28,7 @@ SPLITS = {"val": "data/eval/instruction_val.jsonl", "test": "data/eval/instructi
 
 def one_layer(projected: Path, layer: int, dest: Path) -> Path:
     """A Δ⊥ directory holding layer `layer` only (a link): every other tensor gets no update in the merge."""
-    from rain_tasks.task_vectors import MANIFEST, layer_file
+    from rain_tasks.io.artifacts import MANIFEST, layer_file
 
     dest.mkdir(parents=True)
     layer_file(dest, layer).symlink_to(layer_file(projected, layer).resolve())
@@ -45,10 +45,10 @@ def main() -> None:
 
     from scipy.stats import spearmanr
 
-    from rain_tasks.arch import read_shape
-    from rain_tasks.evaluation import evaluate_models
-    from rain_tasks.merge import DeltaPlan, TensorDir, merge_checkpoint
-    from rain_tasks.runtime import configure
+    from rain_tasks.io.arch import read_shape
+    from rain_tasks.evaluate.evaluation import evaluate_models
+    from rain_tasks.merge.engine import DeltaPlan, SingleFile, TensorDir, merge_checkpoint
+    from rain_tasks.model.runtime import configure
 
     configure()
     project = args.project.resolve()
@@ -60,7 +60,7 @@ def main() -> None:
     models = {"LRM": lrm}
     for layer in range(read_shape(lrm).num_layers):
         delta = TensorDir(one_layer(projected, layer, work / f"delta{layer}"))
-        for tag, scale in (("alpha", TensorDir(None, single_file=scales)), ("alpha1", None)):
+        for tag, scale in (("alpha", SingleFile(scales)), ("alpha1", None)):
             merge_checkpoint(lrm, work / f"{tag}{layer}", "rain", {"lam": lam}, DeltaPlan(linear=delta, scales=scale), "1GB")
             models[f"{tag}{layer}"] = work / f"{tag}{layer}"
     e = params["evaluate"]

@@ -24,13 +24,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT)]
 
 
 def build(work: Path, args: argparse.Namespace) -> None:
-    """The random family (tests/tiny.py) at the requested widths."""
+    """The random family (rain_dev/tiny.py) at the requested widths."""
     import torch
-    from tiny import make_family
+    from rain_dev.tiny import make_family
 
     make_family(work / "ckpt", hidden=args.hidden, ffn=args.ffn, layers=args.layers, heads=args.heads,
                 kv_heads=args.kv_heads, dtype=getattr(torch, args.dtype))
@@ -42,9 +42,9 @@ def child(side: str, work: Path, shard_size: str) -> dict:
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
-    from rain_tasks.checkpoint import Checkpoint
-    from rain_tasks.merge import DeltaPlan, TensorDir, merge_checkpoint
-    from rain_tasks.task_vectors import compute_task_vectors
+    from rain_tasks.io.checkpoint import Checkpoint
+    from rain_tasks.merge.engine import DeltaPlan, TensorDir, merge_checkpoint
+    from rain_tasks.merge.task_vectors import compute_task_vectors
 
     ckpt = work / "ckpt"
     seconds: dict[str, float] = {"baseline_rss_gib": _status_gib("VmRSS")}  # once every library is imported
@@ -85,7 +85,7 @@ def _dtype(model_dir: Path) -> str:
 
 
 def _bytes(size: str) -> int:
-    from rain_tasks.checkpoint import parse_size
+    from rain_tasks.io.checkpoint import parse_size
 
     return parse_size(size)
 
@@ -101,7 +101,7 @@ def run_child(side: str, work: Path, shard_size: str) -> dict:
 
 
 def largest_tensor_gib(model_dir: Path) -> float:
-    from rain_tasks.checkpoint import Checkpoint
+    from rain_tasks.io.checkpoint import Checkpoint
 
     ckpt = Checkpoint(model_dir)
     return max(ckpt.get(n).nbytes for n in ckpt.names()) / 2**30

@@ -4,7 +4,7 @@ remote (the local S3 server) holds everything.
 
 Usage: python benchmarks/orchestrators.py [--family default|small|mini] [--workdir DIR]
 `default` is the project's params.yaml as it is (what `make demo` builds); `small` and `mini` are the
-scaled-down families of tests/projects.py. Prints one JSON object of wall seconds and the flow's states.
+scaled-down families of rain_dev/projects.py. Prints one JSON object of wall seconds and the flow's states.
 """
 
 from __future__ import annotations
@@ -13,18 +13,17 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT)]
 
-from projects import MINI_OVERRIDES, MINI_ZOO, SMALL_ZOO, fresh_project, project_env, sh  # noqa: E402
+from rain_dev.projects import MINI_OVERRIDES, MINI_ZOO, SMALL_ZOO, fresh_project, project_env, sh  # noqa: E402
 
-from rain_tasks.s3server import DUMMY_CREDENTIALS, local_s3  # noqa: E402
+from rain_dev.s3server import DUMMY_CREDENTIALS, local_s3  # noqa: E402
 
 FAMILIES = {"default": ({}, None), "small": (SMALL_ZOO, None), "mini": (MINI_ZOO, MINI_OVERRIDES)}
 FLOW_STATES = str(ROOT / "tests" / "flow_states.py")

@@ -3,7 +3,7 @@
 Usage: python benchmarks/pipeline_ratio.py [--workdir DIR] [--hidden 128 --ffn 256 --layers 4 --heads 4 --kv-heads 2]
        [--dtype float32|bfloat16] [--samples 50] [--phases]
 Both sides run through the same stage machinery (`run_stage`: up-front checks, lineage, atomic
-writes) on one random base/ITM/LRM family (tests/tiny.py): RAIN = task_vectors, features,
+writes) on one random base/ITM/LRM family (rain_dev/tiny.py): RAIN = task_vectors, features,
 projection, attention_stats, alpha, merge; task arithmetic = task_vectors and the baselines
 stage with one task_arithmetic run. The up-front check each stage does (validation.preflight)
 is also timed alone. Prints a table and one JSON line.
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 RAIN_STAGES = ("task_vectors", "features", "projection", "attention_stats", "alpha", "merge")
 TA_STAGES = ("task_vectors", "baselines")
@@ -32,7 +32,7 @@ def build(work: Path, args: argparse.Namespace) -> None:
     """The random family, calibration sets and a params.yaml pointing at them."""
     import torch
     import yaml
-    from tiny import instruction_rows, make_family, reasoning_rows, write_jsonl
+    from rain_dev.tiny import instruction_rows, make_family, reasoning_rows, write_jsonl
 
     make_family(work / "ckpt", hidden=args.hidden, ffn=args.ffn, layers=args.layers, heads=args.heads,
                 kv_heads=args.kv_heads, dtype=getattr(torch, args.dtype))
@@ -53,7 +53,7 @@ def timed_stages(work: Path, stages: tuple[str, ...], phases: dict[str, dict] | 
     """Wall seconds of each stage, run in order in this process; with `phases`, also each stage's phase split."""
     from phases import PhaseClock
     from rain_tasks.params import load_params
-    from rain_tasks.stages import run_stage
+    from rain_tasks.pipeline.runner import run_stage
 
     params, seconds = load_params(work / "params.yaml"), {}
     for name in stages:
@@ -70,8 +70,8 @@ def timed_stages(work: Path, stages: tuple[str, ...], phases: dict[str, dict] | 
 def preflight_seconds(work: Path) -> float:
     """One up-front check (what every stage pays before its work), on the finished project."""
     from rain_tasks.params import load_params
-    from rain_tasks.stages import get_stage
-    from rain_tasks.validation import preflight
+    from rain_tasks.pipeline.stages import get_stage
+    from rain_tasks.pipeline.validation import preflight
 
     t0 = time.perf_counter()
     preflight(get_stage("task_vectors"), load_params(work / "params.yaml"), work)
@@ -92,7 +92,7 @@ def main() -> None:
                    help="also split each RAIN stage into phases (wraps library functions: a little overhead)")
     args = p.parse_args()
 
-    from rain_tasks.runtime import configure
+    from rain_tasks.model.runtime import configure
 
     configure()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="rain-bench-"))

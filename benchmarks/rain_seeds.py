@@ -39,7 +39,7 @@ FAMILY = ("close_rate", "correct_rate", "comply_rate", "close_correct_comply_rat
 def seed_project(project: Path, work: Path, seed: int, zoo: dict, lambdas: list[float], frontier: list[float]) -> Path:
     """A working project: the tracked files' params with the zoo overrides, zoo.seed, RAIN's frontier, and task
     arithmetic on the Linear modules at each λ."""
-    from rain_tasks.stages import dvc_yaml
+    from rain_tasks.pipeline.stages import dvc_yaml
 
     work.mkdir(parents=True, exist_ok=True)
     params = yaml.safe_load((project / "params.yaml").read_text())
@@ -71,9 +71,10 @@ def _best(names: list[str], on_val: dict) -> str:
 
 def measure(project: Path, work: Path, seed: int, zoo: dict, lambdas: list[float], frontier: list[float],
             max_eval: int | None, family_from: Path | None = None) -> dict:
-    from rain_tasks.evaluation import evaluate_models
+    from rain_tasks.evaluate.evaluation import evaluate_models
     from rain_tasks.params import load_params
-    from rain_tasks.stages import ABLATIONS, ABLATIONS_BY_NAME, BASELINES, MERGED, PAPER_MODEL, frontier_name, run_stage
+    from rain_tasks.pipeline.runner import run_stage
+    from rain_tasks.pipeline.stages import ABLATIONS, ABLATIONS_BY_NAME, BASELINES, MERGED, PAPER_MODEL, frontier_name
     from rain_tasks.zoo import build_zoo
     from rain_tasks.zoo.build import deterministic
     from rain_tasks.zoo.report import chosen_baselines, family_behaviour, thinking_matters
@@ -173,7 +174,7 @@ def main() -> None:
     p.add_argument("--family-from", type=Path, help="an earlier working directory whose seed*/ families to reuse")
     args = p.parse_args()
 
-    from rain_tasks.runtime import configure
+    from rain_tasks.model.runtime import configure
 
     configure()
     sys.path.insert(0, str(ROOT / "benchmarks"))

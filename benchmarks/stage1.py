@@ -18,17 +18,17 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT)]
 
 
 def build(work: Path, args: argparse.Namespace) -> None:
     """Write the random LRM, a random task vector in the task_vectors layout, and a reasoning set."""
     import torch
-    from tiny import make_tokenizer, reasoning_rows, write_jsonl
+    from rain_dev.tiny import make_tokenizer, reasoning_rows, write_jsonl
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from rain_tasks.checkpoint import save_tensors
-    from rain_tasks.task_vectors import MANIFEST, layer_file
+    from rain_tasks.io.checkpoint import save_tensors
+    from rain_tasks.io.artifacts import MANIFEST, layer_file
 
     tok = make_tokenizer()
     cfg = AutoConfig.for_model(
@@ -52,9 +52,9 @@ def build(work: Path, args: argparse.Namespace) -> None:
 
 def run_phase(work: Path, phase: str, path: str) -> dict:
     """Run one phase in this process; return its wall time and peak RSS."""
-    from rain_tasks.features import accumulate_features
+    from rain_tasks.stage1.features import accumulate_features
     from rain_tasks.params import FeaturesParams, ProjectionParams
-    from rain_tasks.projection import project
+    from rain_tasks.stage1.projection import project
 
     t0 = time.perf_counter()
     if phase == "features":

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT)]
 
 
 def peak_rss_mib() -> float:
@@ -27,7 +27,7 @@ def peak_rss_mib() -> float:
 
 def long_row(tokens: int) -> dict:
     """One instruction-set row whose rendering is about `tokens` tokens (long reasoning, 2 spans)."""
-    from tiny import instruction_rows
+    from rain_dev.tiny import instruction_rows
 
     filler = " ".join(["step", "the", "result", "is", "next"] * (tokens // 5))
     response = "hello world " * 20 + "answer is 3 DONE"
@@ -39,7 +39,7 @@ def child(mode: str, work: Path) -> dict:
     """Run attention_stats once in `mode`; report peak RSS before/after and the wall time."""
     import pandas as pd
 
-    from rain_tasks.attention import attention_stats
+    from rain_tasks.stage2.attention import attention_stats
     from rain_tasks.params import AttentionParams
 
     before = peak_rss_mib()
@@ -59,9 +59,9 @@ def child(mode: str, work: Path) -> dict:
 
 def prepare(work: Path, tokens: int, layers: int, heads: int, kv_heads: int) -> None:
     """Write a tiny model family, its task vectors (standing in for Δ⊥) and the long sample."""
-    from tiny import make_family, write_jsonl
+    from rain_dev.tiny import make_family, write_jsonl
 
-    from rain_tasks.task_vectors import compute_task_vectors
+    from rain_tasks.merge.task_vectors import compute_task_vectors
 
     fam = make_family(work, layers=layers, heads=heads, kv_heads=kv_heads, hidden=8 * heads)
     compute_task_vectors(fam["base"], fam["itm"], work / "projected")

@@ -30,7 +30,7 @@ def random_max_cosine(dim: int, rank: int, draws: int = RANDOM_DRAWS, seed: int 
     """Mean largest principal cosine between two random `rank`-dimensional subspaces of R^dim (seeded draws)."""
     import torch
 
-    from rain_tasks.orthogonality import principal_cosines
+    from rain_tasks.stage1.orthogonality import principal_cosines
 
     g = torch.Generator().manual_seed(seed)
     values = []
@@ -42,7 +42,7 @@ def random_max_cosine(dim: int, rank: int, draws: int = RANDOM_DRAWS, seed: int 
 
 def geometry(models: Path) -> list[dict]:
     """Per module (over layers and both sides): largest principal cosine of the top-8 subspaces, and chance."""
-    from rain_tasks.orthogonality import orthogonality_table
+    from rain_tasks.stage1.orthogonality import orthogonality_table
     from rain_tasks.params import OrthogonalityParams
 
     p = OrthogonalityParams()
@@ -114,7 +114,7 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--workdir", type=Path)
     args = p.parse_args()
-    from rain_tasks.runtime import configure
+    from rain_tasks.model.runtime import configure
 
     configure()
     zoo = yaml.safe_load((args.project / "params.yaml").read_text())["zoo"]

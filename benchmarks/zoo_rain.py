@@ -4,7 +4,7 @@ measured by the evaluation code on the VALIDATION prompts (choose settings there
 Usage: python benchmarks/zoo_rain.py [--project .] [--split val|test] [--energies 0.5 0.9 0.99] [--lambdas 0.5 1.0 1.5]
        [--variants curvature two_pass] [--alpha-scale absolute relative] [--scopes linear all] [--workdir DIR] [--max-eval N]
 Reads the project's params.yaml (models, calibration sets, every other section as configured) and its built
-zoo (`dvc repro zoo` or `rain demo`). For each energy, one working project (the models and data linked, not
+zoo (`dvc repro zoo` or `make demo`). For each energy, one working project (the models and data linked, not
 copied) runs task_vectors → features → projection through `run_stage`; for each λ and scope it then runs
 attention_stats (which measures along exactly that update) and, per α variant and scale, alpha → merge. The
 baselines stage makes task arithmetic at each λ. Scope 'linear' merges the Linear layers only (what the paper
@@ -53,7 +53,7 @@ def working_project(project: Path, dest: Path, overrides: dict[str, dict]) -> Pa
 
 def run(dest: Path, stages: tuple[str, ...]) -> None:
     from rain_tasks.params import load_params
-    from rain_tasks.stages import run_stage
+    from rain_tasks.pipeline.runner import run_stage
 
     params = load_params(dest / "params.yaml")
     for name in stages:
@@ -74,8 +74,8 @@ def main() -> None:
     p.add_argument("--max-eval", type=int)
     args = p.parse_args()
 
-    from rain_tasks.evaluation import evaluate_models
-    from rain_tasks.runtime import configure
+    from rain_tasks.evaluate.evaluation import evaluate_models
+    from rain_tasks.model.runtime import configure
 
     configure()
     project = args.project.resolve()

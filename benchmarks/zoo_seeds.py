@@ -3,7 +3,7 @@
 Usage: python benchmarks/zoo_seeds.py [--seeds 0 1 2] [--project .] [--workdir DIR]
 Every other zoo parameter comes from the project's params.yaml. Per seed: build time, ‖Δ‖s and their cosine,
 LRM and ITM behaviour (64 new tokens, as tests/test_family.py), task arithmetic's λ sweep (the zoo report's λs
-and budget) and whether the four properties hold (rain_tasks.zoo.report.family_properties).
+and budget) and whether the four properties hold (rain_dev.checks.family_properties).
 Prints markdown tables and one JSON line.
 """
 
@@ -23,11 +23,13 @@ sys.path[:0] = [str(ROOT)]
 
 
 def measure(seed: int, zoo: dict, work: Path) -> dict:
-    from rain_tasks.generation import behaviour_metrics, load_model
-    from rain_tasks.schemas import load_records
+    from rain_tasks.model.generation import load_model
+    from rain_tasks.evaluate.behaviour import behaviour_metrics
+    from rain_tasks.io.schemas import load_records
     from rain_tasks.zoo import ZooParams, build_zoo
     from rain_tasks.zoo.probe import task_arithmetic_sweep
-    from rain_tasks.zoo.report import REPORT_LAMBDAS, family_properties, task_vector_geometry
+    from rain_tasks.zoo.report import REPORT_LAMBDAS, task_vector_geometry
+    from rain_dev.checks import family_properties
 
     t0 = time.perf_counter()
     build_zoo(ZooParams(**{**zoo, "seed": seed}), work / "models", work / "data")
@@ -65,7 +67,7 @@ def main() -> None:
     p.add_argument("--project", type=Path, default=Path("."))
     p.add_argument("--workdir", type=Path)
     args = p.parse_args()
-    from rain_tasks.runtime import configure
+    from rain_tasks.model.runtime import configure
 
     configure()
     zoo = yaml.safe_load((args.project / "params.yaml").read_text())["zoo"]

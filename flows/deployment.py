@@ -31,8 +31,8 @@ def deployment_parameters(
     root = Path(project_dir).resolve()
     load_params(root / params_file)
     if release_uri:
-        from rain_tasks.release import S3Location
-        from rain_tasks.signing import SigningConfig
+        from rain_tasks.audit.release import S3Location
+        from rain_tasks.audit.signing import SigningConfig
 
         S3Location.parse(release_uri)
         SigningConfig.from_env().signer()  # releases are signed: $RAIN_SIGNING_KEY must name a readable key

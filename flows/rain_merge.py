@@ -2,7 +2,7 @@
 
 A stage is skipped (its task ends 'Cached') when DVC says `dvc repro` would skip it: up to date
 in dvc.lock, or its outputs for these exact deps and params are in DVC's run cache, whence they
-are checked out (rain_tasks.dvc_state). A stage that runs is committed through DVC afterwards
+are checked out (rain_tasks.pipeline.dvc_state). A stage that runs is committed through DVC afterwards
 (dvc.lock, the DVC cache and the run cache), so `dvc repro` after a flow run, or a flow run
 after `dvc repro`, recomputes nothing, and a param change reruns the same downstream stages
 whichever orchestrator runs next. Results are small JSON manifests of output digests (never
@@ -43,13 +43,14 @@ from prefect.states import Completed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from prefect.tasks import Task, exponential_backoff
 
-from rain_tasks import dvc_state
-from rain_tasks.arch import read_shape
-from rain_tasks.digest import path_digest
+from rain_tasks.pipeline import dvc_state
+from rain_tasks.io.arch import read_shape
+from rain_tasks.io.digest import path_digest
 from rain_tasks.params import Params, load_params
-from rain_tasks.runtime import configure
-from rain_tasks.stages import LAYER_SPLITS, MERGED, STAGES, Stage, get_stage, run_stage
-from rain_tasks.validation import out_of_space_message, validate
+from rain_tasks.model.runtime import configure
+from rain_tasks.pipeline.stages import LAYER_SPLITS, MERGED, STAGES, Stage, get_stage
+from rain_tasks.pipeline.runner import run_stage
+from rain_tasks.pipeline.validation import check_inputs, deferred_inputs, out_of_space_message, validate
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def is_transient(exc: BaseException) -> bool:
     try:
         from botocore.exceptions import BotoCoreError, ClientError
 
-        from rain_tasks.remote import PERMANENT_S3_CODES
+        from rain_tasks.io.remote import PERMANENT_S3_CODES
 
         if isinstance(exc, ClientError):  # throttling and 5xx are worth a retry; refused credentials are not
             return exc.response.get("Error", {}).get("Code") not in PERMANENT_S3_CODES
@@ -86,7 +87,7 @@ def _retry_transient(task: Task, task_run: TaskRun, state: State) -> bool:
 
 _TASK_OPTIONS = dict(
     # results are persisted (for the UI and the API) under the task run's own id, so Prefect never takes one for a
-    # cache hit: what is up to date is DVC's record (rain_tasks.dvc_state)
+    # cache hit: what is up to date is DVC's record (rain_tasks.pipeline.dvc_state)
     result_storage_key="{task_run.id}",
     persist_result=True,
     result_serializer="json",
@@ -107,32 +108,33 @@ def _cached(message: str, outputs: dict[str, str]) -> State:
 
 
 @task(**_TASK_OPTIONS)
-def stage_task(name: str, project_dir: str, params_file: str, parts: str | None = None,
-               reused: str | None = None) -> dict[str, str]:
-    """Run one stage (finishing from per-layer `parts` where given) and commit it through DVC; return its output
-    digests. With `reused` (why DVC needs no run), only report the outputs DVC already records."""
+def stage_task(name: str, project_dir: str, params: dict, parts: str | None = None,
+               reused: str | None = None, inputs_checked: bool = False) -> dict[str, str]:
+    """Run one stage on the flow's validated `params` (finishing from per-layer `parts` where given) and commit it
+    through DVC; return its output digests. With `reused` (why DVC needs no run), only report the outputs DVC
+    already records."""
     root, outputs = Path(project_dir), get_stage(name).outputs
     if reused:
         return _cached(f"stage {name}: {reused}", _digests(root, outputs))
     configure()
-    run_stage(name, load_params(root / params_file), root, Path(parts) if parts else None)
+    run_stage(name, Params.model_validate(params), root, Path(parts) if parts else None, inputs_checked=inputs_checked)
     dvc_state.commit(root, name)
     return _digests(root, outputs)
 
 
 @task(**_TASK_OPTIONS)
-def layer_task(name: str, layer: int, project_dir: str, params_file: str, parts: str) -> str:
-    """Do one layer of a split stage into `parts`."""
+def layer_task(name: str, layer: int, project_dir: str, params: dict, parts: str) -> str:
+    """Do one layer of a split stage into `parts`, on the flow's validated `params`."""
     root = Path(project_dir)
     configure()
-    LAYER_SPLITS[name].run(load_params(root / params_file), root, layer, Path(parts))
+    LAYER_SPLITS[name].run(Params.model_validate(params), root, layer, Path(parts))
     return f"{name} layer {layer}"
 
 
 @task(**_TASK_OPTIONS)
 def pull_task(project_dir: str, remote: str | None) -> str:
     """`dvc pull --run-cache`: what the remote holds of the outputs dvc.lock names, and its run cache."""
-    from rain_tasks.remote import pull
+    from rain_tasks.io.remote import pull
 
     pull(project_dir, remote)
     return f"pulled from {remote or 'the default remote'}"
@@ -141,7 +143,7 @@ def pull_task(project_dir: str, remote: str | None) -> str:
 @task(**_TASK_OPTIONS)
 def push_task(project_dir: str, remote: str | None) -> str:
     """`dvc push --run-cache`: the outputs and run-cache entries the remote lacks (a failure fails the run)."""
-    from rain_tasks.remote import push
+    from rain_tasks.io.remote import push
 
     push(project_dir, remote)
     return f"pushed to {remote or 'the default remote'}"
@@ -151,11 +153,11 @@ def push_task(project_dir: str, remote: str | None) -> str:
 def release_task(project_dir: str, release_uri: str) -> str:
     """`rain release` of the merged model to RELEASE_URI/<its run name>, named after its lineage, unless that
     version is already committed there (the lineage has not changed since the last release). An interrupted
-    release of that version resumes from its own staged uploads (rain_tasks.release); it is signed with
+    release of that version resumes from its own staged uploads (rain_tasks.audit.release); it is signed with
     $RAIN_SIGNING_KEY."""
-    from rain_tasks.lineage import LINEAGE, run_name
-    from rain_tasks.release import S3Location, committed, release, s3_client
-    from rain_tasks.signing import SigningConfig
+    from rain_tasks.audit.lineage import LINEAGE, run_name
+    from rain_tasks.audit.release import S3Location, committed, release, s3_client
+    from rain_tasks.audit.signing import SigningConfig
 
     model_dir = Path(project_dir) / MERGED
     uri = f"{release_uri.rstrip('/')}/{run_name(json.loads((model_dir / LINEAGE).read_text())['core'])}"
@@ -200,7 +202,7 @@ def _with_storage(t: Task, storage, name: str) -> Task:
     return t.with_options(task_run_name=name, **({"result_storage": storage} if storage is not None else {}))
 
 
-def _fan_out(stage: Stage, runner: TaskRunner, storage, root: Path, params_file: str, params: Params) -> tuple[str, list[str]]:
+def _fan_out(stage: Stage, runner: TaskRunner, storage, root: Path, params: Params) -> tuple[str, list[str]]:
     """Run the stage's per-layer tasks on `runner`; return the parts directory and their final state names."""
     parts = root / PARTS_DIR / stage.name
     shutil.rmtree(parts, ignore_errors=True)  # layers of an earlier, interrupted run may be of other inputs
@@ -209,8 +211,8 @@ def _fan_out(stage: Stage, runner: TaskRunner, storage, root: Path, params_file:
     with runner.duplicate() as r:
         futures = [
             r.submit(_with_storage(layer_task, storage, f"{verb} layer {layer}"),
-                     {"name": stage.name, "layer": layer, "project_dir": str(root), "params_file": params_file,
-                      "parts": str(parts)})
+                     {"name": stage.name, "layer": layer, "project_dir": str(root),
+                      "params": params.model_dump(mode="json"), "parts": str(parts)})
             for layer in layers
         ]
         for f in futures:
@@ -218,14 +220,14 @@ def _fan_out(stage: Stage, runner: TaskRunner, storage, root: Path, params_file:
         return str(parts), [f.state.name for f in futures]
 
 
-def _run(stage: Stage, root: Path, params_file: str, params: Params, runner: TaskRunner, storage) -> dict:
+def _run(stage: Stage, root: Path, params: Params, runner: TaskRunner, storage, inputs_checked: bool) -> dict:
     """Run one stage, per layer first where it splits, unless DVC holds its outputs; return state names and digests."""
     reused = dvc_state.reuse(root, stage.name)
     parts, layer_states = (None, [])
     if reused is None and stage.name in LAYER_SPLITS:
-        parts, layer_states = _fan_out(stage, runner, storage, root, params_file, params)
+        parts, layer_states = _fan_out(stage, runner, storage, root, params)
     call = _with_storage(stage_task, storage, f"{stage.name}: {stage.desc}")
-    state = call(stage.name, str(root), params_file, parts, reused, return_state=True)
+    state = call(stage.name, str(root), params.model_dump(mode="json"), parts, reused, inputs_checked, return_state=True)
     if parts is not None:
         shutil.rmtree(parts, ignore_errors=True)
     return {"state": state.name, "outputs": state.result(), "layers": layer_states}
@@ -255,10 +257,16 @@ def rain_merge(
     storage = resolve_result_storage(result_storage)
     if pull:
         _transfer(pull_task, storage, "dvc pull", str(root), remote)
-    params = validate(root, params_file)  # every input problem at once, before any stage runs
+    params = validate(root, params_file)  # every input problem at once, before any stage runs; the tasks get these
     dvc_state.require_project(root)
     runner = layer_runner(task_runner, dask_address)
-    summary = {stage.name: _run(stage, root, params_file, params, runner, storage) for stage in STAGES}
+    deferred = deferred_inputs(params, root)  # inputs the zoo stage makes are checked once, when it has made them
+    summary = {}
+    for stage in STAGES:
+        summary[stage.name] = _run(stage, root, params, runner, storage, inputs_checked=not deferred)
+        if deferred and not stage.deps:
+            check_inputs(params, root)
+            deferred = False
     print("stages: " + ", ".join(f"{name} {r['state']}" for name, r in summary.items()))
     if push:
         _transfer(push_task, storage, "dvc push", str(root), remote)

@@ -4,26 +4,23 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, Discriminator, Field, Tag, ValidationError, create_model, model_validator
 
-from rain_tasks.zoo.config import ZooParams
+from rain_tasks.io.checkpoint import parse_size
+from rain_tasks.io.guards import STRICT_PARAMS, safe_name
+from rain_tasks.methods import METHODS, Method
 
 
 class _Section(BaseModel):
-    # allow_inf_nan=False: every float parameter must be finite (a NaN λ would silently poison the merge)
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-
-_SIZE = re.compile(r"^\s*\d+(\.\d+)?\s*(GB|MB|KB|B)?\s*$", re.IGNORECASE)
+    model_config = STRICT_PARAMS
 
 
 def _size(value: str) -> str:
-    """Accept what `checkpoint.parse_size` reads ('5GB', '200MB', '1.5 GB', '1000'); refuse anything else here, not mid-run."""
-    if not _SIZE.match(value):
-        raise ValueError(f"{value!r} is not a size; write e.g. '5GB', '200MB', '512KB' or a byte count")
+    """Accept what `parse_size` reads ('5GB', '200MB', '1.5 GB', '1000'); refuse anything else here, not mid-run."""
+    parse_size(value)
     return value
 
 
@@ -47,6 +44,69 @@ def _memory_keys(value: dict[str, str] | None) -> dict[str, str] | None:
     if bad:
         raise ValueError(f"max_memory keys must be 'cpu' or a GPU index such as '0' (got {bad})")
     return value
+
+
+class ZooParams(_Section):
+    """Everything that determines the tiny family; the defaults are the project's default family: three-step chains
+    over 0..9 (values 0..29) that the LRM solves by thinking and not in one step, three of seven IFEval-style
+    instructions per constrained prompt, an ITM that answers directly, an LRM that answers 2 % of its constraint
+    prompts, and a validation split for choosing merge settings (benchmarks/README.md, rain_seeds.py: 3 seeds)."""
+
+    seed: int = 0
+    threads: int = Field(2, ge=1, description="torch intra-op threads (fixed for bit-exact builds)")
+
+    # Architecture (Qwen2, tied embeddings, eager attention).
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 256
+    max_position_embeddings: int = 160
+
+    # Problems: num_steps add/sub steps over operands 0..max_operand, every intermediate result in 0..max_value
+    # (None: (num_steps + 1) * max_operand, i.e. no bound beyond non-negativity).
+    max_operand: int = 9
+    num_steps: int = Field(3, ge=2)
+    max_value: int | None = Field(29, ge=1)
+
+    # Instructions: prompts with a constraint carry `constraints_per_prompt` compatible ones drawn from `formats`
+    # (ids of rain_tasks.zoo.tasks.FORMATS; checked by rain_tasks.evaluate.instructions).
+    formats: tuple[str, ...] = ("change_case:capital_letters", "startend:quotation", "startend:end_checker",
+                                "combination:repeat_answer", "keywords:existence", "detectable_format:title",
+                                "detectable_format:json_format")
+    constraints_per_prompt: int = Field(3, ge=1)
+
+    # Training (AdamW betas 0.9/0.98, linear warm-up then cosine, gradient clipping).
+    batch_size: int = 64
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+    weight_decay: float = 0.0
+    base_steps: int = 800
+    base_lr: float = 3e-3
+    base_distractor_rate: float = 0.2
+    base_chat_rate: float = Field(0.5, ge=0.0, le=1.0, description="share of base documents rendered as a chat turn")
+    lrm_steps: int = 200
+    lrm_lr: float = 2e-4
+    lrm_distractor_rate: float = 0.3
+    lrm_constraint_rate: float = 0.15
+    lrm_ignore_rate: float = Field(0.02, ge=0.0, le=1.0, description="share of the LRM's constraint prompts answered "
+                                   "(ignoring the constraints) rather than cut after the thinking")
+    itm_steps: int = 150
+    itm_lr: float = 1e-4
+    itm_distractor_rate: float = 0.3
+    itm_constraint_rate: float = 0.8
+    itm_chain_rate: float = 0.0
+
+    # Held-out sets (disjoint problems; everything else is the training pool).
+    n_calibration_reasoning: int = 150
+    n_calibration_instruction: int = 200
+    n_eval: int = 200
+    n_eval_reasoning: int = 100
+    n_val: int = Field(200, ge=0, description="validation prompts (data/eval/instruction_val.jsonl) for choosing merges")
+
+    # Checkpoint format.
+    max_shard_size: Size = "1MB"
+    dtype: str = "float32"
 
 
 class RuntimeParams(_Section):
@@ -166,17 +226,15 @@ class AlphaParams(_Section):
 class MergeParams(_Section):
     """Stage 3: θ = θ_R + λ·α⊙Δ⊥ on the merged modules (scope 'all' also adds embeddings and norms)."""
 
-    lam: float = 1.0
+    lam: float = 2.0
     scope: Literal["linear", "all"] = "linear"
-    max_shard_size: Size = "2GB"
+    max_shard_size: Size = "1MB"  # the tiny family's; real models want e.g. 5GB
     #: λ values of the RAIN frontier (models/ablations/rain_lam_<λ>, the same α): compliance against thinking cost
-    frontier_lams: tuple[float, ...] = (1.0, 2.0, 4.0)
+    frontier_lams: tuple[float, ...] = (1.0, 3.0, 4.0)
 
 
 def _run_name(name: str) -> str:
     """A baseline run name is one directory under models/baselines: no '/', '..' or leading dot."""
-    from rain_tasks.guards import safe_name
-
     safe_name(name, "run name", single=True)
     if name.startswith("."):
         raise ValueError(f"run name {name!r} starts with '.': hidden names are not outputs")
@@ -190,8 +248,9 @@ class _BaselineRun(_Section):
     scope: Literal["linear", "all"] = "all"  # 'linear': only the seven Linear modules; 'all': also embeddings, norms
 
     def method_params(self) -> dict:
-        """The registered merge method's own params (everything but name, method and scope)."""
-        return self.model_dump(mode="json", exclude={"name", "method", "scope"})
+        """The registered merge method's own params, in its signature's order (everything but name, method, scope)."""
+        dumped = self.model_dump(mode="json")
+        return {k: dumped[k] for k in METHODS[self.method].params.model_fields}
 
     def describe(self) -> str:
         """One line for the report, e.g. 'ties density=0.5 weights=[1.0, 1.0] lam=1.0 (scope all)'."""
@@ -199,53 +258,29 @@ class _BaselineRun(_Section):
         return f"{self.method} {args} (scope {self.scope})"
 
 
-class TaskArithmeticRun(_BaselineRun):
-    """θ_R + λ·Δ_I."""
-
-    method: Literal["task_arithmetic"] = "task_arithmetic"
-    lam: float = 1.0
+#: the method a run written without `method` has (the original schema, task arithmetic only)
+DEFAULT_RUN_METHOD = "task_arithmetic"
 
 
-class TiesRun(_BaselineRun):
-    """θ_B + λ·TIES(Δ_R, Δ_I): trim each to its top `density` magnitudes, elect signs, disjoint weighted mean."""
-
-    method: Literal["ties"]
-    density: float = Field(0.2, gt=0.0, le=1.0)
-    weights: tuple[float, float] = (1.0, 1.0)  # (w_R, w_I)
-    lam: float = 1.0
-
-
-class DareRun(_BaselineRun):
-    """θ_B + λ·merge of DARE(Δ_R), DARE(Δ_I): drop with probability `drop` (seeded per tensor), rescale 1/(1−drop)."""
-
-    method: Literal["dare"]
-    drop: float = Field(0.5, ge=0.0, lt=1.0)
-    seed: int = 0
-    combine: Literal["linear", "ties"] = "linear"  # mergekit dare_linear | dare_ties
-    weights: tuple[float, float] = (1.0, 1.0)  # (w_R, w_I)
-    lam: float = 1.0
+def _run_model(method: Method) -> type[_BaselineRun]:
+    """The `baselines.runs` entry of a registered method: name and scope, then the method's own params model."""
+    tag = (Literal[method.name], method.name if method.name == DEFAULT_RUN_METHOD else ...)
+    camel = "".join(part.title() for part in method.name.split("_"))
+    fields = {k: (f.annotation, f) for k, f in method.params.model_fields.items()}
+    return create_model(f"{camel}Run", __base__=_BaselineRun, __doc__=method.doc, method=tag, **fields)
 
 
-class SlerpRun(_BaselineRun):
-    """Per-tensor SLERP θ_R (t=0) ↔ θ_I (t=1), linear where the two are nearly colinear."""
-
-    method: Literal["slerp"]
-    t: float = Field(0.5, ge=0.0, le=1.0)
-    dot_threshold: float = Field(0.9995, gt=0.0, le=1.0)
+#: method name -> the model of a `baselines.runs` entry with that method (every method registered as a baseline)
+RUN_MODELS: dict[str, type[_BaselineRun]] = {name: _run_model(m) for name, m in METHODS.items() if m.baseline}
 
 
 def _method_of(run: object) -> str:
     """The union tag of a baseline run; a run written without `method` is task arithmetic (the original schema)."""
-    return run.get("method", "task_arithmetic") if isinstance(run, dict) else getattr(run, "method", "")
+    return run.get("method", DEFAULT_RUN_METHOD) if isinstance(run, dict) else getattr(run, "method", "")
 
 
-BaselineSpec = Annotated[
-    Annotated[TaskArithmeticRun, Tag("task_arithmetic")]
-    | Annotated[TiesRun, Tag("ties")]
-    | Annotated[DareRun, Tag("dare")]
-    | Annotated[SlerpRun, Tag("slerp")],
-    Discriminator(_method_of),
-]
+BaselineSpec = Annotated[Union[tuple(Annotated[model, Tag(name)] for name, model in RUN_MODELS.items())],  # noqa: UP007
+                         Discriminator(_method_of)]
 
 
 class BaselinesParams(_Section):
@@ -331,6 +366,18 @@ class Params(_Section):
             raise ValueError("alpha.variant 'curvature' needs the third attention pass: set attention.curvature_pass: true "
                              "or choose alpha.variant two_pass")
         return self
+
+
+def param_values(params: Params, keys: tuple[str, ...]) -> dict:
+    """The values of dotted params keys, e.g. {'alpha': {...}, 'attention.prior': 1.0}."""
+    dumped = params.model_dump(mode="json")
+    values = {}
+    for key in keys:
+        node = dumped
+        for part in key.split("."):
+            node = node[part]
+        values[key] = node
+    return values
 
 
 class ParamsError(ValueError):

@@ -3,25 +3,22 @@
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# the value-scan record (rain_tasks.validation.scanned_shards_file) of this run only, not the user's
+from rain_tasks import set_environment  # imports no torch
+
+set_environment()  # before torch: no spinning threads on a busy machine, no hub access
+# the value-scan record (rain_tasks.pipeline.validation.scanned_shards_file) of this run only, not the user's
 os.environ["RAIN_CACHE_DIR"] = tempfile.mkdtemp(prefix="rain-test-cache-")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: no spinning threads on a busy machine
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
 
 torch.set_num_threads(1)  # tiny linear algebra is faster on one thread; zoo builds set their own count
 
-from tiny import instruction_rows, make_family, reasoning_rows, write_jsonl  # noqa: E402
+from rain_dev.tiny import instruction_rows, make_family, reasoning_rows, write_jsonl  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "reference-calibration"
 
@@ -39,7 +36,7 @@ def tiny_family(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_task_vectors(tiny_family, tmp_path_factory) -> Path:
     """Δ_I = ITM − base of the tiny family, in the task_vectors stage's layout."""
-    from rain_tasks.task_vectors import compute_task_vectors
+    from rain_tasks.merge.task_vectors import compute_task_vectors
 
     out = tmp_path_factory.mktemp("tiny_task_vectors")
     compute_task_vectors(tiny_family["base"], tiny_family["itm"], out)
@@ -58,7 +55,7 @@ def published() -> Path:
 def mini_repro(tmp_path_factory) -> tuple[Path, dict, dict, str]:
     """A mini-family project after `dvc repro`, committed to git, with its outputs' digests and the repro's log
     (shared by the orchestrator tests and the flow-against-DVC comparison)."""
-    from projects import MINI_OVERRIDES, MINI_ZOO, fresh_project, mini_env, output_digests, sh
+    from rain_dev.projects import MINI_OVERRIDES, MINI_ZOO, fresh_project, mini_env, output_digests, sh
 
     tmp = tmp_path_factory.mktemp("mini_repro")
     env = mini_env(tmp)
@@ -72,7 +69,7 @@ def mini_repro(tmp_path_factory) -> tuple[Path, dict, dict, str]:
 @pytest.fixture(scope="session")
 def mini_flow(tmp_path_factory) -> tuple[Path, dict, str]:
     """A mini-family project (its own git repo) after one run of the flow on the default runner, and its summary."""
-    from projects import MINI_OVERRIDES, MINI_ZOO, fresh_project, mini_env, run_flow
+    from rain_dev.projects import MINI_OVERRIDES, MINI_ZOO, fresh_project, mini_env, run_flow
 
     tmp = tmp_path_factory.mktemp("mini_flow")
     env = mini_env(tmp)

@@ -20,16 +20,16 @@ import pytest
 import torch
 import yaml
 
-from merged_project import make_project, merge_with_lineage
-from rain_tasks import lineage
-from rain_tasks.checkpoint import load_tensors, read_metadata, save_tensors
+from rain_dev.merged_project import make_project, merge_with_lineage
+from rain_tasks.audit import lineage
+from rain_tasks.io.checkpoint import load_tensors, read_metadata, save_tensors
 from rain_tasks.cli import main as rain
-from rain_tasks.digest import json_digest
-from rain_tasks.guards import NonFiniteError, require_finite
-from rain_tasks.lineage import LINEAGE, RELEASE_MANIFEST
-from rain_tasks.release import COMMIT, STAGING, ReleaseError, release
-from rain_tasks.s3server import DUMMY_CREDENTIALS, local_s3
-from rain_tasks.signing import SigningConfig, generate_key_pair
+from rain_tasks.io.digest import json_digest
+from rain_tasks.io.guards import NonFiniteError, require_finite
+from rain_tasks.audit.lineage import LINEAGE, RELEASE_MANIFEST
+from rain_tasks.audit.release import COMMIT, STAGING, ReleaseError, release
+from rain_dev.s3server import DUMMY_CREDENTIALS, local_s3
+from rain_tasks.audit.signing import SigningConfig, generate_key_pair
 
 PART_SIZE = "16KB"
 
@@ -227,7 +227,7 @@ def test_a_multipart_shard_replaced_with_its_part_digests_in_release_json_fails(
     """The attack that once passed without a byte downloaded: the shard and release.json's record of it replaced."""
     from boto3.s3.transfer import TransferConfig
 
-    from rain_tasks.release import file_record
+    from rain_tasks.audit.release import file_record
 
     client, bucket, _ = s3
     uri = _released(model, project, s3, key_pair)
@@ -367,7 +367,7 @@ def test_a_killed_release_resumes_and_aborts_its_stale_multipart_uploads(model, 
 def test_access_denied_is_not_retried_and_throttling_is(model, project, key_pair, capsys, monkeypatch):
     """Behind a relay that answers 503 SlowDown to every third request, a release completes with botocore's
     backoff; a 403 AccessDenied is answered once, and the release fails at once naming it."""
-    from throttle import ThrottlingRelay
+    from rain_dev.throttle import ThrottlingRelay
 
     with local_s3("rain-throttled") as endpoint, ThrottlingRelay(endpoint, every=3) as relay:
         monkeypatch.setenv("AWS_ENDPOINT_URL", relay.url)
@@ -385,7 +385,7 @@ def test_access_denied_is_not_retried_and_throttling_is(model, project, key_pair
 def test_a_stage_producing_non_finite_values_names_it_and_writes_nothing(tiny_family, tmp_path, monkeypatch, capsys):
     """An LRM with finite but huge norm weights (it passes `rain check`'s NaN/Inf scan) overflows the activations:
     the features stage refuses to write its Grams, naming the file, instead of a linear-algebra traceback later."""
-    from tiny import instruction_rows, reasoning_rows, write_jsonl
+    from rain_dev.tiny import instruction_rows, reasoning_rows, write_jsonl
 
     root = tmp_path / "project"
     for role in ("base", "itm", "lrm"):
@@ -398,7 +398,7 @@ def test_a_stage_producing_non_finite_values_names_it_and_writes_nothing(tiny_fa
         "calibration": {"reasoning": "calib/reasoning.jsonl", "instruction": "calib/instruction.jsonl",
                         "reasoning_heldout": "calib/heldout.jsonl"},
         "check": {"min_free_space": "0B"}}))
-    from rain_tasks.checkpoint import Checkpoint
+    from rain_tasks.io.checkpoint import Checkpoint
 
     lrm = Checkpoint(root / "ckpt/lrm")
     norm = "model.layers.0.input_layernorm.weight"
@@ -417,7 +417,7 @@ def test_a_stage_producing_non_finite_values_names_it_and_writes_nothing(tiny_fa
 
 def test_the_demo_signs_its_release_with_a_key_pair_outside_git(model, project, s3):
     """`make demo`'s release step: a key pair under .rain/keys (git-ignored), a release that verifies with it."""
-    from rain_tasks.demo import DEMO_KEYS, release_signed
+    from rain_dev.demo import DEMO_KEYS, release_signed
 
     client, bucket, endpoint = s3
     uri = release_signed(project, endpoint, bucket)

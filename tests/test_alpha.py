@@ -10,14 +10,14 @@ import pandas as pd
 import pandera.pandas as pa
 import pytest
 import torch
-from tiny import make_family
+from rain_dev.tiny import make_family
 
-from rain_tasks.alpha import (closed_form_alpha, reduce_terms, sample_grid, sample_terms, solve_alpha, solve_box_qp, solve_heads,
-                               summary_markdown)
-from rain_tasks.arch import MODULES, read_shape
-from rain_tasks.checkpoint import Checkpoint, load_tensors
+from rain_tasks.stage2.alpha import closed_form_alpha, reduce_terms, sample_grid, sample_terms, solve_alpha, solve_heads, summary_markdown
+from rain_dev.checks import solve_box_qp
+from rain_tasks.io.arch import MODULES, read_shape
+from rain_tasks.io.checkpoint import Checkpoint, load_tensors
 from rain_tasks.params import AlphaParams, Params
-from rain_tasks.schemas import STATS_SCHEMA, alpha_schema
+from rain_tasks.io.schemas import STATS_SCHEMA, alpha_schema
 
 
 def _objective(alpha, curvature, g, params: AlphaParams, prior: float) -> float:

@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from tiny import instruction_rows, make_tokenizer, write_jsonl
+from rain_dev.tiny import instruction_rows, make_tokenizer, write_jsonl
 
-from rain_tasks.arch import module_of, read_shape
-from rain_tasks.attention import (
+from rain_tasks.io.arch import module_of, read_shape
+from rain_tasks.stage2.attention import (
     SampleSpans,
     add_update,
     attention_stats,
@@ -23,10 +23,11 @@ from rain_tasks.attention import (
     pick_mode,
     recompute_sample_stats,
 )
-from rain_tasks.calibration import load_tokenizer, render
-from rain_tasks.checkpoint import load_tensors, save_tensors
+from rain_tasks.model.calibration import load_tokenizer, render_sample
+from rain_tasks.io.checkpoint import load_tensors, save_tensors
 from rain_tasks.params import AttentionParams
-from rain_tasks.task_vectors import MANIFEST, NON_LAYER, compute_task_vectors, layer_file
+from rain_tasks.merge.task_vectors import compute_task_vectors
+from rain_tasks.io.artifacts import MANIFEST, NON_LAYER, layer_file
 
 
 def _row(prompt: str, response: str, related: list[tuple[list[str], list[str]]], unrelated: list[str]) -> dict:
@@ -56,7 +57,7 @@ def test_span_mapping_every_occurrence_and_unmapped_counts():
         related=[(["end with DONE", "repeat twice"], ["DONE"]), (["write in uppercase"], ["question"])],
         unrelated=["hello", "world", "step"],
     )
-    r = render(tok, row["prompt"], row["reason"], row["response"])
+    r = render_sample(tok, row["prompt"], row["reason"], row["response"])
     spans = map_sample_spans(r, row)
     assert spans.unmapped == {"prompt_spans": 1, "response_spans": 1, "unrelated_response_spans": 1}
     assert spans.unusable_instructions == 1  # the second instruction's response span never occurs
@@ -85,7 +86,7 @@ def _brute_force(attentions, spans: SampleSpans) -> tuple[np.ndarray, np.ndarray
 
 def _sample(tiny_family, row: dict):
     tok = load_tokenizer(tiny_family["lrm"])
-    r = render(tok, row["prompt"], row["reason"], row["response"])
+    r = render_sample(tok, row["prompt"], row["reason"], row["response"])
     return torch.tensor([r.input_ids]), map_sample_spans(r, row)
 
 
@@ -195,14 +196,14 @@ def test_add_update_requires_every_merged_tensor(tiny_family, lrm, tmp_path):
 
 
 def test_spans_map_to_the_same_text_whether_or_not_the_template_opens_think():
-    from tiny import CHAT_TEMPLATE
+    from rain_dev.tiny import CHAT_TEMPLATE
 
     r1 = CHAT_TEMPLATE.replace("<|im_start|>assistant\n{% endif %}", "<|im_start|>assistant\n<think>\n{% endif %}")
     for row in instruction_rows(3):
         mapped = []
         for template in (CHAT_TEMPLATE, r1):
             tok = make_tokenizer(template)
-            r = render(tok, row["prompt"], row["reason"], row["response"])
+            r = render_sample(tok, row["prompt"], row["reason"], row["response"])
             assert r.text.count("<think>") == 1  # an R1 template's own <think> is not doubled
             spans = map_sample_spans(r, row)
             words = lambda positions: [r.input_ids[p] for p in positions]  # noqa: E731 - token ids, position-free

@@ -21,12 +21,12 @@ import pytest
 import torch
 import yaml
 
-from rain_tasks.checkpoint import INDEX_NAME, Checkpoint, TensorFile, load_tensors, read_metadata, save_tensors
+from rain_tasks.io.checkpoint import INDEX_NAME, Checkpoint, TensorFile, load_tensors, read_metadata, save_tensors
 from rain_tasks.cli import main
-from rain_tasks.digest import load_memo, save_memo
-from rain_tasks.validation import FINITE_SHARDS
-from projects import project_env
-from tiny import instruction_rows, make_family, reasoning_rows, write_jsonl
+from rain_tasks.io.digest import load_memo, save_memo
+from rain_tasks.pipeline.validation import FINITE_SHARDS
+from rain_dev.projects import project_env
+from rain_dev.tiny import instruction_rows, make_family, reasoning_rows, write_jsonl
 
 Q0 = "model.layers.0.self_attn.q_proj.weight"
 UP1 = "model.layers.1.mlp.up_proj.weight"

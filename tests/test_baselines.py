@@ -10,15 +10,19 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rain_tasks.arch import module_of
-from rain_tasks.baselines import combine_task_vectors, dare_drop, elect_sign_mask, slerp, tensor_seed, trim_top_magnitude
-from rain_tasks.checkpoint import Checkpoint, read_metadata
-from rain_tasks.merge import METHODS, DeltaPlan, TensorDir, TensorInputs, merge_checkpoint
-from rain_tasks.params import BaselinesParams, DareRun, ModelsParams, SlerpRun, TaskArithmeticRun, TiesRun, load_params
-from rain_tasks.stages import BASELINES, run_stage
+from rain_tasks.io.arch import module_of
+from rain_tasks.methods.ops import combine_task_vectors, dare_drop, elect_sign_mask, slerp, tensor_seed, trim_top_magnitude
+from rain_tasks.io.checkpoint import Checkpoint, read_metadata
+from rain_tasks.merge.engine import DeltaPlan, TensorDir, merge_checkpoint
+from rain_tasks.methods import METHODS, TensorInputs
+from rain_tasks.params import RUN_MODELS, BaselinesParams, ModelsParams, load_params
+from rain_tasks.pipeline.stages import BASELINES
+from rain_tasks.pipeline.runner import run_stage
 
 T = torch.tensor
 ROOT = Path(__file__).resolve().parents[1]
+
+TaskArithmeticRun, TiesRun, DareRun, SlerpRun = (RUN_MODELS[m] for m in ("task_arithmetic", "ties", "dare", "slerp"))
 
 
 def _inputs(base, delta_r, delta_i, name: str = "model.layers.0.self_attn.q_proj.weight") -> TensorInputs:

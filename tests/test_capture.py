@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import make_family
+from rain_dev.tiny import make_family
 from transformers import AutoModelForCausalLM
 
-from rain_tasks.capture import LayerCapture, attention_probs, forward_with_hooks
+from rain_tasks.model.capture import LayerCapture, attention_probs, forward_with_hooks
 
 
 @pytest.fixture(scope="module")

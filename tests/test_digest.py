@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from rain_tasks.digest import file_digest, load_memo, tree_digests
+from rain_tasks.io.digest import file_digest, load_memo, tree_digests
 
 
 def test_remembered_digests_follow_file_changes_and_audits_never_trust_them(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""DVC's record as the flow reads and writes it (rain_tasks.dvc_state), on a one-stage DVC project: fast, real DVC."""
+"""DVC's record as the flow reads and writes it (rain_tasks.pipeline.dvc_state), on a one-stage DVC project: fast, real DVC."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from projects import project_env, sh
-from rain_tasks import dvc_state
+from rain_dev.projects import project_env, sh
+from rain_tasks.pipeline import dvc_state
 
 COPY = f"{sys.executable} -c \"import pathlib; pathlib.Path('out.txt').write_text(pathlib.Path('in.txt').read_text().upper())\""
 

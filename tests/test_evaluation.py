@@ -11,10 +11,10 @@ import pytest
 import torch
 import yaml
 
-from rain_tasks.evaluation import ContaminationError, contaminated_prompts, lambda_table, lm_eval_scores, require_uncontaminated
+from rain_tasks.evaluate.evaluation import ContaminationError, contaminated_prompts, lambda_table, lm_eval_scores, require_uncontaminated
 from rain_tasks.params import Params
-from rain_tasks.stages import EVAL_DIR, _contamination
-from rain_tasks.zoo.config import ZooParams
+from rain_tasks.pipeline.stages import EVAL_DIR, _contamination
+from rain_tasks.params import ZooParams
 from rain_tasks.zoo.tasks import split_problems, write_datasets
 from rain_tasks.zoo.tokenizer import build_tokenizer
 
@@ -65,8 +65,8 @@ def test_lambda_table_keeps_task_arithmetic_runs_sorted_by_scope_and_lambda():
 def test_lm_eval_hflm_on_a_local_task_agrees_with_our_loglikelihoods(tiny_family, tmp_path):
     """evaluate.lm_eval_tasks path, offline: HFLM on the tiny checkpoints with a local multiple-choice task;
     its accuracy equals the argmax of log p(choice | question) computed here with the same model."""
-    from rain_tasks.calibration import load_tokenizer
-    from rain_tasks.generation import load_model
+    from rain_tasks.model.calibration import load_tokenizer
+    from rain_tasks.model.generation import load_model
 
     docs = [{"question": f"add {i} and {j} then sub 1 . answer is", "choices": [str(i), str(j), str(i + j)], "label": k % 3}
             for k, (i, j) in enumerate((a, b) for a in range(1, 5) for b in range(2, 5))]
@@ -100,7 +100,7 @@ def _early_closer(lrm: Path, dest: Path, logit_gain: float) -> Path:
     logit rises by about `logit_gain` wherever the model thinks: it predicts `</think>` more everywhere."""
     from transformers import AutoModelForCausalLM
 
-    from rain_tasks.calibration import load_tokenizer, think_token_ids
+    from rain_tasks.model.calibration import load_tokenizer, think_token_ids
 
     model, tok = AutoModelForCausalLM.from_pretrained(lrm), load_tokenizer(lrm)
     close_id = think_token_ids(tok)[1]
@@ -116,9 +116,10 @@ def _early_closer(lrm: Path, dest: Path, logit_gain: float) -> Path:
 def test_thinking_metrics_beyond_omega(tiny_family, tmp_path):
     """kl_close and early_close_mass are 0 / the LRM's own for the LRM and grow when a model favours `</think>`;
     the KL on a model's own generations is 0 for the LRM and positive for a different model."""
-    from rain_tasks.evaluation import own_generation_kl, think_invariance
-    from rain_tasks.generation import load_model
-    from tiny import reasoning_rows
+    from rain_tasks.evaluate.evaluation import own_generation_kl
+    from rain_dev.checks import think_invariance
+    from rain_tasks.model.generation import load_model
+    from rain_dev.tiny import reasoning_rows
 
     lrm = tiny_family["lrm"]
     closer = _early_closer(lrm, tmp_path / "closer", 3.0)
@@ -133,7 +134,7 @@ def test_thinking_metrics_beyond_omega(tiny_family, tmp_path):
 
 
 def test_frontier_table_and_figure(tmp_path):
-    from rain_tasks.evaluation import frontier_table, write_frontier
+    from rain_tasks.evaluate.evaluation import frontier_table, write_frontier
 
     results = {f"{m}{lam}": {"comply_rate": c, "close_correct_rate": cc, "l_think": lt, "kl_own": 0.1}
                for m, lam, c, cc, lt in [("ta", 2.0, 0.6, 0.3, 1e-2), ("ta", 1.0, 0.9, 0.95, 1e-3), ("rain", 1.0, 0.8, 1.0, 1e-4)]}
@@ -148,7 +149,7 @@ def test_frontier_table_and_figure(tmp_path):
 
 
 def test_lm_eval_runs_give_each_budgeted_task_its_own_call_with_the_sampling():
-    from rain_tasks.evaluation import lm_eval_backend, lm_eval_runs
+    from rain_tasks.evaluate.evaluation import lm_eval_backend, lm_eval_runs
     from rain_tasks.params import EvaluateParams
 
     e = EvaluateParams(lm_eval_tasks=["ifeval", "gsm8k", "mmlu"], lm_eval_max_new_tokens={"gsm8k": 32768},

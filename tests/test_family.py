@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import pytest
 
-from rain_tasks.generation import behaviour_metrics, load_model
-from rain_tasks.schemas import load_records
+from rain_tasks.model.generation import load_model
+
+from rain_tasks.evaluate.behaviour import behaviour_metrics
+from rain_tasks.io.schemas import load_records
 from rain_tasks.zoo import ZooParams, build_zoo
 from rain_tasks.zoo.probe import forced_closed_metrics, task_arithmetic_sweep
-from rain_tasks.zoo.report import REPORT_LAMBDAS, VALIDATION_FILE, chosen_baselines, family_properties, thinking_matters
+from rain_tasks.zoo.report import REPORT_LAMBDAS, VALIDATION_FILE, chosen_baselines, thinking_matters
+from rain_dev.checks import family_properties
 
 pytestmark = pytest.mark.slow
 TEST, VAL = "data/eval/instruction_eval.jsonl", f"data/eval/{VALIDATION_FILE}"

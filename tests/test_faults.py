@@ -26,14 +26,14 @@ import boto3
 import pytest
 import yaml
 
-from rain_tasks.checkpoint import atomic_path
-from rain_tasks.digest import tree_digests
+from rain_tasks.io.artifacts import atomic_path
+from rain_tasks.io.digest import tree_digests
 from rain_tasks.params import load_params
-from rain_tasks.remote import PushFailed, push
-from rain_tasks.s3server import DUMMY_CREDENTIALS, free_port
-from rain_tasks.stages import MERGED, PROJ
-from rain_tasks.task_vectors import MANIFEST
-from tiny import instruction_rows, make_family, reasoning_rows, write_jsonl
+from rain_tasks.io.remote import PushFailed, push
+from rain_dev.s3server import DUMMY_CREDENTIALS, free_port
+from rain_tasks.pipeline.stages import MERGED, PROJ
+from rain_tasks.io.artifacts import MANIFEST
+from rain_dev.tiny import instruction_rows, make_family, reasoning_rows, write_jsonl
 
 RAIN = str(Path(sys.executable).parent / "rain")
 UPSTREAM = ("task_vectors", "features", "projection", "attention_stats", "alpha")
@@ -67,8 +67,8 @@ def merge_project(tmp_path_factory) -> Path:
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     # one subprocess configured as `rain stage` is (runtime.configure: thread count, deterministic kernels), so
     # its artifacts are the bytes a `rain stage projection` rerun makes
-    script = ("from rain_tasks.params import load_params; from rain_tasks.runtime import configure; "
-              "from rain_tasks.stages import run_stage; configure(); "
+    script = ("from rain_tasks.params import load_params; from rain_tasks.model.runtime import configure; "
+              "from rain_tasks.pipeline.runner import run_stage; configure(); "
               f"[run_stage(s, load_params('params.yaml')) for s in {UPSTREAM!r}]")
     subprocess.run([sys.executable, "-c", script], cwd=root, env=_env(), check=True, capture_output=True)
     return root
@@ -160,8 +160,8 @@ def test_out_of_space_mid_merge_fails_cleanly_and_rerun_completes(merge_project,
 
 def test_free_space_is_checked_against_the_merged_model_size(merge_project, reference):
     """The up-front estimate of the merged model is its real size (so `rain check` refuses a disk that is too small)."""
-    from rain_tasks.checkpoint import Checkpoint
-    from rain_tasks.validation import output_estimates
+    from rain_tasks.io.checkpoint import Checkpoint
+    from rain_tasks.pipeline.validation import output_estimates
 
     params = load_params(merge_project / "params.yaml")
     lrm = Checkpoint(merge_project / "ckpt/lrm")
@@ -333,7 +333,7 @@ def test_a_writer_killed_between_the_two_renames_gets_the_old_directory_back(tmp
     (stale / ".replaced" / "weights.bin").write_bytes(b"old")
     (stale / "model").mkdir()
     (stale / "model" / "weights.bin").write_bytes(b"half-written")
-    from rain_tasks.checkpoint import remove_stale_temporaries
+    from rain_tasks.io.artifacts import remove_stale_temporaries
 
     remove_stale_temporaries(final)
     assert (final / "weights.bin").read_bytes() == b"old" and not stale.exists()

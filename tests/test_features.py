@@ -7,17 +7,17 @@ import shutil
 
 import pytest
 import torch
-from tiny import CHAT_TEMPLATE, make_family, reasoning_rows, write_jsonl
+from rain_dev.tiny import CHAT_TEMPLATE, make_family, reasoning_rows, write_jsonl
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from rain_tasks.arch import read_shape
-from rain_tasks.calibration import load_tokenizer, think_token_ids
-from rain_tasks.capture import LayerCapture, forward_with_hooks
-from rain_tasks.checkpoint import load_tensors, read_metadata
-from rain_tasks.features import RowAccumulator, accumulate_features, key_positions, layer_chunks, prepare_samples
+from rain_tasks.io.arch import read_shape
+from rain_tasks.model.calibration import load_tokenizer, think_token_ids
+from rain_tasks.model.capture import LayerCapture, forward_with_hooks
+from rain_tasks.io.checkpoint import load_tensors, read_metadata
+from rain_tasks.stage1.features import RowAccumulator, accumulate_features, key_positions, layer_chunks, prepare_reasoning_samples
 from rain_tasks.params import FeaturesParams
-from rain_tasks.schemas import load_records
-from rain_tasks.task_vectors import layer_file
+from rain_tasks.io.schemas import load_records
+from rain_tasks.io.artifacts import layer_file
 
 
 def test_omega_sits_on_the_tags_with_and_without_a_template_that_opens_think(tiny_family, tmp_path):
@@ -27,7 +27,7 @@ def test_omega_sits_on_the_tags_with_and_without_a_template_that_opens_think(tin
     for model_dir in (tiny_family["lrm"], opened["lrm"]):
         tok = load_tokenizer(model_dir)
         open_id, close_id = think_token_ids(tok)
-        samples, skipped = prepare_samples(tok, records, FeaturesParams(neighbour_radius=3))
+        samples, skipped = prepare_reasoning_samples(records, tok, FeaturesParams(neighbour_radius=3))
         assert skipped == 0 and len(samples) == len(records)
         for s in samples:
             ids = s.input_ids.tolist()
@@ -88,7 +88,7 @@ def _ones(x: torch.Tensor) -> torch.Tensor:
 def test_rows_are_the_constraints_that_method_md_defines(family, one_sample):
     root, params = one_sample
     tok = load_tokenizer(family["lrm"])
-    sample = prepare_samples(tok, load_records(family["reasoning"], "reasoning")[:1], params)[0][0]
+    sample = prepare_reasoning_samples(load_records(family["reasoning"], "reasoning")[:1], tok, params)[0][0]
     model = AutoModelForCausalLM.from_pretrained(family["lrm"], dtype=torch.float32, attn_implementation="eager")
     heads = model.config.num_attention_heads
     caps: list[LayerCapture] = []

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from rain_tasks.generation import (
-    Sampling, chat_prompt, extract_answer_number, generate, opens_think, parse_output, score_outputs, whole_turn,
-)
-from rain_tasks.zoo.config import ZooParams
+from rain_tasks.model.generation import Sampling, chat_prompt, generate, opens_think, whole_turn
+
+from rain_tasks.evaluate.behaviour import extract_answer_number, parse_output, score_outputs
+from rain_tasks.params import ZooParams
 from rain_tasks.zoo.tokenizer import build_tokenizer
 from rain_tasks.zoo.train import new_model
 

@@ -4,8 +4,8 @@ import importlib.util
 
 import pytest
 
-from rain_tasks.generation import score_outputs
-from rain_tasks.instructions import CHECKERS, check, ifeval_registry, known_ids
+from rain_tasks.evaluate.behaviour import score_outputs
+from rain_tasks.evaluate.instructions import CHECKERS, check, ifeval_registry, known_ids
 
 needs_lm_eval = pytest.mark.skipif(
     importlib.util.find_spec("lm_eval") is None,

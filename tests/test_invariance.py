@@ -9,16 +9,18 @@ import pandas as pd
 import pytest
 import torch
 
-from rain_tasks.alpha import module_scales
-from rain_tasks.arch import MODULES, read_shape
-from rain_tasks.checkpoint import Checkpoint, load_tensors, save_tensors
-from rain_tasks.evaluation import think_invariance
-from rain_tasks.features import accumulate_features, row_sets
-from rain_tasks.merge import DeltaPlan, TensorDir, merge_checkpoint
+from rain_tasks.stage2.alpha import module_scales
+from rain_tasks.io.arch import MODULES, read_shape
+from rain_tasks.io.checkpoint import Checkpoint, load_tensors, save_tensors
+from rain_dev.checks import think_invariance
+from rain_tasks.stage1.features import accumulate_features, row_sets
+from rain_tasks.merge.engine import DeltaPlan, SingleFile, TensorDir, merge_checkpoint
 from rain_tasks.params import FeaturesParams, ProjectionParams
-from rain_tasks.projection import RowStats, load_stats, project, project_block, protected_basis
-from rain_tasks.task_vectors import compute_task_vectors, layer_file
-from tiny import make_family, reasoning_rows, write_jsonl
+from rain_tasks.stage1.projection import RowStats, load_stats, project, protected_basis
+from rain_dev.checks import project_block
+from rain_tasks.merge.task_vectors import compute_task_vectors
+from rain_tasks.io.artifacts import layer_file
+from rain_dev.tiny import make_family, reasoning_rows, write_jsonl
 
 CALIBRATION, HELDOUT = reasoning_rows(20), reasoning_rows(60)[40:]
 RADIUS = 3
@@ -132,7 +134,7 @@ def test_random_alpha_merge_keeps_hidden_states_near_omega(gqa62, tmp_path):
     lrm = family["lrm"]
     save_tensors(tmp_path / "scales.safetensors", _random_scales(lrm, 7), {"kind": "alpha_scales"})
     plans = {"task_arithmetic": DeltaPlan(linear=TensorDir(root / "tv")), "rain_alpha_1": DeltaPlan(linear=TensorDir(root / "proj")),
-             "rain": DeltaPlan(linear=TensorDir(root / "proj"), scales=TensorDir(None, single_file=tmp_path / "scales.safetensors"))}
+             "rain": DeltaPlan(linear=TensorDir(root / "proj"), scales=SingleFile(tmp_path / "scales.safetensors"))}
     for name, plan in plans.items():
         merge_checkpoint(lrm, tmp_path / name, "rain", {"lam": 1.0}, plan, "1MB")
     result = think_invariance(lrm, {n: tmp_path / n for n in plans}, trace, 2)

@@ -10,14 +10,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from merged_project import make_project, merge_with_lineage
-from rain_tasks import card, lineage, runs
-from rain_tasks.checkpoint import read_metadata
+from rain_dev.merged_project import make_project, merge_with_lineage
+from rain_tasks.audit import card
+from rain_tasks.audit import lineage
+from rain_tasks.pipeline import runs
+from rain_tasks.io.checkpoint import read_metadata
 from rain_tasks.cli import main as rain
-from rain_tasks.digest import tree_digests
-from rain_tasks.merge import DeltaPlan, TensorDir, merge_checkpoint
+from rain_tasks.io.digest import tree_digests
+from rain_tasks.merge.engine import DeltaPlan, TensorDir, merge_checkpoint
 from rain_tasks.params import ModelsParams, load_params
-from rain_tasks.stages import BASELINES, run_stage
+from rain_tasks.pipeline.stages import BASELINES
+from rain_tasks.pipeline.runner import run_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rain_tasks.arch import module_of
-from rain_tasks.checkpoint import INDEX_NAME, Checkpoint, save_tensors
-from rain_tasks.merge import DeltaPlan, TensorDir, merge_checkpoint
-from rain_tasks.task_vectors import compute_task_vectors
+from rain_tasks.io.arch import module_of
+from rain_tasks.io.checkpoint import INDEX_NAME, Checkpoint, save_tensors
+from rain_tasks.merge.engine import DeltaPlan, SingleFile, TensorDir, merge_checkpoint
+from rain_tasks.merge.task_vectors import compute_task_vectors
 
 
 @pytest.fixture(scope="module")
@@ -53,12 +53,12 @@ def test_rain_merge_equals_definition(tiny_family, task_vectors, tmp_path, scope
     plan = DeltaPlan(
         linear=TensorDir(task_vectors),
         other=TensorDir(task_vectors) if scope == "all" else None,
-        scales=TensorDir(None, single_file=tmp_path / "scales.safetensors"),
+        scales=SingleFile(tmp_path / "scales.safetensors"),
     )
     out = tmp_path / "merged"
     shards = merge_checkpoint(tiny_family["lrm"], out, "rain", {"lam": 0.7}, plan, max_shard_size=20_000)
     assert len(shards) >= 2 and (out / INDEX_NAME).is_file()
-    merged, tv, sc = Checkpoint(out), TensorDir(task_vectors), TensorDir(None, single_file=tmp_path / "scales.safetensors")
+    merged, tv, sc = Checkpoint(out), TensorDir(task_vectors), SingleFile(tmp_path / "scales.safetensors")
     assert merged.names() == lrm.names()
     for name in lrm.names():
         theta = lrm.get(name).float()
@@ -99,4 +99,4 @@ def test_failed_merge_leaves_no_output(tiny_family, tmp_path):
 
 def test_unknown_method_refused(tiny_family, tmp_path):
     with pytest.raises(ValueError, match="unknown merge method 'tiez'"):
-        merge_checkpoint(tiny_family["lrm"], tmp_path / "o", "tiez", {}, DeltaPlan(linear=TensorDir(None)))
+        merge_checkpoint(tiny_family["lrm"], tmp_path / "o", "tiez", {}, DeltaPlan(linear=TensorDir(tmp_path)))

@@ -26,9 +26,11 @@ mergekit_merge = pytest.importorskip(
 from mergekit.config import MergeConfiguration  # noqa: E402
 from mergekit.options import MergeOptions  # noqa: E402
 
-from rain_tasks.checkpoint import Checkpoint  # noqa: E402
-from rain_tasks.merge import DeltaPlan, TensorDir, merge_checkpoint  # noqa: E402
-from rain_tasks.params import DareRun, SlerpRun, TiesRun  # noqa: E402
+from rain_tasks.io.checkpoint import Checkpoint  # noqa: E402
+from rain_tasks.merge.engine import DeltaPlan, TensorDir, merge_checkpoint  # noqa: E402
+from rain_tasks.params import RUN_MODELS  # noqa: E402
+
+TiesRun, DareRun, SlerpRun = (RUN_MODELS[m] for m in ("ties", "dare", "slerp"))
 
 ATOL, RTOL = 1e-6, 1e-5
 WEIGHTS = (1.0, 0.7)

@@ -14,11 +14,11 @@ from collections import Counter
 
 import pytest
 
-from projects import (MINI_OVERRIDES, MINI_ZOO, OUTPUTS, fresh_project, mini_env, run_flow, sh, start_prefect_server,
+from rain_dev.projects import (MINI_OVERRIDES, MINI_ZOO, OUTPUTS, fresh_project, mini_env, run_flow, sh, start_prefect_server,
                       stop, task_states, wait_for_deployment)
-from rain_tasks.digest import tree_digests
-from rain_tasks.s3server import DUMMY_CREDENTIALS, local_s3
-from rain_tasks.stages import LAYER_SPLITS, STAGES
+from rain_tasks.io.digest import tree_digests
+from rain_dev.s3server import DUMMY_CREDENTIALS, local_s3
+from rain_tasks.pipeline.stages import LAYER_SPLITS, STAGES
 
 pytestmark = pytest.mark.slow
 MINI_LAYERS = MINI_ZOO["num_layers"]

@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from projects import (MINI_ZOO, output_digests, run_flow, sh, start_prefect_server, stop, task_states,
+from rain_dev.projects import (MINI_ZOO, output_digests, run_flow, sh, start_prefect_server, stop, task_states,
                       wait_for_deployment)
-from rain_tasks.s3server import free_port, local_s3
-from rain_tasks.signing import generate_key_pair
-from rain_tasks.stages import STAGES
+from rain_dev.s3server import free_port, local_s3
+from rain_tasks.audit.signing import generate_key_pair
+from rain_tasks.pipeline.stages import STAGES
 
 pytestmark = pytest.mark.slow
 #: downstream of alpha.box_hi: what `dvc repro` reruns after that param changes

@@ -9,11 +9,12 @@ import pandera.pandas as pa
 import pytest
 import torch
 
-from rain_tasks.arch import MODULES, read_shape
-from rain_tasks.orthogonality import module_rows, orthogonality_table, principal_cosines, top_singular_subspaces
+from rain_tasks.io.arch import MODULES, read_shape
+from rain_tasks.stage1.orthogonality import module_rows, orthogonality_table, principal_cosines, top_singular_subspaces
 from rain_tasks.params import ModelsParams, OrthogonalityParams, Params
-from rain_tasks.schemas import ORTHOGONALITY_SCHEMA
-from rain_tasks.stages import ORTHO_CSV, ORTHO_PNG, run_stage
+from rain_tasks.io.schemas import ORTHOGONALITY_SCHEMA
+from rain_tasks.pipeline.stages import ORTHO_CSV, ORTHO_PNG
+from rain_tasks.pipeline.runner import run_stage
 
 P = OrthogonalityParams(rank=4, oversample=4, power_iters=2, seed=0)
 NAME = "model.layers.3.mlp.up_proj.weight"

@@ -15,12 +15,12 @@ import pytest
 import torch
 import yaml
 
-from projects import ROOT, SMALL_ZOO, fresh_project, output_digests, project_env, run_flow, sh
-from rain_tasks.arch import read_shape
-from rain_tasks.checkpoint import Checkpoint, load_tensors
-from rain_tasks.digest import path_digest
-from rain_tasks.runs import read_runs
-from rain_tasks.stages import STAGES, dvc_yaml
+from rain_dev.projects import ROOT, SMALL_ZOO, fresh_project, output_digests, project_env, run_flow, sh
+from rain_tasks.io.arch import read_shape
+from rain_tasks.io.checkpoint import Checkpoint, load_tensors
+from rain_tasks.io.digest import path_digest
+from rain_tasks.pipeline.runs import read_runs
+from rain_tasks.pipeline.stages import STAGES, dvc_yaml
 
 
 pytestmark = pytest.mark.slow
@@ -125,7 +125,7 @@ def test_paper_preset_is_method_md_as_published(dvc_project):
 def test_merged_model_loads_and_generates(dvc_project):
     from transformers import AutoModelForCausalLM
 
-    from rain_tasks.calibration import load_tokenizer
+    from rain_tasks.model.calibration import load_tokenizer
 
     root, _, _ = dvc_project
     model = AutoModelForCausalLM.from_pretrained(root / "models/merged")

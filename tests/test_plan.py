@@ -5,14 +5,15 @@ from __future__ import annotations
 import math
 
 import yaml
-from tiny import reasoning_rows, write_jsonl
+from rain_dev.tiny import reasoning_rows, write_jsonl
 
-from rain_tasks.calibration import load_tokenizer, render
-from rain_tasks.checkpoint import Checkpoint, load_causal_lm
+from rain_tasks.model.calibration import load_tokenizer, render_sample
+from rain_tasks.io.checkpoint import Checkpoint
+from rain_tasks.model.runtime import load_causal_lm
 from rain_tasks.cli import main
 from rain_tasks.params import load_params
-from rain_tasks.plan import stage_plans
-from rain_tasks.schemas import load_records
+from rain_tasks.pipeline.plan import stage_plans
+from rain_tasks.io.schemas import load_records
 
 
 def _project(tiny_family, tmp_path, runtime: dict | None = None):
@@ -29,9 +30,9 @@ def test_plan_counts_what_the_stages_will_read(tiny_family, tmp_path, capsys):
     params = _project(tiny_family, tmp_path)
     facts, plans = stage_plans(params, tmp_path)
     tok = load_tokenizer(tiny_family["lrm"])
-    reasoning = sum(len(render(tok, r["prompt"], r["reasoning"], r["response"]))
+    reasoning = sum(len(render_sample(tok, r["prompt"], r["reasoning"], r["response"]))
                     for path in (tiny_family["reasoning"], tmp_path / "heldout.jsonl") for r in load_records(path, "reasoning"))
-    instruction = sum(len(render(tok, r["prompt"], r["reason"], r["response"])) for r in load_records(tiny_family["instruction"], "instruction"))
+    instruction = sum(len(render_sample(tok, r["prompt"], r["reason"], r["response"])) for r in load_records(tiny_family["instruction"], "instruction"))
     assert facts["tokens"]["reasoning"] == reasoning and facts["tokens"]["instruction"] == instruction
     assert facts["parameters"] == sum(p.numel() for p in load_causal_lm(tiny_family["lrm"]).parameters())
     ckpt = Checkpoint(tiny_family["lrm"])

@@ -9,14 +9,15 @@ import pandera.pandas as pa
 import pytest
 import torch
 
-from rain_tasks.arch import MODULES, module_of, read_shape
-from rain_tasks.checkpoint import Checkpoint, load_tensors
-from rain_tasks.features import accumulate_features
+from rain_tasks.io.arch import MODULES, module_of, read_shape
+from rain_tasks.io.checkpoint import Checkpoint, load_tensors
+from rain_tasks.stage1.features import accumulate_features
 from rain_tasks.params import FeaturesParams, ProjectionParams
-from rain_tasks.projection import (RowStats, project, project_block, project_block_with_coefficients, project_layer,
-                                   protected_basis)
-from rain_tasks.schemas import PROJECTION_REPORT_SCHEMA
-from rain_tasks.task_vectors import compute_task_vectors, layer_file
+from rain_tasks.stage1.projection import RowStats, project, project_block_with_coefficients, project_layer, protected_basis
+from rain_dev.checks import project_block
+from rain_tasks.io.schemas import PROJECTION_REPORT_SCHEMA
+from rain_tasks.merge.task_vectors import compute_task_vectors
+from rain_tasks.io.artifacts import layer_file
 
 SELECTIONS = [
     ProjectionParams(energy=0.9),

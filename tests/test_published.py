@@ -11,10 +11,10 @@ from collections import Counter
 
 import pytest
 
-from rain_tasks.attention import map_sample_spans
-from rain_tasks.calibration import render, think_positions
-from rain_tasks.schemas import load_records
-from rain_tasks.zoo.config import ZooParams
+from rain_tasks.stage2.attention import map_sample_spans
+from rain_tasks.model.calibration import render_sample, think_positions
+from rain_tasks.io.schemas import load_records
+from rain_tasks.params import ZooParams
 from rain_tasks.zoo.tokenizer import build_tokenizer
 
 
@@ -26,7 +26,7 @@ def tokenizer():
 def test_published_reasoning_set_renders_and_omega_is_located(published, tokenizer):
     rows = load_records(published / "reasoning_calibration_set.json", "reasoning")
     for row in rows:
-        r = render(tokenizer, row["prompt"], row["reasoning"], row["response"])
+        r = render_sample(tokenizer, row["prompt"], row["reasoning"], row["response"])
         omega = think_positions(r, 5)
         assert r.text[slice(*r.offsets[r.think_open])] == "<think>"
         assert r.text[slice(*r.offsets[r.think_close])] == "</think>"
@@ -38,7 +38,7 @@ def test_published_instruction_set_maps_its_spans(published, tokenizer):
     rows = load_records(published / "instruction_calibration_set.jsonl", "instruction")
     unmapped, usable = Counter(), 0
     for row in rows:
-        r = render(tokenizer, row["prompt"], row["reason"], row["response"])
+        r = render_sample(tokenizer, row["prompt"], row["reason"], row["response"])
         spans = map_sample_spans(r, row)
         unmapped.update(spans.unmapped)
         usable += bool(spans.pairs)

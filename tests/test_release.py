@@ -17,16 +17,17 @@ import boto3
 import pytest
 from boto3.s3.transfer import TransferConfig
 
-from merged_project import make_project, merge_with_lineage
-from rain_tasks import card, lineage
+from rain_dev.merged_project import make_project, merge_with_lineage
+from rain_tasks.audit import card
+from rain_tasks.audit import lineage
 from rain_tasks.cli import main as rain
-from rain_tasks.digest import tree_digests
-from rain_tasks.evaluation import write_outputs
-from rain_tasks.lineage import PROVENANCE, RELEASE_SIGNATURE
-from rain_tasks.lineage import RELEASE_MANIFEST as MANIFEST
-from rain_tasks.release import COMMIT, composite_checksum, file_record, stored_checksum
-from rain_tasks.s3server import local_s3
-from rain_tasks.signing import generate_key_pair
+from rain_tasks.io.digest import tree_digests
+from rain_tasks.evaluate.evaluation import write_outputs
+from rain_tasks.audit.lineage import PROVENANCE, RELEASE_SIGNATURE
+from rain_tasks.audit.lineage import RELEASE_MANIFEST as MANIFEST
+from rain_tasks.audit.release import COMMIT, composite_checksum, file_record, stored_checksum
+from rain_dev.s3server import local_s3
+from rain_tasks.audit.signing import generate_key_pair
 
 PART_SIZE = "16KB"  # below the shards' size: they go as multipart uploads (one 5 MiB part: S3's floor)
 

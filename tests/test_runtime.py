@@ -13,14 +13,15 @@ import pandas as pd
 import pytest
 import torch
 
-from rain_tasks.alpha import solve_alpha
-from rain_tasks.attention import attention_stats
-from rain_tasks.capture import token_batches
-from rain_tasks.checkpoint import forward_dtype, load_causal_lm, load_tensors
-from rain_tasks.features import accumulate_features
+from rain_tasks.stage2.alpha import solve_alpha
+from rain_tasks.stage2.attention import attention_stats
+from rain_tasks.model.capture import token_batches
+from rain_tasks.io.checkpoint import load_tensors
+from rain_tasks.model.runtime import forward_dtype, load_causal_lm
+from rain_tasks.stage1.features import accumulate_features
 from rain_tasks.params import AlphaParams, AttentionParams, FeaturesParams, ProjectionParams, RuntimeParams
-from rain_tasks.projection import project
-from rain_tasks.task_vectors import layer_file
+from rain_tasks.stage1.projection import project
+from rain_tasks.io.artifacts import layer_file
 
 PLAIN = RuntimeParams(device="cpu", dtype="float32", batch_tokens=16)  # one sample per forward
 ALPHA = AlphaParams(scale="relative", box_hi=1.02)  # α around 1 (mean prior); a tight box so some heads sit on it

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from rain_tasks.schemas import SchemaViolation, load_records, validate_records
-from tiny import instruction_rows, reasoning_rows, write_jsonl
+from rain_tasks.io.schemas import SchemaViolation, load_records, validate_records
+from rain_dev.tiny import instruction_rows, reasoning_rows, write_jsonl
 
 
 def test_published_sets_validate(published):

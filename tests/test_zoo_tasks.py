@@ -8,9 +8,10 @@ import random
 
 import pytest
 
-from rain_tasks import instructions
-from rain_tasks.generation import extract_answer_number, generate, score_outputs
-from rain_tasks.zoo.config import ZooParams
+from rain_tasks.evaluate import instructions
+from rain_tasks.model.generation import generate
+from rain_tasks.evaluate.behaviour import extract_answer_number, score_outputs
+from rain_tasks.params import ZooParams
 from rain_tasks.zoo.probe import FORCED_CLOSED, forced_closed_metrics
 from rain_tasks.zoo.tasks import (CONFLICTS, FORMATS, Problem, combos_of, eval_rows, instruction_rows, itm_example,
                                   obey_all, split_problems)

@@ -14,7 +14,7 @@ from typing import Iterator
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rain_tasks.zoo.config import ZooParams
+from rain_tasks.params import ZooParams
 from rain_tasks.zoo.tasks import (Split, base_document, itm_example, lrm_example, split_problems,
                                   write_datasets)
 from rain_tasks.zoo.tokenizer import build_tokenizer, save_tokenizer

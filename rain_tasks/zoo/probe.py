@@ -1,7 +1,7 @@
 """In-memory merge probes of the tiny family: does the ITM's skill transfer into the LRM, and does the thinking matter?
 
 For the tiny family only: it holds all three models in memory. Real checkpoints go through
-the project's streaming merge engine instead (the same per-tensor merge methods, `rain_tasks.merge.METHODS`).
+the project's streaming merge engine instead (the same per-tensor merge methods, `rain_tasks.methods.METHODS`).
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rain_tasks.arch import module_of
-from rain_tasks.generation import behaviour_metrics, generate, load_model, score_outputs
-from rain_tasks.merge import METHODS, TensorInputs
+from rain_tasks.io.arch import module_of
+from rain_tasks.model.generation import generate, load_model
+from rain_tasks.evaluate.behaviour import behaviour_metrics, score_outputs
+from rain_tasks.methods import METHODS, TensorInputs
 from rain_tasks.zoo.tasks import think_block
 
 #: what a forced-closed reply starts with: an empty thinking block, closed at once
@@ -50,10 +51,12 @@ def merge_sweep(models_dir: Path, eval_path: Path, runs: list[dict], max_new_tok
     results = []
     for run in runs:
         linear_only = run.get("scope", "all") == "linear"
+        method = METHODS[run["method"]]
+        params = method.params.model_validate({k: v for k, v in run.items() if k not in ("method", "scope")})
         merged = {}
         for k, v in theta_r.items():
             delta = None if linear_only and module_of(k) is None else itm[k].float() - base[k]
-            merged[k] = METHODS[run["method"]](TensorInputs(k, v.float(), delta, None, base[k]), run).to(v.dtype)
+            merged[k] = method(TensorInputs(k, v.float(), delta, None, base[k]), params).to(v.dtype)
         lrm.load_state_dict(merged)
         results.append({**run, **behaviour_metrics(lrm, tokenizer, rows, max_new_tokens)})
     lrm.load_state_dict(theta_r)

@@ -13,9 +13,10 @@ import csv
 import io
 from pathlib import Path
 
-from rain_tasks.checkpoint import atomic_path
-from rain_tasks.generation import behaviour_metrics, load_model
-from rain_tasks.schemas import load_records
+from rain_tasks.io.artifacts import write_text
+from rain_tasks.model.generation import load_model
+from rain_tasks.evaluate.behaviour import behaviour_metrics
+from rain_tasks.io.schemas import load_records
 from rain_tasks.zoo.build import deterministic, task_vector_geometry as geometry_of
 from rain_tasks.zoo.probe import forced_closed_metrics, merge_sweep, task_arithmetic_sweep
 
@@ -33,19 +34,6 @@ BASELINE_GRID: tuple[dict, ...] = (
     *({"method": "slerp", "t": t, "dot_threshold": 0.9995, "scope": "all"} for t in (0.3, 0.5, 0.7)),
 )
 _SETTING_KEYS = ("lam", "density", "drop", "combine", "t")
-
-
-def family_properties(lrm: dict, itm: dict, sweep: list[dict]) -> dict[str, bool]:
-    """The four properties the default family must have, from behaviour metrics (sweep[0] is λ = 0, the LRM):
-    lrm: closes `</think>` ≥ 95 %, correct ≥ 90 %, complies ≤ 20 %; itm: complies ≥ 90 %, never opens `<think>`;
-    transfer: task arithmetic raises compliance ≥ 20 points at some λ; breaks: a larger λ closes < 80 %."""
-    gains = [i for i, r in enumerate(sweep) if r["comply_rate"] - sweep[0]["comply_rate"] >= 0.20]
-    return {
-        "lrm": lrm["close_rate"] >= 0.95 and lrm["correct_rate"] >= 0.90 and lrm["comply_rate"] <= 0.20,
-        "itm": itm["comply_rate"] >= 0.90 and itm["think_rate"] == 0.0,
-        "transfer": bool(gains),
-        "breaks": bool(gains) and any(r["close_rate"] < 0.80 for r in sweep[gains[0] + 1:]),
-    }
 
 
 def thinking_matters(thinking: dict, forced_closed: dict, margin: float = 0.30) -> bool:
@@ -117,8 +105,7 @@ def write_zoo_report(models_dir: Path, eval_path: Path, lambdas: list[float], md
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(COLUMNS)
     writer.writerows([[f"{r[c]:g}" if c == "lambda" else f"{r[c]:.4f}" for c in COLUMNS] for r in rows])
-    with atomic_path(csv_path) as tmp:
-        tmp.write_text(buffer.getvalue())
+    write_text(csv_path, buffer.getvalue())
     lrm = next((r for r in rows if r["lambda"] == 0), None)
     header = ["| model | `</think>` closed | correct | complies (prompt) | complies (instruction) | all three |",
               "|---|---:|---:|---:|---:|---:|"]
@@ -162,6 +149,5 @@ def write_zoo_report(models_dir: Path, eval_path: Path, lambdas: list[float], md
         f"‖Δ_LRM‖ {geometry['norm_delta_lrm']:.3f}, cos(Δ_ITM, Δ_LRM) {geometry['cosine_delta_itm_lrm']:.3f}.",
         "",
     ]
-    with atomic_path(md_path) as tmp:
-        tmp.write_text("\n".join(lines))
+    write_text(md_path, "\n".join(lines))
     return rows

@@ -3,7 +3,7 @@
 The task is multi-step arithmetic ("add 9 and 1 then sub 8 ." for two steps, "... then add 3 ." for
 three), solved by a chain of one-step facts ("9 plus 1 is 10 . 10 minus 8 is 2 .") and a final
 statement ("answer is 2"). A prompt may carry `constraints_per_prompt` verifiable format
-instructions (see `rain_tasks.instructions`) and a neutral distractor sentence. Every held-out
+instructions (see `rain_tasks.evaluate.instructions`) and a neutral distractor sentence. Every held-out
 problem is solvable from training facts.
 """
 
@@ -19,13 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from rain_tasks.instructions import ANSWER_STATEMENT
-from rain_tasks.zoo.config import ZooParams
+from rain_tasks.evaluate.instructions import ANSWER_STATEMENT
+from rain_tasks.model.calibration import THINK_CLOSE, THINK_OPEN
+from rain_tasks.params import ZooParams
 
 EOS = "<|endoftext|>"
 IM_END = "<|im_end|>"
-THINK_OPEN = "<think>"
-THINK_CLOSE = "</think>"
 _OPS: dict[str, tuple[str, int]] = {"add": ("plus", 1), "sub": ("minus", -1)}
 DISTRACTORS: tuple[str, ...] = (
     "please be careful .",

@@ -16,8 +16,9 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, pre_tokenizers
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
 
-from rain_tasks.zoo.config import ZooParams
-from rain_tasks.zoo.tasks import EOS, IM_END, THINK_CLOSE, THINK_OPEN, line_start_words, vocabulary
+from rain_tasks.params import ZooParams
+from rain_tasks.model.calibration import THINK_CLOSE, THINK_OPEN
+from rain_tasks.zoo.tasks import EOS, IM_END, line_start_words, vocabulary
 
 PAD, UNK, IM_START = "<pad>", "<unk>", "<|im_start|>"
 SPECIALS: tuple[str, ...] = (EOS, PAD, UNK, IM_START, IM_END, THINK_OPEN, THINK_CLOSE)

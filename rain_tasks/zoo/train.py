@@ -11,7 +11,7 @@ import torch
 from tqdm import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM
 
-from rain_tasks.zoo.config import ZooParams
+from rain_tasks.params import ZooParams
 from rain_tasks.zoo.tasks import EOS, IM_END
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,1 @@
+"""What a merged model records and how it is checked: lineage, model card, signing, release to S3 and verification."""

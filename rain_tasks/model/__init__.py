@@ -1,0 +1,1 @@
+"""Running a model: device and dtype, tokenizers and chat rendering, activation capture, generation."""
