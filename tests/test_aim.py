@@ -143,7 +143,8 @@ def test_aim_ties_streams_through_the_merge_engine(tiny_family, tiny_task_vector
     stats = collect_channel_stats(tiny_family["base"], _texts(), AimParams(block_tokens=8), tmp_path / "aim.safetensors")
     r = load_relaxations(stats, 0.4)
     aim_ties = aim_wrap(METHODS["ties"], r, "base")
-    assert aim_ties.needs_base and aim_ties.params is METHODS["ties"].params
+    assert aim_ties.needs_base and aim_ties.params is METHODS["ties"].params and aim_ties.doc.startswith("AIM")
+    assert not aim_wrap(METHODS["task_arithmetic"], r, "lrm").needs_base  # anchored on θ_R: the base is never loaded
     monkeypatch.setitem(METHODS, "aim_ties", aim_ties)
     plan = DeltaPlan(TensorDir(tiny_task_vectors), TensorDir(tiny_task_vectors), base=Checkpoint(tiny_family["base"]))
     p = {"density": 0.5, "weights": [1.0, 1.0], "lam": 1.0}

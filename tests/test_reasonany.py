@@ -240,6 +240,7 @@ def test_tiny_family_end_to_end_through_the_merge_engine(tiny_family, tiny_task_
     compute_masks(dirs, params, tmp_path / "masks")
     method = reasonany_method(tmp_path / "masks", "native")
     assert method.needs_base and not reasonany_method(tmp_path / "masks", "lrm").needs_base
+    assert list(method.params.model_fields) == ["lam_domain", "lam_reasoning"] and method.doc.startswith("θ_B")
     monkeypatch.setitem(METHODS, "reasonany", method)
     plan = DeltaPlan(TensorDir(tiny_task_vectors), TensorDir(tiny_task_vectors), base=Checkpoint(tiny_family["base"]))
     merge_checkpoint(tiny_family["lrm"], tmp_path / "merged", "reasonany", {"lam_domain": 1.0, "lam_reasoning": 1.0}, plan)

@@ -44,6 +44,7 @@ def aim_wrap(inner: Method, relaxations: dict[str, torch.Tensor], anchor: Litera
     inputs = tuple(k for k in TENSOR_INPUTS if k in inner.inputs or k in ("name", anchor))
 
     def method(**kw: Any) -> torch.Tensor:
+        """AIM: the inner method's merged tensor, its covered weights relaxed column by column towards the anchor."""
         merged = inner.fn(**{k: kw[k] for k in inner.inputs}, **{k: kw[k] for k in inner.params.model_fields})
         r = relaxations.get(kw["name"])
         return merged if r is None else relax(merged, kw[anchor], r)
