@@ -16,8 +16,8 @@ from rain_tasks.pipeline.imports import graph, modules  # noqa: F401  (modules: 
 
 #: bottom to top; a module's layer is the first entry its dotted name starts with
 LAYERS = ("rain_tasks.io", "rain_tasks.methods", "rain_tasks.params", "rain_tasks.model", "rain_tasks.merge",
-          "rain_tasks.stage1", "rain_tasks.stage2", "rain_tasks.evaluate", "rain_tasks.zoo", "rain_tasks.audit",
-          "rain_tasks.pipeline", "rain_tasks.cli")
+          "rain_tasks.data_aware", "rain_tasks.stage1", "rain_tasks.stage2", "rain_tasks.evaluate", "rain_tasks.zoo",
+          "rain_tasks.audit", "rain_tasks.pipeline", "rain_tasks.cli")
 
 
 def layer(module: str) -> int | None:

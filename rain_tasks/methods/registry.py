@@ -82,18 +82,24 @@ def _params_model(name: str, fn: Callable) -> type[BaseModel]:
     return create_model(f"{camel}Params", __config__=STRICT_PARAMS, __doc__=inspect.getdoc(fn), **fields)
 
 
+def build_method(name: str, fn: Callable[..., torch.Tensor], *, baseline: bool = True) -> Method:
+    """The Method of a typed function (see the module docstring) without registering it: for methods built from data,
+    such as a wrapper or masks read from a stage's output."""
+    positional = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is not inspect.Parameter.KEYWORD_ONLY]
+    unknown = sorted(set(positional) - set(TENSOR_INPUTS))
+    if unknown or "lrm" not in positional or "delta" not in positional:
+        raise TypeError(f"merge method {name!r}: tensor parameters are {TENSOR_INPUTS} (lrm and delta required), "
+                        f"got {positional}")
+    return Method(name, fn, tuple(positional), _params_model(name, fn), baseline)
+
+
 def merge_method(name: str, *, baseline: bool = True) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register `fn` under `name` (once: a second registration of the name is an error); see the module docstring."""
 
     def register(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         if name in METHODS:
             raise ValueError(f"merge method {name!r} is registered twice")
-        positional = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is not inspect.Parameter.KEYWORD_ONLY]
-        unknown = sorted(set(positional) - set(TENSOR_INPUTS))
-        if unknown or "lrm" not in positional or "delta" not in positional:
-            raise TypeError(f"merge method {name!r}: tensor parameters are {TENSOR_INPUTS} (lrm and delta required), "
-                            f"got {positional}")
-        METHODS[name] = Method(name, fn, tuple(positional), _params_model(name, fn), baseline)
+        METHODS[name] = build_method(name, fn, baseline=baseline)
         return fn
 
     return register

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from pydantic import BaseModel
 from tqdm import tqdm
 
 from rain_tasks.io.arch import MODULES, ModelShape
@@ -210,11 +211,12 @@ def project_block_with_coefficients(m: torch.Tensor, basis: Basis) -> tuple[torc
     return m - a @ basis.u.T, a
 
 
-def _ratio(num: float, den: float) -> float:
+def sqrt_ratio(num: float, den: float) -> float:
+    """√(num/den) of two squared norms (a norm ratio for the reports; NaN where den is 0)."""
     return math.sqrt(max(num, 0.0) / den) if den > 0 else math.nan
 
 
-def _augmented(delta: dict[str, torch.Tensor], w_name: str, b_name: str) -> torch.Tensor:
+def augmented(delta: dict[str, torch.Tensor], w_name: str, b_name: str) -> torch.Tensor:
     """[W | b] in float64 (just W when the module has no bias)."""
     w = delta[w_name].to(torch.float64)
     return torch.cat([w, delta[b_name].to(torch.float64)[:, None]], dim=1) if b_name in delta else w
@@ -257,7 +259,7 @@ def project_layer(
         w_name, b_name = shape.spec.param_name(layer, module, "weight"), shape.spec.param_name(layer, module, "bias")
         if w_name not in delta:
             raise KeyError(f"task vector of layer {layer} lacks {w_name}")
-        m = _augmented(delta, w_name, b_name)
+        m = augmented(delta, w_name, b_name)
         projected = torch.zeros(m.shape, dtype=torch.float32)  # o_proj's bias column stays 0 (module_blocks)
         for block_index, set_name, sel in module_blocks(module, shape, layer, tuple(m.shape)):
             s = stats[set_name]
@@ -284,11 +286,11 @@ def project_layer(
                     "rows": s.n,
                     "rank_kept": basis.rank,
                     "energy_protected": basis.energy_protected,
-                    "norm_ratio": _ratio(block_projected.square().sum().item(), block.square().sum().item()),
-                    "residual_calib": _ratio(calib[1], calib[0]),
+                    "norm_ratio": sqrt_ratio(block_projected.square().sum().item(), block.square().sum().item()),
+                    "residual_calib": sqrt_ratio(calib[1], calib[0]),
                     "outlier_dims": int(outliers.numel()),
-                    "residual_calib_inliers": _ratio(inliers[1], inliers[0]),
-                    "residual_heldout": _ratio(held[1], held[0]) if held is not None else math.nan,
+                    "residual_calib_inliers": sqrt_ratio(inliers[1], inliers[0]),
+                    "residual_heldout": sqrt_ratio(held[1], held[0]) if held is not None else math.nan,
                 }
             )
         out[w_name] = projected[:, : delta[w_name].shape[1]].contiguous()
@@ -309,7 +311,7 @@ def project(
     """Write Δ⊥ per layer into `out_dir`, the per-module report to `report_path` and its summary to
     `metrics_path` (JSON for `dvc metrics`); return the manifest path."""
     out_dir = Path(out_dir)
-    shape, meta = _layer_meta(task_vectors_dir, features_dir, params, heldout_features_dir)
+    shape, meta = layer_meta(task_vectors_dir, features_dir, params, heldout_features_dir)
     (out_dir / MANIFEST).unlink(missing_ok=True)
     report: list[dict] = []
     for layer in tqdm(range(shape.num_layers), desc="projection", unit="layer"):
@@ -335,14 +337,16 @@ def project_layer_file(
 
     The unit the Prefect flow fans out per layer; `project` then keeps the file as it is.
     """
-    shape, meta = _layer_meta(task_vectors_dir, features_dir, params, heldout_features_dir)
+    shape, meta = layer_meta(task_vectors_dir, features_dir, params, heldout_features_dir)
     return _ensure_layer(task_vectors_dir, features_dir, params, Path(out_dir), heldout_features_dir, shape, meta, layer)
 
 
-def _layer_meta(
-    task_vectors_dir: str | Path, features_dir: str | Path, params: ProjectionParams, heldout_features_dir: str | Path | None
+def layer_meta(
+    task_vectors_dir: str | Path, features_dir: str | Path, params: BaseModel, heldout_features_dir: str | Path | None
 ) -> tuple[ModelShape, dict[str, str]]:
-    """Check the inputs are complete and agree; return the model shape and the layer files' metadata (input digests)."""
+    """Check the inputs are complete and agree; return the model shape and the layer files' metadata (input digests).
+
+    `params` is the projection's (or another Stage 1 variant's, e.g. SAGE's): its digest marks the layer files."""
     tv, feats = read_manifest(Path(task_vectors_dir), "task vectors"), read_manifest(Path(features_dir), "features")
     if heldout_features_dir is not None:
         read_manifest(Path(heldout_features_dir), "held-out features")
