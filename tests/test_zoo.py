@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rain_tasks.instructions import ANSWER_STATEMENT
+from rain_tasks.evaluate.instructions import ANSWER_STATEMENT
 from rain_tasks.zoo import ZooParams
 from rain_tasks.zoo.tasks import FORMATS_BY_ID, split_problems
 from rain_tasks.zoo.tokenizer import build_tokenizer
