@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -24,43 +21,6 @@ torch.set_num_threads(1)  # tiny linear algebra is faster on one thread; zoo bui
 from rain_dev.tiny import instruction_rows, make_family, reasoning_rows, write_jsonl  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "reference-calibration"
-#: the default family's background build (see pytest_collection_modifyitems): root, log and process
-_FAMILY_BUILD: dict = {}
-_BUILD_FAMILY = ("import sys; from pathlib import Path; from rain_tasks.zoo import ZooParams, build_zoo; "
-                 "root = Path(sys.argv[1]); build_zoo(ZooParams(), root / 'models', root / 'data')")
-
-
-@pytest.hookimpl(trylast=True)
-def pytest_collection_modifyitems(session, config, items) -> None:
-    """When test_family's tests are selected, build the default family in a background process from the start: its
-    minutes of training (two threads) overlap the single-threaded tests that run before it (bit-exact across
-    processes: test_zoo)."""
-    if any(item.path.name == "test_family.py" for item in items):
-        root = Path(tempfile.mkdtemp(prefix="rain-default-family-"))
-        log = open(root / "build.log", "w")
-        proc = subprocess.Popen([sys.executable, "-c", _BUILD_FAMILY, str(root)], stdout=log, stderr=subprocess.STDOUT)
-        _FAMILY_BUILD.update(root=root, log=log, proc=proc)
-
-
-def pytest_sessionfinish(session, exitstatus) -> None:
-    """Stop an unfinished background build and remove its files."""
-    if _FAMILY_BUILD:
-        if _FAMILY_BUILD["proc"].poll() is None:
-            _FAMILY_BUILD["proc"].kill()
-            _FAMILY_BUILD["proc"].wait()
-        _FAMILY_BUILD["log"].close()
-        shutil.rmtree(_FAMILY_BUILD["root"], ignore_errors=True)
-
-
-@pytest.fixture(scope="session")
-def default_family() -> Path:
-    """The default tiny family (ZooParams()): models/ and data/ under the returned root, from the background build."""
-    if not _FAMILY_BUILD:
-        pytest.fail("the default family's build was not started (test_family's tests were not collected)")
-    if _FAMILY_BUILD["proc"].wait() != 0:
-        _FAMILY_BUILD["log"].flush()
-        raise AssertionError(f"building the default family failed:\n{(_FAMILY_BUILD['root'] / 'build.log').read_text()[-3000:]}")
-    return _FAMILY_BUILD["root"]
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ from rain_tasks.model.generation import load_model
 
 from rain_tasks.evaluate.behaviour import behaviour_metrics
 from rain_tasks.io.schemas import load_records
+from rain_tasks.zoo import ZooParams, build_zoo
 from rain_tasks.zoo.probe import forced_closed_metrics, task_arithmetic_sweep
 from rain_tasks.zoo.report import REPORT_LAMBDAS, VALIDATION_FILE, chosen_baselines, thinking_matters
 from rain_dev.checks import family_properties
@@ -23,10 +24,15 @@ pytestmark = pytest.mark.slow
 TEST, VAL = "data/eval/instruction_eval.jsonl", f"data/eval/{VALIDATION_FILE}"
 
 
+def _build(tmp_path_factory, params: ZooParams):
+    root = tmp_path_factory.mktemp("family")
+    build_zoo(params, root / "models", root / "data")
+    return root
+
+
 @pytest.fixture(scope="module")
-def family(default_family):
-    """The default family (conftest builds it in the background from the start of the session)."""
-    return default_family
+def family(tmp_path_factory):
+    return _build(tmp_path_factory, ZooParams())
 
 
 def _metrics(root, name, rows):
