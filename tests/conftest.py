@@ -21,6 +21,25 @@ torch.set_num_threads(1)  # tiny linear algebra is faster on one thread; zoo bui
 from rain_dev.tiny import instruction_rows, make_family, reasoning_rows, write_jsonl  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "reference-calibration"
+#: test files sharing the session's mini projects (`mini_repro`, `mini_flow`): one xdist worker runs them all
+MINI_FILES = ("test_operations.py", "test_orchestrators.py", "test_pipeline.py")
+#: the longest work first (`make test` runs two xdist workers, `--dist loadgroup --no-loadscope-reorder`)
+FIRST = ("mini", "test_family.py")
+
+
+def _group(item: pytest.Item) -> str:
+    """The item's xdist group: its file, or "mini" for the files sharing the mini projects."""
+    return "mini" if item.path.name in MINI_FILES else item.path.name
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """One xdist group per test file, the mini-project files as one group (their session fixtures are built once);
+    the mini group and the default family's build go first, each to its own worker (a stable sort keeps every
+    file's own order)."""
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(_group(item)))
+    rank = {group: i for i, group in enumerate(FIRST)}
+    items.sort(key=lambda item: rank.get(_group(item), len(FIRST)))
 
 
 @pytest.fixture(scope="session")

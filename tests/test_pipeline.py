@@ -1,13 +1,15 @@
 """The whole pipeline for real: `dvc repro` in a fresh git+DVC repository and the Prefect flow.
 
-A scaled-down zoo (same code path, fewer steps) keeps this to a few minutes; the default
-family's properties are tested in test_family.py.
+The mini family (same code path, 2 layers of width 32, a few training steps) keeps this to a few minutes: the
+checks here run on a copy of the session's `dvc repro`-made mini project; the default family's properties are
+tested in test_family.py.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -15,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from rain_dev.projects import ROOT, SMALL_ZOO, fresh_project, output_digests, project_env, run_flow, sh
+from rain_dev.projects import ROOT, mini_env, output_digests, run_flow, sh
 from rain_tasks.io.arch import read_shape
 from rain_tasks.io.checkpoint import Checkpoint, load_tensors
 from rain_tasks.io.digest import path_digest
@@ -26,17 +28,16 @@ from rain_tasks.pipeline.stages import STAGES, dvc_yaml
 pytestmark = pytest.mark.slow
 
 
-def _fresh_project(dest: Path, env: dict) -> Path:
-    """A fresh project repository with the small zoo (the default architecture, a few training steps)."""
-    return fresh_project(dest, env, SMALL_ZOO)
-
-
 @pytest.fixture(scope="module")
-def dvc_project(tmp_path_factory):
+def dvc_project(mini_repro, tmp_path_factory):
+    """A copy of the session's mini project after `dvc repro` (git history, DVC cache and outputs), so the sweep and
+    the param change below do not touch the project the orchestrator tests share; and the repro's log."""
+    source, _, _, log = mini_repro
     tmp = tmp_path_factory.mktemp("dvc")
-    env = project_env(tmp)
-    root = _fresh_project(tmp / "project", env)
-    log = sh(["dvc", "repro"], root, env)
+    env = mini_env(tmp)
+    root = tmp / "project"
+    shutil.copytree(source, root, symlinks=True)
+    assert "up to date" in sh(["dvc", "status"], root, env)
     return root, env, log
 
 
@@ -162,13 +163,16 @@ def test_evaluate_writes_metrics_plots_and_report(dvc_project):
 
 def test_energy_sweep_runs_experiments_and_restores_the_workspace(dvc_project):
     """`rain sweep projection.energy`: one DVC experiment per value, a table/plot of RAIN's metrics
-    against the energy protected, and params.yaml plus every output back as they were."""
+    against the energy protected, and params.yaml plus every output back as they were. The second point is the
+    project's own energy: its experiment is restored from DVC's run cache (nothing recomputed)."""
     root, env, _ = dvc_project
     params_before = (root / "params.yaml").read_text()
+    energy = yaml.safe_load(params_before)["projection"]["energy"]
+    assert energy > 0.5
     merged_before = path_digest(root / "models/merged")
-    sh(["rain", "sweep", "projection.energy", "0.5", "1.0"], root, env)
+    sh(["rain", "sweep", "projection.energy", "0.5", str(energy)], root, env)
     table = pd.read_csv(root / "plots/sweeps/projection.energy.csv")
-    assert table["projection.energy"].tolist() == [0.5, 1.0]
+    assert table["projection.energy"].tolist() == [0.5, energy]
     assert table["energy_protected"].iloc[0] < table["energy_protected"].iloc[1]
     assert table["norm_ratio"].iloc[0] > table["norm_ratio"].iloc[1]  # protecting more keeps less of Δ
     assert table[["close_rate", "comply_rate", "l_think", "h_drift", "residual_heldout"]].notna().all().all()
