@@ -36,7 +36,7 @@ flow: venv
 	$(VENV)/bin/rain flow
 
 test: venv
-	$(PY) -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder  # two workers; tests/conftest.py groups the files
+	$(PY) -m pytest -q -n 2 --no-loadscope-reorder  # two workers; tests/conftest.py groups the files
 
 clean:
 	rm -rf models/base models/itm models/lrm models/merged models/baselines artifacts metrics plots reports .prefect

@@ -23,23 +23,31 @@ from rain_dev.tiny import instruction_rows, make_family, reasoning_rows, write_j
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "reference-calibration"
 #: test files sharing the session's mini projects (`mini_repro`, `mini_flow`): one xdist worker runs them all
 MINI_FILES = ("test_operations.py", "test_orchestrators.py", "test_pipeline.py")
-#: the longest work first (`make test` runs two xdist workers, `--dist loadgroup --no-loadscope-reorder`)
+#: the longest work first: the mini group and the default family's build, each on its own worker
 FIRST = ("mini", "test_family.py")
 
 
-def _group(item: pytest.Item) -> str:
-    """The item's xdist group: its file, or "mini" for the files sharing the mini projects."""
-    return "mini" if item.path.name in MINI_FILES else item.path.name
+def _group(file: str) -> str:
+    """A test file's unit of work on the xdist workers: the file, or "mini" for the files sharing the mini projects."""
+    return "mini" if Path(file).name in MINI_FILES else Path(file).name
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """One xdist group per test file, the mini-project files as one group (their session fixtures are built once);
-    the mini group and the default family's build go first, each to its own worker (a stable sort keeps every
-    file's own order)."""
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(_group(item)))
+    """The longest groups first (a stable sort keeps every file's own order)."""
     rank = {group: i for i, group in enumerate(FIRST)}
-    items.sort(key=lambda item: rank.get(_group(item), len(FIRST)))
+    items.sort(key=lambda item: rank.get(_group(item.path.name), len(FIRST)))
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """`make test`'s two workers (`-n 2 --no-loadscope-reorder`): whole groups, in collection order, to whichever
+    worker is free (a group's module and session fixtures are built once)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByGroup(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _group(nodeid.split("::", 1)[0])
+
+    return ByGroup(config, log)
 
 
 @pytest.fixture(scope="session")
