@@ -35,8 +35,8 @@ from rain_tasks.io.checkpoint import FLOAT_CODES, INDEX_NAME, Checkpoint, checkp
 from rain_tasks.io.digest import file_identity, load_memo, save_memo
 from rain_tasks.params import Params, ParamsError, load_params
 from rain_tasks.io.schemas import load_records
-from rain_tasks.pipeline.stages import (ABLATIONS, ABLATIONS_BY_NAME, BASELINES, FEAT, FEAT_HELDOUT, MERGED, PROJ, STAGES, TV, Stage,
-                               resolve)
+from rain_tasks.pipeline.stages import (ABLATIONS, ABLATIONS_BY_NAME, BASELINES, FEAT, FEAT_HELDOUT, MERGED, NEIGHBOURS, PROJ, STAGES, TV, Stage,
+                               neighbour_names, resolve)
 from rain_tasks.io.artifacts import MANIFEST
 
 ROLES = ("base", "itm", "lrm")
@@ -293,7 +293,8 @@ def _nbytes(ckpt: Checkpoint, name: str, itemsize: int | None = None) -> int:
 
 
 def output_estimates(params: Params, lrm: Checkpoint | None, base: Checkpoint | None) -> dict[str, int]:
-    """Estimated bytes of the model-sized outputs: Δ and Δ⊥ (fp32), the merged model, ablations and baselines."""
+    """Estimated bytes of the model-sized outputs: Δ and Δ⊥ (fp32), the merged model, ablations, baselines and the
+    neighbouring methods' models."""
     estimates = {}
     if base is not None:
         estimates[TV] = sum(_nbytes(base, n, 4) for n in base.names())
@@ -303,6 +304,7 @@ def output_estimates(params: Params, lrm: Checkpoint | None, base: Checkpoint | 
         estimates[MERGED] = model
         estimates[ABLATIONS] = model * len(ABLATIONS_BY_NAME)
         estimates[BASELINES] = model * len(params.baselines.runs)
+        estimates[NEIGHBOURS] = model * len(neighbour_names(params))
     return estimates
 
 
