@@ -97,8 +97,15 @@ def test_native_reasonany_leaves_tensors_without_a_delta_at_the_base(tiny_family
 
 
 def test_neighbour_params_are_refused_up_front():
-    """Bad values of the three sections fail at params validation, naming the key."""
+    """Bad values of the three sections fail at params validation; a block longer than the model's positions at the
+    input check, naming the key and the limit."""
     from pydantic import ValidationError
+
+    from rain_tasks.pipeline.validation import neighbour_problems
+
+    [problem] = neighbour_problems(Params.model_validate({"aim": {"block_tokens": 512}}), {"max_position_embeddings": 160})
+    assert "aim.block_tokens" in str(problem) and "at most 160" in str(problem)
+    assert neighbour_problems(Params.model_validate({"aim": {"block_tokens": 160}}), {"max_position_embeddings": 160}) == []
 
     for bad in ({"aim": {"omega": 1.5}}, {"aim": {"anchor": "itm"}}, {"aim": {"modules": ["q_proj", "lm_head"]}},
                 {"aim": {"wrapped": {"name": "sage", "method": "ties"}}}, {"aim": {"wrapped": {"name": "x", "method": "nope"}}},

@@ -150,6 +150,16 @@ def config_problems(configs: dict[str, dict]) -> list[Problem]:
     ]
 
 
+def neighbour_problems(params: Params, lrm_config: dict) -> list[Problem]:
+    """Neighbouring-method params the checkpoints cannot run: an AIM block longer than the model's positions."""
+    positions = lrm_config.get("max_position_embeddings")
+    block = params.aim.block_tokens
+    if positions is None or block is None or block <= positions:
+        return []
+    return [Problem("params.yaml aim.block_tokens", f"{block} tokens per block, but the models have {positions} positions",
+                    f"set aim.block_tokens to at most {positions}, or null for one block per calibration text")]
+
+
 def tensor_problems(role: str, ckpt: Checkpoint, ref: Checkpoint) -> list[Problem]:
     """Tensor names, shapes and dtypes of one checkpoint against the LRM's, with the differences listed."""
     where = f"models.{role} ({ckpt.path})"
@@ -383,6 +393,8 @@ def input_problems(params: Params, root: Path, outputs: Iterable[str], *, scan_v
             configs[role] = config
     if len(configs) == len(ROLES):
         problems += config_problems(configs)
+    if "lrm" in configs:
+        problems += neighbour_problems(params, configs["lrm"])
     if "lrm" in ckpts:
         problems += [p for role in ("base", "itm") if role in ckpts for p in tensor_problems(role, ckpts[role], ckpts["lrm"])]
     if scan_values:
