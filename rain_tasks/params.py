@@ -170,6 +170,9 @@ class ProjectionParams(_Section):
     calibration rows at most this (the directions where Δ acts, whatever their share of the feature energy);
     rank: the top `rank` directions; rel_threshold: directions with λ > rel_threshold·λ_max; ridge > 0: the soft
     projector G(G + εI)⁻¹; energy: the smallest top set holding that share of the trace.
+    method nullspace: RAIN's hard projection Δ(I − U_rU_rᵀ) on the directions the rule keeps; sage (EXPERIMENTAL,
+    reconstructed from an abstract: stage1/sage.py): Δ(I + beta·C_r)⁻¹ with C_r = U_r diag(σ/σ_1) U_rᵀ on the same
+    directions, each damped by 1/(1 + beta·σ_i/σ_1) (beta → ∞: nullspace; 0: no projection).
     """
 
     energy: float = Field(0.99, gt=0.0, le=1.0)
@@ -177,6 +180,8 @@ class ProjectionParams(_Section):
     rank: int | None = Field(None, ge=0)
     rel_threshold: float | None = Field(None, gt=0.0, lt=1.0)
     ridge: float = Field(0.0, ge=0.0)
+    method: Literal["nullspace", "sage"] = "nullspace"
+    beta: float = Field(1000.0, ge=0.0)  # method sage only
 
     @model_validator(mode="after")
     def _one_rule(self):
@@ -184,6 +189,13 @@ class ProjectionParams(_Section):
         if len(rules) > 1:
             raise ValueError(f"projection: set at most one of max_leftover, rank, rel_threshold and ridge (got {rules}); "
                              "set the others to null (ridge: 0.0)")
+        return self
+
+    @model_validator(mode="after")
+    def _sage_needs_a_hard_set(self):
+        if self.method == "sage" and self.ridge > 0:
+            raise ValueError("projection.method sage damps the directions a hard rule keeps; ridge is itself soft: "
+                             "set ridge: 0.0 or method: nullspace")
         return self
 
 
@@ -343,8 +355,8 @@ class SageParams(_Section):
     lam: float = 2.0
 
     def retained(self) -> ProjectionParams:
-        """RAIN's selection rule that picks U_r (so β → ∞ is exactly RAIN's projection with these settings)."""
-        return ProjectionParams(energy=self.energy, rank=self.rank)
+        """RAIN's selection rule that picks U_r, damped by β (β → ∞ is exactly RAIN's projection with these settings)."""
+        return ProjectionParams(energy=self.energy, rank=self.rank, method="sage", beta=self.beta)
 
     def sanitize_params(self) -> dict:
         """The params Δ' depends on (lam acts only at the merge)."""

@@ -29,7 +29,8 @@ PAPER_MODEL, PAPER_WORK = "models/paper_preset", "artifacts/paper_preset"
 #: METHOD.md's configuration as published, merged beside the configured RAIN: Linear modules only, the two-pass α
 #: as solved (about 0.003 per head on the tiny family), the 0.99 energy cap, λ 1
 PAPER_PRESET = {
-    "projection": {"energy": 0.99, "max_leftover": None, "rank": None, "rel_threshold": None, "ridge": 0.0},
+    "projection": {"energy": 0.99, "max_leftover": None, "rank": None, "rel_threshold": None, "ridge": 0.0,
+                   "method": "nullspace"},
     "attention": {"curvature_pass": False},
     "alpha": {"variant": "two_pass", "scale": "absolute", "min_t": 0.0},
     "merge": {"lam": 1.0, "scope": "linear"},
@@ -482,7 +483,7 @@ STAGES: tuple[Stage, ...] = (
           outs=(FEAT, FEAT_HELDOUT), desc="Stage 1: LRM features at Ω_think (calibration and held-out), Gram accumulation"),
     Stage("projection", _projection, deps=(TV, FEAT, FEAT_HELDOUT), params=("projection",),
           outs=(PROJ, "reports/projection.parquet"), metrics=("metrics/projection.json",),
-          desc="Stage 1: null-space projection Δ⊥ and its invariance residuals"),
+          desc="Stage 1: null-space projection Δ⊥ (or SAGE's damping, projection.method) and its invariance residuals"),
     Stage("attention_stats", _attention_stats, deps=("${models.lrm}", PROJ, TV, "${calibration.instruction}"),
           params=("attention", "merge.lam", "merge.scope", "runtime.dtype"), outs=(ATTN,),
           desc="Stage 2: instruction-attention statistics along the merge's update (passes at 0, p, 2p)"),
