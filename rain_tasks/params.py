@@ -358,10 +358,6 @@ class SageParams(_Section):
         """RAIN's selection rule that picks U_r, damped by β (β → ∞ is exactly RAIN's projection with these settings)."""
         return ProjectionParams(energy=self.energy, rank=self.rank, method="sage", beta=self.beta)
 
-    def sanitize_params(self) -> dict:
-        """The params Δ' depends on (lam acts only at the merge)."""
-        return self.model_dump(mode="json", exclude={"lam"})
-
 
 class ReasonAnyParams(_Section):
     """ReasonAny's mask sizes, merge weights and choices (defaults: the authors' run scripts)."""
