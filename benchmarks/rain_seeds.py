@@ -6,8 +6,9 @@ Per seed: the zoo built with that seed (zoo parameters from the project's params
 must write validation prompts, `zoo.n_val` > 0), then through `run_stage` every stage that makes a model (RAIN, its
 ablations, controls and λ frontier, the paper preset, and task arithmetic on the Linear modules at each λ). Every
 choice reads the VALIDATION prompts only: task arithmetic's λ (both scopes), RAIN's λ among merge.lam and the
-frontier, and each data-free baseline's setting of rain_tasks.zoo.report.BASELINE_GRID (TIES, DARE, SLERP, task
-arithmetic on all parameters), by closed∧correct∧comply. Every figure shown is on the TEST prompts: the LRM thinking
+frontier, each data-free baseline's setting of rain_tasks.zoo.report.BASELINE_GRID (TIES, DARE, SLERP, task
+arithmetic on all parameters) and each neighbouring data-aware method's setting of NEIGHBOUR_GRID (AIM-TIES, SAGE,
+ReasonAny, merged by the `neighbours` stage's code from the stages' statistics), by closed∧correct∧comply. Every figure shown is on the TEST prompts: the LRM thinking
 and with its thinking forced closed, the ITM, each model through the evaluation code. Prints a per-seed table, the
 mean and standard deviation over seeds, α's split-half reliability, and one JSON line. `--family-from` takes each
 seed's built family (models/ and data/) from an earlier working directory instead of building it, after checking
@@ -30,7 +31,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
 MODEL_STAGES = ("task_vectors", "features", "projection", "attention_stats", "alpha", "merge", "ablations",
-                "paper_preset", "baselines")
+                "paper_preset", "baselines", "aim_stats", "grad_scores", "neighbours")
+#: params overrides swept per neighbouring method (index into rain_tasks.pipeline.stages.neighbour_names)
+NEIGHBOUR_GRID: dict[str, tuple[int, tuple[dict, ...]]] = {
+    "AIM-TIES": (0, tuple({"aim": {"omega": w}} for w in (0.2, 0.4, 0.6))),
+    "SAGE": (1, tuple({"sage": {"beta": b}} for b in (10.0, 100.0, 1000.0))),
+    "ReasonAny": (2, tuple({"reasonany": {"granularity": g, "p_domain": q, "p_reasoning": q}}
+                           for g in ("tensor", "element") for q in (0.05, 0.2))),
+}
 SHOWN = ("close_rate", "correct_rate", "comply_rate", "close_correct_comply_rate", "l_think", "kl_close",
          "early_close_mass", "kl_own")
 FAMILY = ("close_rate", "correct_rate", "comply_rate", "close_correct_comply_rate")
@@ -62,6 +70,31 @@ def take_family(source: Path, root: Path, zoo: dict) -> None:
                          f"{ {k: (built.get(k), zoo.get(k)) for k in zoo if built.get(k) != zoo.get(k)} }")
     for part in ("models", "data"):
         shutil.copytree(source / part, root / part, dirs_exist_ok=True)
+
+
+def neighbour_grid(p, root: Path, out: Path) -> tuple[dict[str, dict[str, Path]], dict[str, float]]:
+    """Every NEIGHBOUR_GRID setting merged under `out` the way the `neighbours` stage merges it: {method: {setting:
+    model dir}} and each model's merge time in seconds (preparation included)."""
+    from rain_tasks.merge.engine import merge_checkpoint
+    from rain_tasks.pipeline.stages import neighbour_merges, neighbour_names, with_overrides
+
+    models: dict[str, dict[str, Path]] = {}
+    seconds: dict[str, float] = {}
+    for label, (index, settings) in NEIGHBOUR_GRID.items():
+        for overrides in settings:
+            q = with_overrides(p, overrides)
+            name = neighbour_names(q)[index]
+            setting = " ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
+                               for sec in overrides.values() for k, v in sec.items())
+            key = f"{label} ({setting})"
+            target = out / key.replace(" ", "_").replace("(", "").replace(")", "")
+            (work := target.parent / f"{target.name}.work").mkdir(parents=True)
+            t0 = time.perf_counter()
+            method, method_params, plan = neighbour_merges(q)[name](q, root, work)
+            merge_checkpoint(root / q.models.lrm, target, method, method_params, plan, q.merge.max_shard_size)
+            seconds[key] = round(time.perf_counter() - t0, 3)
+            models.setdefault(label, {})[key] = target
+    return models, seconds
 
 
 def _best(names: list[str], on_val: dict) -> str:
@@ -106,14 +139,20 @@ def measure(project: Path, work: Path, seed: int, zoo: dict, lambdas: list[float
                                                         for lam in frontier}
     traces = root / "data/eval/reasoning_eval.jsonl"
     args = (traces, e.max_new_tokens, e.batch_size, e.neighbour_radius, max_eval)
-    on_val = evaluate_models(root / p.models.lrm, ta | rain, val, *args)
+    t0 = time.perf_counter()
+    neighbours, merge_s = neighbour_grid(p, root, root / "neighbour_grid")
+    times["neighbour_grid"] = round(time.perf_counter() - t0, 1)
+    grid_models = {key: path for settings in neighbours.values() for key, path in settings.items()}
+    on_val = evaluate_models(root / p.models.lrm, ta | rain | grid_models, val, *args)
     chosen = {"ta_linear": _best(list(ta), on_val), "RAIN": _best(list(rain), on_val)}
+    chosen |= {label: _best(list(settings), on_val) for label, settings in neighbours.items()}
     models = {"LRM": root / p.models.lrm, "RAIN (default λ)": root / MERGED, "RAIN (val λ)": rain[chosen["RAIN"]],
               "paper_preset": root / PAPER_MODEL} | {name: root / ABLATIONS / name for name in ABLATIONS_BY_NAME}
     models["ta_linear (val λ)"] = ta[chosen["ta_linear"]]
+    models |= {f"{label} (val)": grid_models[chosen[label]] for label in neighbours}
     on_test = evaluate_models(root / p.models.lrm, models, test, *args)
     alpha = json.loads((root / "metrics/alpha.json").read_text())
-    return {"seed": seed, "stage_s": times, "chosen": chosen, "alpha": alpha,
+    return {"seed": seed, "stage_s": times, "chosen": chosen, "alpha": alpha, "neighbour_merge_s": merge_s,
             "rows": {n: {k: on_test[n][k] for k in SHOWN} for n in models},
             "val": {n: {k: on_val[n][k] for k in SHOWN} for n in on_val},
             "family": {k: {m: v[m] for m in FAMILY} for k, v in behaviour.items()},
@@ -158,7 +197,23 @@ def spread_table(results: list[dict]) -> str:
         rows = [b for r in results for b in r["baselines"] if b["method"] == method]
         lines.append(f"| {method} | " + " | ".join(_mean_sd([b[k] for b in rows]) for k in FAMILY) + " |")
     lines.append("\nα split-half Spearman: " + _mean_sd([r["alpha"]["split_half_spearman"] for r in results]))
+    lines.append("\n" + merge_times(results))
     return "\n".join(lines)
+
+
+#: the stages RAIN's merge consists of, and the statistic each neighbouring method needs before its merge
+RAIN_STAGES = ("features", "projection", "attention_stats", "alpha", "merge")
+STATISTIC = {"AIM-TIES": "aim_stats", "SAGE": "features", "ReasonAny": "grad_scores"}
+
+
+def merge_times(results: list[dict]) -> str:
+    """Wall seconds (mean over seeds) from the task vectors on: RAIN's stages, each neighbour at its chosen setting
+    plus the statistic stage it reads (SAGE reads Stage 1's features)."""
+    rain = _mean_sd([sum(r["stage_s"][s] for s in RAIN_STAGES) for r in results])
+    parts = [f"RAIN {rain}"]
+    for label, stage in STATISTIC.items():
+        parts.append(f"{label} {_mean_sd([r['neighbour_merge_s'][r['chosen'][label]] + r['stage_s'][stage] for r in results])}")
+    return "merge time, s (statistics included): " + "; ".join(parts)
 
 
 def main() -> None:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, ClassVar, Literal, Union
 
 import yaml
-from pydantic import AfterValidator, BaseModel, Discriminator, Field, Tag, ValidationError, create_model, model_validator
+from pydantic import (AfterValidator, BaseModel, Discriminator, Field, Tag, ValidationError, create_model, field_validator,
+                      model_validator)
 
+from rain_tasks.io.arch import MODULES
 from rain_tasks.io.checkpoint import parse_size
 from rain_tasks.io.guards import STRICT_PARAMS, safe_name
 from rain_tasks.methods import METHODS, Method
@@ -168,6 +170,9 @@ class ProjectionParams(_Section):
     calibration rows at most this (the directions where Δ acts, whatever their share of the feature energy);
     rank: the top `rank` directions; rel_threshold: directions with λ > rel_threshold·λ_max; ridge > 0: the soft
     projector G(G + εI)⁻¹; energy: the smallest top set holding that share of the trace.
+    method nullspace: RAIN's hard projection Δ(I − U_rU_rᵀ) on the directions the rule keeps; sage (EXPERIMENTAL,
+    reconstructed from an abstract: stage1/sage.py): Δ(I + beta·C_r)⁻¹ with C_r = U_r diag(σ/σ_1) U_rᵀ on the same
+    directions, each damped by 1/(1 + beta·σ_i/σ_1) (beta → ∞: nullspace; 0: no projection).
     """
 
     energy: float = Field(0.99, gt=0.0, le=1.0)
@@ -175,6 +180,8 @@ class ProjectionParams(_Section):
     rank: int | None = Field(None, ge=0)
     rel_threshold: float | None = Field(None, gt=0.0, lt=1.0)
     ridge: float = Field(0.0, ge=0.0)
+    method: Literal["nullspace", "sage"] = "nullspace"
+    beta: float = Field(1000.0, ge=0.0)  # method sage only
 
     @model_validator(mode="after")
     def _one_rule(self):
@@ -182,6 +189,13 @@ class ProjectionParams(_Section):
         if len(rules) > 1:
             raise ValueError(f"projection: set at most one of max_leftover, rank, rel_threshold and ridge (got {rules}); "
                              "set the others to null (ridge: 0.0)")
+        return self
+
+    @model_validator(mode="after")
+    def _sage_needs_a_hard_set(self):
+        if self.method == "sage" and self.ridge > 0:
+            raise ValueError("projection.method sage damps the directions a hard rule keeps; ridge is itself soft: "
+                             "set ridge: 0.0 or method: nullspace")
         return self
 
 
@@ -295,6 +309,83 @@ class BaselinesParams(_Section):
         return self
 
 
+
+# --- the neighbouring data-aware methods (METHODS-MORE.md): AIM, SAGE, ReasonAny -------------------------------
+
+
+class AimParams(_Section):
+    """AIM's relaxation: ω, the anchor, the modules it covers and how calibration text is cut into blocks."""
+
+    #: lower = stronger pull to the anchor; 0.4 in the paper's runs, the README advises 0.2–0.6; 0.2 chosen on validation
+    omega: float = Field(0.2, ge=0.0, le=1.0)
+    #: base: θ_B as the source (AIM-TIES); lrm: θ_R on the reasoning set (ours)
+    anchor: Literal["base", "lrm"] = "base"
+    modules: tuple[str, ...] = MODULES
+    #: texts concatenated and cut into blocks of this many tokens (the source: 512, tail dropped); None: one block per
+    #: text (the tiny family's, whose positions stop at 160)
+    block_tokens: int | None = Field(None, ge=1)
+    max_samples: int | None = Field(256, ge=1)
+    #: the merge AIM relaxes (a `baselines.runs` entry; its name is the model's directory under models/neighbours):
+    #: AIM-TIES wraps TIES at the TIES baseline's setting
+    wrapped: BaselineSpec = Field(default_factory=lambda: RUN_MODELS["ties"](
+        name="aim_ties", method="ties", density=0.3, weights=[1.0, 1.0], lam=1.0, scope="all"))
+
+    @field_validator("modules")
+    @classmethod
+    def _known_modules(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        """Only the seven merged Linear modules, each once, at least one."""
+        unknown = sorted(set(value) - set(MODULES))
+        if unknown or not value or len(set(value)) != len(value):
+            raise ValueError(f"aim.modules must be distinct names among {list(MODULES)} (got {list(value)})")
+        return value
+
+    def statistic_params(self) -> dict:
+        """The params the anchor statistic depends on (ω and the wrapped merge act only at the merge: a sweep over them reuses one statistic)."""
+        return self.model_dump(mode="json", exclude={"omega", "wrapped"})
+
+
+class SageParams(_Section):
+    """SAGE's strength β and the retained subspace (RAIN's energy rule, or a fixed rank)."""
+
+    #: 0: task arithmetic; → ∞: RAIN's hard projection. No published default: sweep 1, 10, 10², 10³
+    beta: float = Field(1000.0, ge=0.0)
+    energy: float = Field(0.99, gt=0.0, le=1.0)
+    rank: int | None = Field(None, ge=0)
+    #: the neighbour model θ_R + lam·Δ' (α = 1: SAGE's own form, the sanitized update added)
+    lam: float = 2.0
+
+    def retained(self) -> ProjectionParams:
+        """RAIN's selection rule that picks U_r, damped by β (β → ∞ is exactly RAIN's projection with these settings)."""
+        return ProjectionParams(energy=self.energy, rank=self.rank, method="sage", beta=self.beta)
+
+
+class ReasonAnyParams(_Section):
+    """ReasonAny's mask sizes, merge weights and choices (defaults: the authors' run scripts)."""
+
+    #: the params the gradient-score sweeps depend on (the grad_scores stage); the rest act at the masks and merge
+    SWEEP_KEYS: ClassVar[tuple[str, ...]] = ("saliency", "max_samples", "max_tokens", "accumulate_on")
+
+    p_domain: float = Field(0.05, ge=0.0, le=1.0)
+    p_reasoning: float = Field(0.05, ge=0.0, le=1.0)
+    lam_domain: float = 1.0
+    lam_reasoning: float = 1.0
+    #: tensor: the code's whole-tensor selection; element: the paper figure's element masks
+    granularity: Literal["element", "tensor"] = "element"
+    #: native: on the base with both task vectors; lrm: ITM's skill into the LRM (M_R only excludes)
+    direction: Literal["native", "lrm"] = "native"
+    saliency: Literal["grad", "snip"] = "grad"
+    base_intersect: bool = True
+    #: which parameters enter the global thresholds (and may be merged): all tensors, or the seven Linear modules
+    scope: Literal["all", "linear"] = "all"
+    max_samples: int | None = Field(100, ge=1)
+    max_tokens: int = Field(512, ge=2)
+    #: where the fp32 scores sum: beside each weight (fast), or in CPU memory (a 32B model's 128 GB of scores off the GPU)
+    accumulate_on: Literal["device", "cpu"] = "device"
+    #: histogram bins per threshold pass, and the most scores held at once by the exact pass
+    bins: int = Field(4096, ge=2)
+    max_exact: int = Field(2**24, ge=1)
+
+
 class OrthogonalityParams(_Section):
     """Principal angles between the top-`rank` singular subspaces of Δ_R and Δ_I per module (randomized SVD)."""
 
@@ -356,6 +447,9 @@ class Params(_Section):
     alpha: AlphaParams = Field(default_factory=AlphaParams)
     merge: MergeParams = Field(default_factory=MergeParams)
     baselines: BaselinesParams = Field(default_factory=BaselinesParams)
+    aim: AimParams = Field(default_factory=AimParams)
+    sage: SageParams = Field(default_factory=SageParams)
+    reasonany: ReasonAnyParams = Field(default_factory=ReasonAnyParams)
     orthogonality: OrthogonalityParams = Field(default_factory=OrthogonalityParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     check: CheckParams = Field(default_factory=CheckParams)
@@ -366,6 +460,17 @@ class Params(_Section):
             raise ValueError("alpha.variant 'curvature' needs the third attention pass: set attention.curvature_pass: true "
                              "or choose alpha.variant two_pass")
         return self
+
+    @model_validator(mode="after")
+    def _neighbour_names_differ(self):
+        if self.aim.wrapped.name in NEIGHBOUR_NAMES:
+            raise ValueError(f"aim.wrapped.name {self.aim.wrapped.name!r} is the directory of another neighbour model "
+                             f"under models/neighbours ({list(NEIGHBOUR_NAMES)}); name it e.g. aim_{self.aim.wrapped.method}")
+        return self
+
+
+#: the directories of the SAGE and ReasonAny models under models/neighbours (AIM's is aim.wrapped.name)
+NEIGHBOUR_NAMES = ("sage", "reasonany")
 
 
 def param_values(params: Params, keys: tuple[str, ...]) -> dict:

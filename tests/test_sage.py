@@ -123,3 +123,23 @@ def test_o_proj_bias_is_damped_as_the_constant_direction():
     soft, _ = sanitize_layer(delta, stats, shape, 0, SageParams(beta=1e12, energy=0.99))
     for k in rain:
         assert (soft[k] - rain[k]).norm() <= 1e-6 * delta[k].norm(), k
+
+
+def test_projection_method_sage_is_the_alternative_stage_1(tiny_family, tiny_task_vectors, features, tmp_path):
+    """`projection.method: sage` writes SAGE's Δ' where Stage 1 writes Δ⊥ (the same tensors as sanitize), with a
+    projection report that passes its schema; β = 0 leaves Δ and a huge β is the null-space projection."""
+    from rain_tasks.stage1.projection import write_report
+
+    shape = read_shape(tiny_family["lrm"])
+    for layer in range(shape.num_layers):
+        delta, stats = load_tensors(layer_file(tiny_task_vectors, layer)), load_stats(layer_file(features, layer))
+        for beta in (0.0, 10.0, 1e12):
+            stage1, rows = project_layer(delta, stats, shape, layer, ProjectionParams(energy=0.9, method="sage", beta=beta))
+            sage, _ = sanitize_layer(delta, stats, shape, layer, SageParams(beta=beta, energy=0.9))
+            assert sorted(stage1) == sorted(sage) and all(torch.equal(stage1[k], sage[k]) for k in sage)
+            write_report(rows, tmp_path / f"{layer}_{beta}.parquet")
+        rain, _ = project_layer(delta, stats, shape, layer, ProjectionParams(energy=0.9))
+        for k in rain:
+            assert (stage1[k] - rain[k]).norm() <= 1e-6 * rain[k].norm() + 1e-12, k
+    with pytest.raises(ValueError, match="ridge"):
+        ProjectionParams(method="sage", ridge=0.1)

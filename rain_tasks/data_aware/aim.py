@@ -12,12 +12,9 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
-
-from rain_tasks.io.arch import MODULES, ModelShape, read_shape
+from rain_tasks.io.arch import ModelShape, read_shape
 from rain_tasks.io.checkpoint import load_tensors, read_metadata, save_tensors
 from rain_tasks.io.digest import json_digest, path_digest
 from rain_tasks.io.guards import require_finite
@@ -25,38 +22,12 @@ from rain_tasks.methods.aim import relaxation
 from rain_tasks.model.calibration import load_tokenizer, render_sample
 from rain_tasks.model.capture import LayerCapture, forward_batch_with_hooks, token_batches
 from rain_tasks.model.runtime import CPU, forward_dtype, load_causal_lm
-from rain_tasks.params import RuntimeParams, _Section
+from rain_tasks.params import AimParams, RuntimeParams
 
 #: which captured input (capture.LayerCapture field) each merged module reads
 INPUT_OF: dict[str, str] = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "attn_out",
                             "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "mlp_act"}
 SLOTS: tuple[str, ...] = tuple(dict.fromkeys(INPUT_OF.values()))
-
-
-class AimParams(_Section):
-    """AIM's relaxation: ω, the anchor, the modules it covers and how calibration text is cut into blocks."""
-
-    #: lower = stronger pull to the anchor; 0.4 in the paper's runs, the README advises 0.2–0.6
-    omega: float = Field(0.4, ge=0.0, le=1.0)
-    #: base: θ_B as the source (AIM-TIES); lrm: θ_R on the reasoning set (ours)
-    anchor: Literal["base", "lrm"] = "base"
-    modules: tuple[str, ...] = MODULES
-    #: texts concatenated and cut into blocks of this many tokens (the source: 512, tail dropped); None: one block per text
-    block_tokens: int | None = Field(512, ge=1)
-    max_samples: int | None = Field(256, ge=1)
-
-    @field_validator("modules")
-    @classmethod
-    def _known_modules(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        """Only the seven merged Linear modules, each once, at least one."""
-        unknown = sorted(set(value) - set(MODULES))
-        if unknown or not value or len(set(value)) != len(value):
-            raise ValueError(f"aim.modules must be distinct names among {list(MODULES)} (got {list(value)})")
-        return value
-
-    def statistic_params(self) -> dict:
-        """The params the anchor statistic depends on (ω acts only at the merge, so a sweep over ω reuses one statistic)."""
-        return self.model_dump(mode="json", exclude={"omega"})
 
 
 def calibration_blocks(token_lists: Sequence[Sequence[int]], block_tokens: int | None) -> list[torch.Tensor]:

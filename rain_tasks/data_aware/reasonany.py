@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field
 from torch import Tensor
 
 from rain_tasks.io.arch import layer_of, module_of
@@ -40,36 +39,12 @@ from rain_tasks.methods.reasonany import merge_into_lrm, merge_native
 from rain_tasks.methods.registry import Method, build_method
 from rain_tasks.model.calibration import THINK_CLOSE, THINK_OPEN
 from rain_tasks.model.runtime import CPU, forward_dtype, input_device, load_causal_lm
-from rain_tasks.params import RuntimeParams, _Section
+from rain_tasks.params import ReasonAnyParams, RuntimeParams
 
 #: the four score sweeps: set name -> (model, calibration set)
 SWEEPS = {"domain": ("itm", "instruction"), "domain_base": ("base", "instruction"),
           "reasoning": ("lrm", "reasoning"), "reasoning_base": ("base", "reasoning")}
 DOMAIN, REASONING = "domain", "reasoning"
-
-
-class ReasonAnyParams(_Section):
-    """ReasonAny's mask sizes, merge weights and choices (defaults: the authors' run scripts)."""
-
-    p_domain: float = Field(0.05, ge=0.0, le=1.0)
-    p_reasoning: float = Field(0.05, ge=0.0, le=1.0)
-    lam_domain: float = 1.0
-    lam_reasoning: float = 1.0
-    #: tensor: the code's whole-tensor selection; element: the paper figure's element masks
-    granularity: Literal["element", "tensor"] = "tensor"
-    #: native: on the base with both task vectors; lrm: ITM's skill into the LRM (M_R only excludes)
-    direction: Literal["native", "lrm"] = "native"
-    saliency: Literal["grad", "snip"] = "grad"
-    base_intersect: bool = True
-    #: which parameters enter the global thresholds (and may be merged): all tensors, or the seven Linear modules
-    scope: Literal["all", "linear"] = "all"
-    max_samples: int | None = Field(100, ge=1)
-    max_tokens: int = Field(512, ge=2)
-    #: where the fp32 scores sum: beside each weight (fast), or in CPU memory (a 32B model's 128 GB of scores off the GPU)
-    accumulate_on: Literal["device", "cpu"] = "device"
-    #: histogram bins per threshold pass, and the most scores held at once by the exact pass
-    bins: int = Field(4096, ge=2)
-    max_exact: int = Field(2**24, ge=1)
 
 
 # --- scores ----------------------------------------------------------------------------------------------------
@@ -354,4 +329,6 @@ def reasonany_method(masks_dir: str | Path, direction: Literal["native", "lrm"])
         m_x = domain.get(name)
         return lrm if m_x is None else merge_into_lrm(lrm, delta, m_x > 0, lam_domain)
 
-    return build_method("reasonany", native if direction == "native" else into_lrm, baseline=False)
+    if direction == "native":
+        return build_method("reasonany", native, baseline=False, untouched="base")
+    return build_method("reasonany", into_lrm, baseline=False)

@@ -5,7 +5,9 @@ The engine walks the LRM's tensors one at a time, asks a registered merge method
 writes new shards; everything else (config, tokenizer, chat template, generation config) is
 copied from the LRM. A method is one small function of one tensor's inputs, so baselines
 reuse the same engine. Tensors without a Δ_I in the plan (scope 'linear': norms,
-embeddings) stay θ_R for every method (rain_tasks.methods.registry.Method).
+embeddings) stay θ_R, or θ_B for a method that merges on the base (its `untouched`:
+rain_tasks.methods.registry.Method). A method is a registered name or a Method built from
+data (AIM's wrapper, ReasonAny's masks).
 """
 
 from __future__ import annotations
@@ -108,19 +110,20 @@ def _merged(lrm: Checkpoint, name: str, method: Method, params: BaseModel, plan:
     dtype = lrm.dtype(name)
     theta = lrm.get(name).to(torch.float32)  # the stored-dtype copy is dropped at once: peak is fp32 tensors only
     delta = plan.delta(name)
-    base = plan.base_tensor(name) if method.needs_base and delta is not None else None
+    base = plan.base_tensor(name) if method.needs_base and (delta is not None or method.untouched == "base") else None
     inputs = TensorInputs(name, theta, delta, plan.scale(name) if delta is not None else None, base)
     return method(inputs, params).to(dtype)
 
 
-def _resolved(method: str, method_params: dict) -> tuple[Method, BaseModel]:
-    """The registered method and its validated params: an unknown method or a bad param fails before any work."""
-    m = get_method(method)
+def _resolved(method: str | Method, method_params: dict) -> tuple[Method, BaseModel]:
+    """The method (registered, or built from data) and its validated params: an unknown method or a bad param fails
+    before any work."""
+    m = method if isinstance(method, Method) else get_method(method)
     return m, m.params.model_validate(method_params)
 
 
 def merge_layer(
-    lrm_dir: str | Path, layer: int, method: str, method_params: dict, plan: DeltaPlan, out_file: str | Path
+    lrm_dir: str | Path, layer: int, method: str | Method, method_params: dict, plan: DeltaPlan, out_file: str | Path
 ) -> Path:
     """Merge one decoder layer's tensors into `out_file` (a part that `merge_checkpoint(parts=...)` assembles).
 
@@ -136,7 +139,7 @@ def merge_layer(
 def merge_checkpoint(
     lrm_dir: str | Path,
     out_dir: str | Path,
-    method: str,
+    method: str | Method,
     method_params: dict,
     plan: DeltaPlan,
     max_shard_size: str | int = MergeParams.model_fields["max_shard_size"].default,
@@ -152,11 +155,11 @@ def merge_checkpoint(
     """
     m, params = _resolved(method, method_params)  # an unknown method or bad params fail before anything is written
     lrm = Checkpoint(lrm_dir)
-    shard_meta = {"merge_method": method, "merge_params": json.dumps(method_params, sort_keys=True), **(metadata or {})}
+    shard_meta = {"merge_method": m.name, "merge_params": json.dumps(method_params, sort_keys=True), **(metadata or {})}
     with atomic_path(out_dir) as tmp:
         order = _stream_order(lrm)
         writer = ShardWriter(tmp, parse_size(max_shard_size), [(n, lrm.dtype(n), lrm.shape(n)) for n in order], shard_meta)
-        for name in tqdm(order, desc=f"merge ({method})", unit="tensor"):
+        for name in tqdm(order, desc=f"merge ({m.name})", unit="tensor"):
             part = parts.get(name) if parts is not None else None
             writer.add(name, part.to(lrm.dtype(name)) if part is not None else _merged(lrm, name, m, params, plan))
         shards = writer.close()

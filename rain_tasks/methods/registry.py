@@ -4,8 +4,9 @@
 Everything else derives from the signature: the tensors it reads (a `base` parameter means the engine
 loads θ_B for it, the others never do), its params model (the keyword-only parameters with their types,
 defaults and `Field` bounds, on the strict params config), and its docs (the docstring). `Method.__call__`
-is the one place that leaves a tensor without a Δ (scope 'linear': norms, embeddings) at θ_R and refuses a
-method that needs θ_B without it, so no method repeats either guard.
+is the one place that leaves a tensor without a Δ (scope 'linear': norms, embeddings) where the method says
+(`untouched`: θ_R for every method merging into the LRM, θ_B for one merging on the base, such as ReasonAny's
+native direction) and refuses a method that needs θ_B without it, so no method repeats either guard.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, get_type_hints
+from typing import Any, Literal, get_type_hints
 
 import torch
 from pydantic import BaseModel, create_model
@@ -44,11 +45,12 @@ class Method:
     inputs: tuple[str, ...]
     params: type[BaseModel]
     baseline: bool  # offered as a `baselines.runs` method in params.yaml
+    untouched: Literal["lrm", "base"] = "lrm"  # what a tensor without a Δ keeps: θ_R, or θ_B (then it reads the base)
 
     @property
     def needs_base(self) -> bool:
         """Whether the method reads θ_B (the engine loads the base checkpoint only then)."""
-        return "base" in self.inputs
+        return "base" in self.inputs or self.untouched == "base"
 
     @property
     def doc(self) -> str:
@@ -56,11 +58,14 @@ class Method:
         return (inspect.getdoc(self.fn) or "").splitlines()[0]
 
     def __call__(self, x: TensorInputs, params: dict | BaseModel) -> torch.Tensor:
-        """The merged fp32 tensor: θ_R where the plan has no Δ for it, else the method on validated params."""
-        if x.delta is None:
+        """The merged fp32 tensor: θ_R (or θ_B, `untouched`) where the plan has no Δ for it, else the method on
+        validated params."""
+        if x.delta is None and self.untouched == "lrm":
             return x.lrm
         if self.needs_base and x.base is None:
             raise ValueError(f"{x.name}: merge method {self.name!r} needs the base checkpoint (DeltaPlan.base)")
+        if x.delta is None:
+            return x.base
         p = params if isinstance(params, self.params) else self.params.model_validate(params)
         return self.fn(**{k: getattr(x, k) for k in self.inputs}, **{k: getattr(p, k) for k in self.params.model_fields})
 
@@ -82,7 +87,8 @@ def _params_model(name: str, fn: Callable) -> type[BaseModel]:
     return create_model(f"{camel}Params", __config__=STRICT_PARAMS, __doc__=inspect.getdoc(fn), **fields)
 
 
-def build_method(name: str, fn: Callable[..., torch.Tensor], *, baseline: bool = True) -> Method:
+def build_method(name: str, fn: Callable[..., torch.Tensor], *, baseline: bool = True,
+                 untouched: Literal["lrm", "base"] = "lrm") -> Method:
     """The Method of a typed function (see the module docstring) without registering it: for methods built from data,
     such as a wrapper or masks read from a stage's output."""
     positional = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is not inspect.Parameter.KEYWORD_ONLY]
@@ -90,7 +96,7 @@ def build_method(name: str, fn: Callable[..., torch.Tensor], *, baseline: bool =
     if unknown or "lrm" not in positional or "delta" not in positional:
         raise TypeError(f"merge method {name!r}: tensor parameters are {TENSOR_INPUTS} (lrm and delta required), "
                         f"got {positional}")
-    return Method(name, fn, tuple(positional), _params_model(name, fn), baseline)
+    return Method(name, fn, tuple(positional), _params_model(name, fn), baseline, untouched)
 
 
 def merge_method(name: str, *, baseline: bool = True) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from rain_tasks.params import Params, param_values
+from rain_tasks.params import NEIGHBOUR_NAMES, Params, ReasonAnyParams, param_values
 from rain_tasks.pipeline.imports import closure, function_imports, graph, source_files
 
 
@@ -29,7 +29,8 @@ PAPER_MODEL, PAPER_WORK = "models/paper_preset", "artifacts/paper_preset"
 #: METHOD.md's configuration as published, merged beside the configured RAIN: Linear modules only, the two-pass α
 #: as solved (about 0.003 per head on the tiny family), the 0.99 energy cap, λ 1
 PAPER_PRESET = {
-    "projection": {"energy": 0.99, "max_leftover": None, "rank": None, "rel_threshold": None, "ridge": 0.0},
+    "projection": {"energy": 0.99, "max_leftover": None, "rank": None, "rel_threshold": None, "ridge": 0.0,
+                   "method": "nullspace"},
     "attention": {"curvature_pass": False},
     "alpha": {"variant": "two_pass", "scale": "absolute", "min_t": 0.0},
     "merge": {"lam": 1.0, "scope": "linear"},
@@ -40,6 +41,10 @@ ZOO_MD, ZOO_CSV = "reports/zoo.md", "plots/zoo_sweep.csv"
 ALPHA_PNG, ALPHA_METRICS = "plots/alpha_heatmap.png", "metrics/alpha.json"
 LAMBDA_CSV, LAMBDA_PNG = "plots/baselines_lambda.csv", "plots/baselines_lambda.png"
 FRONTIER_CSV, FRONTIER_PNG = "plots/frontier.csv", "plots/frontier.png"
+#: the neighbouring data-aware methods (METHODS-MORE.md): AIM's anchor statistic, ReasonAny's gradient scores, the
+#: models and what they are merged from (SAGE's Δ', ReasonAny's masks)
+AIM_STATS, GRAD_SCORES = "artifacts/aim_stats.safetensors", "artifacts/grad_scores"
+NEIGHBOURS, NEIGHBOUR_WORK = "models/neighbours", "artifacts/neighbours"
 
 
 class Ablation(NamedTuple):
@@ -188,13 +193,15 @@ def _lineage_cores(p: Params, r: Path, name: str) -> Callable[[str, dict], dict]
     return lambda method, method_params: lineage.build_core(inputs, method, method_params, params, stages)
 
 
-def _merge_recorded(p: Params, r: Path, out: Path, core: dict, plan, row: str, parts: Path | None = None) -> None:
+def _merge_recorded(p: Params, r: Path, out: Path, core: dict, plan, row: str, parts: Path | None = None,
+                    method=None) -> None:
     """Merge the LRM into `out` as `core` says, with its records: shards naming the lineage, and the model card and
-    lineage.json written inside the atomic directory write (`row`: the model's row in the evaluation report)."""
+    lineage.json written inside the atomic directory write (`row`: the model's row in the evaluation report;
+    `method`: a Method built from data, named core['method'], in place of the registered one)."""
     from rain_tasks.audit import lineage
     from rain_tasks.merge.engine import TensorDir, merge_checkpoint
 
-    merge_checkpoint(r / p.models.lrm, out, core["method"], core["method_params"], plan, p.merge.max_shard_size,
+    merge_checkpoint(r / p.models.lrm, out, method or core["method"], core["method_params"], plan, p.merge.max_shard_size,
                      metadata=lineage.shard_metadata(core), parts=TensorDir(parts) if parts is not None else None,
                      finalize=lambda tmp: lineage.write_records(tmp, core, r, row))
 
@@ -263,22 +270,129 @@ def _paper_preset(p: Params, r: Path) -> None:
 
 def _baselines(p: Params, r: Path) -> dict:
     """One model per configured run under models/baselines, each with its lineage and model card like the merge's."""
-    from rain_tasks.io.checkpoint import Checkpoint
     from rain_tasks.io.artifacts import atomic_path
     from rain_tasks.io.digest import json_digest
-    from rain_tasks.merge.engine import DeltaPlan, TensorDir
 
     cores = _lineage_cores(p, r, "baselines")
     models: dict[str, dict] = {}
     with atomic_path(r / BASELINES) as tmp:
         tmp.mkdir()
         for run in p.baselines.runs:
-            plan = DeltaPlan(linear=TensorDir(r / TV), other=TensorDir(r / TV) if run.scope == "all" else None,
-                             base=Checkpoint(r / p.models.base))
+            plan = _task_vector_plan(p, r, run.scope)
             core = cores(run.method, run.method_params())
             with _timed(models, run.name, lineage=json_digest(core)):
                 _merge_recorded(p, r, tmp / run.name, core, plan, run.name)
     return {"models": models}
+
+
+def _aim_stats(p: Params, r: Path) -> None:
+    """AIM's anchor statistic: mean |x| per input channel of θ_B or θ_R on the reasoning calibration set."""
+    from rain_tasks.data_aware.aim import collect_channel_stats, rendered_token_lists
+    from rain_tasks.io.digest import path_digest
+    from rain_tasks.io.schemas import load_records
+
+    anchor = r / (p.models.base if p.aim.anchor == "base" else p.models.lrm)
+    texts = rendered_token_lists(r / p.models.lrm, load_records(r / p.calibration.reasoning, "reasoning"))
+    collect_channel_stats(anchor, texts, p.aim, r / AIM_STATS, runtime=p.runtime,
+                          calibration_digest=path_digest(r / p.calibration.reasoning))
+
+
+def _grad_scores(p: Params, r: Path) -> None:
+    """ReasonAny's four sweeps (ITM and θ_B on the instruction set, θ_R and θ_B on the reasoning set), one directory each."""
+    from rain_tasks.data_aware.reasonany import SWEEPS, score_sweep, sweep_sequences
+    from rain_tasks.io.artifacts import atomic_path
+    from rain_tasks.io.digest import path_digest
+    from rain_tasks.io.schemas import load_records
+    from rain_tasks.model.calibration import load_tokenizer
+
+    tokenizer, sets = load_tokenizer(r / p.models.lrm), ("instruction", "reasoning")
+    paths = {key: r / getattr(p.calibration, key) for key in sets}
+    data = {key: sweep_sequences(tokenizer, load_records(paths[key], key), p.reasonany) for key in sets}
+    with atomic_path(r / GRAD_SCORES) as tmp:
+        tmp.mkdir()
+        for sweep, (model, dataset) in SWEEPS.items():
+            score_sweep(r / getattr(p.models, model), data[dataset], p.reasonany, tmp / sweep, runtime=p.runtime,
+                        calibration_digest=path_digest(paths[dataset]))
+
+
+def _task_vector_plan(p: Params, r: Path, scope: str):
+    """Δ_I on the Linear modules (and elsewhere under scope 'all') with θ_B: what the baselines merge from."""
+    from rain_tasks.io.checkpoint import Checkpoint
+    from rain_tasks.merge.engine import DeltaPlan, TensorDir
+
+    return DeltaPlan(linear=TensorDir(r / TV), other=TensorDir(r / TV) if scope == "all" else None,
+                     base=Checkpoint(r / p.models.base))
+
+
+def _aim_merge(p: Params, r: Path, work: Path):
+    """AIM: `aim.wrapped` relaxed column by column towards the anchor by the aim_stats statistic."""
+    from rain_tasks.data_aware.aim import load_relaxations
+    from rain_tasks.methods import get_method
+    from rain_tasks.methods.aim import aim_wrap
+
+    run = p.aim.wrapped
+    method = aim_wrap(get_method(run.method), load_relaxations(r / AIM_STATS, p.aim.omega), p.aim.anchor)
+    return method, run.method_params(), _task_vector_plan(p, r, run.scope)
+
+
+def _sage_merge(p: Params, r: Path, work: Path):
+    """SAGE: Δ' = Δ_I(I + βC_r)⁻¹ from the Stage 1 features, merged as θ_R + λ·Δ' on the Linear modules."""
+    from rain_tasks.merge.engine import DeltaPlan, TensorDir
+    from rain_tasks.methods import get_method
+    from rain_tasks.stage1.sage import sanitize
+
+    sanitize(r / TV, r / FEAT, p.sage, work / "sage")
+    return get_method("task_arithmetic"), {"lam": p.sage.lam}, DeltaPlan(linear=TensorDir(work / "sage"))
+
+
+def _reasonany_merge(p: Params, r: Path, work: Path):
+    """ReasonAny: the masks from the gradient scores, then its merge in the configured direction."""
+    from rain_tasks.data_aware.reasonany import SWEEPS, compute_masks, reasonany_method
+
+    q = p.reasonany
+    compute_masks({sweep: r / GRAD_SCORES / sweep for sweep in SWEEPS}, q, work / "reasonany_masks")
+    method = reasonany_method(work / "reasonany_masks", q.direction)
+    return method, {"lam_domain": q.lam_domain, "lam_reasoning": q.lam_reasoning}, _task_vector_plan(p, r, "all")
+
+
+def neighbour_names(p: Params) -> tuple[str, str, str]:
+    """The directories of the AIM, SAGE and ReasonAny models under models/neighbours."""
+    return (p.aim.wrapped.name, *NEIGHBOUR_NAMES)
+
+
+def neighbour_merges(p: Params) -> dict[str, Callable]:
+    """Model name under models/neighbours -> (params, root, work dir) -> (method, method params, plan)."""
+    return dict(zip(neighbour_names(p), (_aim_merge, _sage_merge, _reasonany_merge), strict=True))
+
+
+def merge_neighbours(p: Params, r: Path, models_dir: Path, work_dir: Path, cores: Callable[[str, dict], dict] | None = None) -> dict:
+    """Each neighbouring method's model into models_dir/<name> (its inputs built under work_dir), with lineage and
+    model card when `cores` is given; returns {name: {merge_time_s, lineage}} (preparation included in the time)."""
+    from rain_tasks.io.artifacts import atomic_path
+    from rain_tasks.io.digest import json_digest
+    from rain_tasks.merge.engine import merge_checkpoint
+
+    models: dict[str, dict] = {}
+    with atomic_path(work_dir) as work, atomic_path(models_dir) as tmp:
+        work.mkdir()
+        tmp.mkdir()
+        for name, prepare in neighbour_merges(p).items():
+            start = time.perf_counter()
+            method, method_params, plan = prepare(p, r, work)
+            if cores is None:
+                merge_checkpoint(r / p.models.lrm, tmp / name, method, method_params, plan, p.merge.max_shard_size)
+                facts = {}
+            else:
+                core = cores(method.name, method_params)
+                _merge_recorded(p, r, tmp / name, core, plan, name, method=method)
+                facts = {"lineage": json_digest(core)}
+            models[name] = {"merge_time_s": round(time.perf_counter() - start, 3), **facts}
+    return models
+
+
+def _neighbours(p: Params, r: Path) -> dict:
+    """AIM-TIES, SAGE and ReasonAny under models/neighbours, each with its lineage and model card like the baselines'."""
+    return {"models": merge_neighbours(p, r, r / NEIGHBOURS, r / NEIGHBOUR_WORK, _lineage_cores(p, r, "neighbours"))}
 
 
 def _orthogonality(p: Params, r: Path) -> None:
@@ -302,6 +416,17 @@ def _contamination(p: Params, r: Path) -> dict[str, int]:
         {name: [row["prompt"] for row in rows] for name, rows in held_out.items()}, (row["prompt"] for row in calibration)))
 
 
+def neighbour_labels(p: Params) -> dict[str, str]:
+    """The report's label of each neighbouring method's model."""
+    a, g, q = p.aim, p.sage, p.reasonany
+    anchor = "θ_B" if a.anchor == "base" else "θ_R"
+    on = "θ_B + λ_X·M_X'⊙Δ_I + λ_R·M_R'⊙Δ_R" if q.direction == "native" else "θ_R + λ_X·M_X'⊙Δ_I"
+    aim, sage, reasonany = neighbour_names(p)
+    return {aim: f"AIM: {a.wrapped.describe()} relaxed towards {anchor}, ω={a.omega:g}",
+            sage: f"SAGE (experimental): θ_R + {g.lam:g}·Δ_I(I + βC_r)⁻¹, β={g.beta:g}",
+            reasonany: f"ReasonAny ({q.direction}, {q.granularity} masks): {on}, p={q.p_domain:g}/{q.p_reasoning:g}"}
+
+
 def _evaluate(p: Params, r: Path) -> None:
     from rain_tasks.evaluate.evaluation import (
         evaluate_models, format_table, frontier_table, lambda_table, lm_eval_scores, write_frontier, write_lambda_sweep,
@@ -314,9 +439,11 @@ def _evaluate(p: Params, r: Path) -> None:
     labels |= {run.name: run.describe() for run in p.baselines.runs}
     labels |= {name: a.label for name, a in ABLATIONS_BY_NAME.items()} | {"RAIN": "RAIN: θ_R + λ·α⊙Δ⊥"}
     labels["paper_preset"] = "RAIN, METHOD.md as published: Linear modules, two-pass α as solved, energy 0.99, λ 1"
+    labels |= neighbour_labels(p)
     models = {"LRM": r / p.models.lrm, "ITM": r / p.models.itm}
     models |= {run.name: r / BASELINES / run.name for run in p.baselines.runs}
     models |= {name: r / ABLATIONS / name for name in ABLATIONS_BY_NAME} | {"paper_preset": r / PAPER_MODEL, "RAIN": r / MERGED}
+    models |= {name: r / NEIGHBOURS / name for name in neighbour_names(p)}
     frontier = {frontier_name(lam): lam for lam in p.merge.frontier_lams}
     models |= {name: r / ABLATIONS / name for name in frontier}
     labels |= {name: f"RAIN frontier: θ_R + {lam:g}·α⊙Δ⊥" for name, lam in frontier.items()}
@@ -356,7 +483,7 @@ STAGES: tuple[Stage, ...] = (
           outs=(FEAT, FEAT_HELDOUT), desc="Stage 1: LRM features at Ω_think (calibration and held-out), Gram accumulation"),
     Stage("projection", _projection, deps=(TV, FEAT, FEAT_HELDOUT), params=("projection",),
           outs=(PROJ, "reports/projection.parquet"), metrics=("metrics/projection.json",),
-          desc="Stage 1: null-space projection Δ⊥ and its invariance residuals"),
+          desc="Stage 1: null-space projection Δ⊥ (or SAGE's damping, projection.method) and its invariance residuals"),
     Stage("attention_stats", _attention_stats, deps=("${models.lrm}", PROJ, TV, "${calibration.instruction}"),
           params=("attention", "merge.lam", "merge.scope", "runtime.dtype"), outs=(ATTN,),
           desc="Stage 2: instruction-attention statistics along the merge's update (passes at 0, p, 2p)"),
@@ -375,9 +502,19 @@ STAGES: tuple[Stage, ...] = (
           params=("baselines", "merge.max_shard_size"),
           outs=(BASELINES,),
           desc="task arithmetic, TIES, DARE and SLERP baselines on the same engine"),
-    Stage("evaluate", _evaluate, deps=("${models.lrm}", "${models.itm}", MERGED, ABLATIONS, PAPER_MODEL, BASELINES, EVAL_DIR, ALPHA,
-                                       "${calibration.reasoning}", "${calibration.instruction}", ORTHO_PNG),
-          params=("evaluate", "baselines", "runtime.dtype"), outs=("reports/report.md", "reports/report.json"), metrics=("metrics/eval.json",),
+    Stage("aim_stats", _aim_stats, deps=("${models.base}", "${models.lrm}", "${calibration.reasoning}"),
+          params=tuple(f"aim.{k}" for k in ("anchor", "modules", "block_tokens", "max_samples")) + ("runtime.dtype",),
+          outs=(AIM_STATS,), desc="AIM: the anchor's mean |x| per input channel of each Linear module on the reasoning set"),
+    Stage("grad_scores", _grad_scores,
+          deps=("${models.base}", "${models.itm}", "${models.lrm}", "${calibration.instruction}", "${calibration.reasoning}"),
+          params=tuple(f"reasonany.{k}" for k in ReasonAnyParams.SWEEP_KEYS) + ("runtime.dtype",), outs=(GRAD_SCORES,),
+          desc="ReasonAny: per-element mean |∇L| of ITM and θ_B on the instruction set, θ_R and θ_B on the reasoning set"),
+    Stage("neighbours", _neighbours, deps=("${models.lrm}", "${models.base}", TV, FEAT, AIM_STATS, GRAD_SCORES),
+          params=("aim", "sage", "reasonany", "merge.max_shard_size"), outs=(NEIGHBOUR_WORK, NEIGHBOURS),
+          desc="AIM-TIES, SAGE (experimental) and ReasonAny, same engine, with lineage and model cards"),
+    Stage("evaluate", _evaluate, deps=("${models.lrm}", "${models.itm}", MERGED, ABLATIONS, PAPER_MODEL, BASELINES, NEIGHBOURS,
+                                       EVAL_DIR, ALPHA, "${calibration.reasoning}", "${calibration.instruction}", ORTHO_PNG),
+          params=("evaluate", "baselines", "aim", "sage", "reasonany", "runtime.dtype"), outs=("reports/report.md", "reports/report.json"), metrics=("metrics/eval.json",),
           plots=("plots/eval.csv", LAMBDA_CSV, LAMBDA_PNG, FRONTIER_CSV, FRONTIER_PNG),
           desc="contamination check, behaviour, L_think and the comparison report"),
 )

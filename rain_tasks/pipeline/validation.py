@@ -35,8 +35,8 @@ from rain_tasks.io.checkpoint import FLOAT_CODES, INDEX_NAME, Checkpoint, checkp
 from rain_tasks.io.digest import file_identity, load_memo, save_memo
 from rain_tasks.params import Params, ParamsError, load_params
 from rain_tasks.io.schemas import load_records
-from rain_tasks.pipeline.stages import (ABLATIONS, ABLATIONS_BY_NAME, BASELINES, FEAT, FEAT_HELDOUT, MERGED, PROJ, STAGES, TV, Stage,
-                               resolve)
+from rain_tasks.pipeline.stages import (ABLATIONS, ABLATIONS_BY_NAME, BASELINES, FEAT, FEAT_HELDOUT, MERGED, NEIGHBOURS, PROJ, STAGES, TV, Stage,
+                               neighbour_names, resolve)
 from rain_tasks.io.artifacts import MANIFEST
 
 ROLES = ("base", "itm", "lrm")
@@ -148,6 +148,16 @@ def config_problems(configs: dict[str, dict]) -> list[Problem]:
         for role, cfg in configs.items() if role != "lrm"
         for key in ARCH_KEYS if cfg.get(key) != ref.get(key)
     ]
+
+
+def neighbour_problems(params: Params, lrm_config: dict) -> list[Problem]:
+    """Neighbouring-method params the checkpoints cannot run: an AIM block longer than the model's positions."""
+    positions = lrm_config.get("max_position_embeddings")
+    block = params.aim.block_tokens
+    if positions is None or block is None or block <= positions:
+        return []
+    return [Problem("params.yaml aim.block_tokens", f"{block} tokens per block, but the models have {positions} positions",
+                    f"set aim.block_tokens to at most {positions}, or null for one block per calibration text")]
 
 
 def tensor_problems(role: str, ckpt: Checkpoint, ref: Checkpoint) -> list[Problem]:
@@ -293,7 +303,8 @@ def _nbytes(ckpt: Checkpoint, name: str, itemsize: int | None = None) -> int:
 
 
 def output_estimates(params: Params, lrm: Checkpoint | None, base: Checkpoint | None) -> dict[str, int]:
-    """Estimated bytes of the model-sized outputs: Δ and Δ⊥ (fp32), the merged model, ablations and baselines."""
+    """Estimated bytes of the model-sized outputs: Δ and Δ⊥ (fp32), the merged model, ablations, baselines and the
+    neighbouring methods' models."""
     estimates = {}
     if base is not None:
         estimates[TV] = sum(_nbytes(base, n, 4) for n in base.names())
@@ -303,6 +314,7 @@ def output_estimates(params: Params, lrm: Checkpoint | None, base: Checkpoint | 
         estimates[MERGED] = model
         estimates[ABLATIONS] = model * len(ABLATIONS_BY_NAME)
         estimates[BASELINES] = model * len(params.baselines.runs)
+        estimates[NEIGHBOURS] = model * len(neighbour_names(params))
     return estimates
 
 
@@ -381,6 +393,8 @@ def input_problems(params: Params, root: Path, outputs: Iterable[str], *, scan_v
             configs[role] = config
     if len(configs) == len(ROLES):
         problems += config_problems(configs)
+    if "lrm" in configs:
+        problems += neighbour_problems(params, configs["lrm"])
     if "lrm" in ckpts:
         problems += [p for role in ("base", "itm") if role in ckpts for p in tensor_problems(role, ckpts[role], ckpts["lrm"])]
     if scan_values:

@@ -201,6 +201,9 @@ def protected_basis(stats: RowStats, params: ProjectionParams, block: torch.Tens
     else:
         w = selection_weights(vals, params, trace, stats.dim)
     keep = w > 0
+    if params.method == "sage":  # each kept direction damped by βσ̃/(1 + βσ̃), σ̃ = σ/σ_1 (stage1/sage.py)
+        sig = vals / vals[0] if keep.any() else vals
+        w = torch.where(keep, params.beta * sig / (1.0 + params.beta * sig), w)
     energy = float((w * vals).sum() / trace) if trace > 0 else 0.0
     return Basis(vecs[:, keep], w[keep], energy)
 
@@ -260,7 +263,8 @@ def project_layer(
         if w_name not in delta:
             raise KeyError(f"task vector of layer {layer} lacks {w_name}")
         m = augmented(delta, w_name, b_name)
-        projected = torch.zeros(m.shape, dtype=torch.float32)  # o_proj's bias column stays 0 (module_blocks)
+        # o_proj's bias column (no block: module_blocks) stays 0, or is damped as SAGE's constant direction
+        projected = (m / (1.0 + params.beta)).to(torch.float32) if params.method == "sage" else torch.zeros(m.shape, dtype=torch.float32)
         for block_index, set_name, sel in module_blocks(module, shape, layer, tuple(m.shape)):
             s = stats[set_name]
             block = m[sel]

@@ -23,38 +23,19 @@ import json
 from pathlib import Path
 
 import torch
-from pydantic import Field
-
 from rain_tasks.io.arch import MODULES, ModelShape
 from rain_tasks.io.artifacts import MANIFEST, layer_file, write_json
 from rain_tasks.io.checkpoint import is_current, load_tensors, save_tensors
 from rain_tasks.io.guards import require_finite
-from rain_tasks.params import ProjectionParams, _Section
+from rain_tasks.params import SageParams
 from rain_tasks.stage1.projection import (Basis, RowStats, augmented, layer_meta, load_stats, module_blocks,
-                                          project_block_with_coefficients, selection_weights, sqrt_ratio)
-
-
-class SageParams(_Section):
-    """SAGE's strength β and the retained subspace (RAIN's energy rule, or a fixed rank)."""
-
-    #: 0: task arithmetic; → ∞: RAIN's hard projection. No published default: sweep 1, 10, 10², 10³
-    beta: float = Field(100.0, ge=0.0)
-    energy: float = Field(0.99, gt=0.0, le=1.0)
-    rank: int | None = Field(None, ge=0)
-
-    def retained(self) -> ProjectionParams:
-        """RAIN's selection rule that picks U_r (so β → ∞ is exactly RAIN's projection with these settings)."""
-        return ProjectionParams(energy=self.energy, rank=self.rank)
+                                          project_block_with_coefficients, protected_basis, sqrt_ratio)
 
 
 def sage_basis(stats: RowStats, params: SageParams) -> Basis:
-    """U_r with the damping weights w_i = βσ̃_i/(1 + βσ̃_i), so Δ' = Δ − (ΔU_r) diag(w) U_rᵀ."""
-    vals, vecs = stats.spectrum()
-    trace = stats.trace()
-    keep = selection_weights(vals, params.retained(), trace, stats.dim) > 0
-    sig = vals[keep] / vals[0] if keep.any() else vals[keep]
-    w = params.beta * sig / (1.0 + params.beta * sig)
-    return Basis(vecs[:, keep], w, float((w * vals[keep]).sum() / trace) if trace > 0 else 0.0)
+    """U_r with the damping weights w_i = βσ̃_i/(1 + βσ̃_i), so Δ' = Δ − (ΔU_r) diag(w) U_rᵀ (projection's
+    `method: sage` basis, the same code)."""
+    return protected_basis(stats, params.retained())
 
 
 def sanitize_layer(
