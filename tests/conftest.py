@@ -22,7 +22,7 @@ from rain_dev.tiny import instruction_rows, make_family, reasoning_rows, write_j
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "reference-calibration"
 #: test files sharing the session's mini projects (`mini_repro`, `mini_flow`): one xdist worker runs them all
-MINI_FILES = ("test_operations.py", "test_orchestrators.py", "test_pipeline.py")
+MINI_FILES = ("test_neighbours.py", "test_operations.py", "test_orchestrators.py", "test_pipeline.py")
 #: the longest work first: the mini group and the default family's build, each on its own worker
 FIRST = ("mini", "test_family.py")
 
@@ -33,7 +33,11 @@ def _group(file: str) -> str:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The longest groups first (a stable sort keeps every file's own order)."""
+    """The longest groups first (a stable sort keeps every file's own order); a file using the mini projects must
+    be in MINI_FILES, or a second worker would build them again."""
+    strays = {i.path.name for i in items if {"mini_repro", "mini_flow"} & set(i.fixturenames)} - set(MINI_FILES)
+    if strays:
+        raise pytest.UsageError(f"{sorted(strays)} use the mini projects: add them to MINI_FILES in tests/conftest.py")
     rank = {group: i for i, group in enumerate(FIRST)}
     items.sort(key=lambda item: rank.get(_group(item.path.name), len(FIRST)))
 
