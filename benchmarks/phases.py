@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 
 #: (phase, "module:attribute" or "module:Class.method") in reporting order
 PHASES: tuple[tuple[str, str], ...] = (
-    ("model load", "rain_tasks.io.checkpoint:load_causal_lm"),
+    ("model load", "rain_tasks.model.runtime:load_causal_lm"),
     ("tensor I/O", "rain_tasks.io.checkpoint:load_tensors"),
     ("tensor I/O", "rain_tasks.io.checkpoint:save_tensors"),
     ("tensor I/O", "rain_tasks.io.checkpoint:TensorFile.get_tensor"),

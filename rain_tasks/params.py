@@ -168,6 +168,10 @@ class ProjectionParams(_Section):
     calibration rows at most this (the directions where Δ acts, whatever their share of the feature energy);
     rank: the top `rank` directions; rel_threshold: directions with λ > rel_threshold·λ_max; ridge > 0: the soft
     projector G(G + εI)⁻¹; energy: the smallest top set holding that share of the trace.
+    precision: arithmetic of the bases, the projection and its diagnostics (float32: about half the time and no
+    float64 copies; the directions kept and the residuals stay within the bounds tests/test_projection.py states).
+    dtype: how Δ⊥ is stored (the LRM's 16-bit dtype halves what Stage 2 and the merge read; benchmarks/README.md
+    gives its effect on the merged tensors in units of their spacing).
     """
 
     energy: float = Field(0.99, gt=0.0, le=1.0)
@@ -175,6 +179,8 @@ class ProjectionParams(_Section):
     rank: int | None = Field(None, ge=0)
     rel_threshold: float | None = Field(None, gt=0.0, lt=1.0)
     ridge: float = Field(0.0, ge=0.0)
+    precision: Literal["float64", "float32"] = "float64"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
     @model_validator(mode="after")
     def _one_rule(self):
