@@ -22,7 +22,7 @@ PHASES: tuple[tuple[str, str], ...] = (
     ("tensor I/O", "rain_tasks.io.checkpoint:load_tensors"),
     ("tensor I/O", "rain_tasks.io.checkpoint:save_tensors"),
     ("tensor I/O", "rain_tasks.io.checkpoint:TensorFile.get_tensor"),
-    ("tensor I/O", "rain_tasks.io.checkpoint:_put"),
+    ("tensor I/O", "rain_tasks.io.checkpoint:WriteBehind.wait"),  # writes run on a thread: the wait for them
     ("tensor I/O", "rain_tasks.io.checkpoint:ShardWriter.close"),
     ("forward passes", "rain_tasks.model.capture:forward_batch_with_hooks"),
     ("forward passes", "rain_tasks.stage2.attention:run_pass"),
