@@ -7,8 +7,10 @@ k/v rows of KV group g use group g's basis, and o_proj's columns of head h its h
 Gram (float64), or, on the low-rank path, from the QR of the rows' transpose and the n × n eigenproblem
 of R Rᵀ (O(n²·d + n³)): G = XᵀX = Q R Rᵀ Qᵀ, so both give the same projector. Directions with eigenvalue ≤ 1e-12·λ_max count as numerically zero.
 `precision: float32` does all of it (bases, projection, diagnostics) in float32 instead: no float64 copy of [W | b]
-or of the rows, about half the time; eigenvalues ≤ 1e-6·λ_max then count as zero (float32's eigensolver
-resolves no finer), and tests/test_projection.py bounds its departure from the float64 path.
+or of the rows; on the low-rank path the basis comes from the n × n eigenproblem of X Xᵀ itself (U = Xᵀ V Λ^(-1/2),
+no QR: R Rᵀ is formed explicitly anyway, so its eigenvalues are resolved no better); eigenvalues ≤ 1e-6·λ_max count
+as zero (float32's eigensolver resolves about 10·eps·λ_max), and tests/test_projection.py bounds its departure from
+the float64 path.
 `dtype` stores Δ⊥ as float32 (default) or in a 16-bit dtype (the LRM's, halving what the merge reads).
 
 Selection (ProjectionParams):
@@ -91,7 +93,10 @@ class RowStats:
     @functools.cached_property
     def _spectrum(self) -> tuple[torch.Tensor, torch.Tensor]:
         t = self._t
-        if self.kind == ROWS and t.shape[0] < t.shape[1]:
+        kernel = self.kind == ROWS and t.shape[0] < t.shape[1] and t.dtype == torch.float32
+        if kernel:  # eigh of X Xᵀ [n, n], then U = Xᵀ V Λ^(-1/2) for the directions kept (float32 only: see below)
+            vals, vecs = torch.linalg.eigh(t @ t.T)
+        elif self.kind == ROWS and t.shape[0] < t.shape[1]:
             q, r = torch.linalg.qr(t.T)  # Xᵀ = QR, so G = XᵀX = Q (R Rᵀ) Qᵀ: an n × n eigenproblem, not d × d
             vals, b = torch.linalg.eigh(r @ r.T)
             vecs = q @ b
@@ -99,8 +104,10 @@ class RowStats:
             vals, vecs = torch.linalg.eigh(t if self.kind == GRAM else t.T @ t)
         vals, vecs = vals.flip(0).clamp_min(0.0), vecs.flip(1)
         if vals.numel() == 0 or vals[0] <= 0:
-            return vals[:0], vecs[:, :0]
+            return vals[:0], vecs.new_zeros(t.shape[1], 0)
         keep = vals > ZERO_RTOL[t.dtype] * vals[0]
+        if kernel:  # no QR: R Rᵀ = X Xᵀ has the same eigenvalues and float32 resolves them no finer either way
+            return vals[keep], (t.T @ vecs[:, keep]) / vals[keep].sqrt()
         return vals[keep], vecs[:, keep]
 
     def without(self, dims: torch.Tensor) -> RowStats:
