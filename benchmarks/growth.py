@@ -5,9 +5,10 @@ Usage: python benchmarks/growth.py [--workdir DIR] [--hidden 3584 --ffn 18944 --
        [--to-layers 28 --to-reasoning 150 --to-instruction 365]
 Grid: every layer count at the first sample count, every sample count at one layer (a random family, rain_dev/tiny.py,
 per point). Each stage runs through `run_stage` in its own process (its peak RSS is that process's VmHWM; its time
-excludes the imports). Per stage a power law t = c·L^a·S^b is fitted to the grid by least squares in logs (S: the
-reasoning samples for features and projection, the instruction samples for attention_stats, none for the rest) and
-peak RSS linearly in L and S; both are evaluated at --to-layers and the paper's 150 + 365 samples. `rain plan`'s
+excludes the imports). Per stage t = a + L·(b + c·S) is fitted to the grid by least squares (a: fixed costs; S: the
+reasoning samples for features and projection, the instruction samples for attention_stats, none for the rest; the
+projection also gets a L·S² term, its n × n eigenproblems), and peak RSS = r0 + r1·L + r2·S; both are evaluated at
+--to-layers and the paper's 150 + 365 samples. `rain plan`'s
 estimate (rain_tasks.pipeline.plan) is printed beside each measured point. Prints a table and one JSON line.
 """
 
@@ -75,29 +76,36 @@ def measure(work: Path, args: argparse.Namespace, layers: int, samples: int) -> 
             "load_average": os.getloadavg()[0]}
 
 
+def time_terms(stage: str, layers: int, samples: int) -> list[float]:
+    """The regressors of a stage's time model: 1, L, L·S (sample-driven stages), L·S² (projection)."""
+    terms = [1.0, float(layers)]
+    if stage in SAMPLES_OF:
+        terms.append(float(layers * samples))
+    if stage == "projection":
+        terms.append(float(layers * samples**2))
+    return terms
+
+
+def rss_terms(stage: str, layers: int, samples: int) -> list[float]:
+    """The regressors of a stage's peak RSS model: 1, L, S (sample-driven stages)."""
+    return [1.0, float(layers)] + ([float(samples)] if stage in SAMPLES_OF else [])
+
+
 def fit(points: list[dict], stage: str) -> dict:
-    """t = c·L^a·S^b (least squares in logs) and RSS = r0 + r1·L + r2·S over the grid points of one stage."""
+    """Least-squares coefficients of the time and RSS models of one stage over the grid points."""
     import numpy as np
 
-    uses_samples = stage in SAMPLES_OF
-    x = np.array([[1.0, np.log(p["layers"])] + ([np.log(p["samples"])] if uses_samples else []) for p in points])
-    t = np.log([p["stages"][stage]["seconds"] for p in points])
-    coef = np.linalg.lstsq(x, t, rcond=None)[0]
-    xr = np.array([[1.0, p["layers"]] + ([p["samples"]] if uses_samples else []) for p in points])
-    rss = np.linalg.lstsq(xr, np.array([p["stages"][stage]["peak_rss_gib"] for p in points]), rcond=None)[0]
-    return {"log_time": coef.tolist(), "rss": rss.tolist(), "uses_samples": uses_samples}
+    def solve(terms, key: str) -> list[float]:
+        x = np.array([terms(stage, p["layers"], p["samples"]) for p in points])
+        return np.linalg.lstsq(x, np.array([p["stages"][stage][key] for p in points]), rcond=None)[0].tolist()
+
+    return {"time": solve(time_terms, "seconds"), "rss": solve(rss_terms, "peak_rss_gib")}
 
 
-def extrapolate(model: dict, layers: int, samples: int) -> tuple[float, float]:
+def extrapolate(stage: str, model: dict, layers: int, samples: int) -> tuple[float, float]:
     """(seconds, peak RSS GiB) of a fitted stage at `layers` and `samples`."""
-    import math
-
-    c, a, *b = model["log_time"]
-    r0, r1, *r2 = model["rss"]
-    s = [math.log(samples)] if model["uses_samples"] else []
-    seconds = math.exp(c + a * math.log(layers) + sum(bi * si for bi, si in zip(b, s)))
-    rss = r0 + r1 * layers + sum(ri * samples for ri in r2) if model["uses_samples"] else r0 + r1 * layers
-    return seconds, rss
+    dot = lambda coef, terms: sum(c * t for c, t in zip(coef, terms))  # noqa: E731
+    return dot(model["time"], time_terms(stage, layers, samples)), dot(model["rss"], rss_terms(stage, layers, samples))
 
 
 def main() -> None:
@@ -136,12 +144,10 @@ def main() -> None:
     target = {}
     for stage, model in models.items():
         samples = args.to_instruction if SAMPLES_OF.get(stage) == "instruction" else args.to_reasoning
-        seconds, rss = extrapolate(model, args.to_layers, samples)
-        target[stage] = {"seconds": seconds, "peak_rss_gib": rss, "layer_exponent": model["log_time"][1],
-                         "sample_exponent": model["log_time"][2] if model["uses_samples"] else None}
-        print(f"{stage}: t ∝ L^{model['log_time'][1]:.2f}"
-              + (f" S^{model['log_time'][2]:.2f}" if model["uses_samples"] else "")
-              + f"; at {args.to_layers} layers, {samples if model['uses_samples'] else '-'} samples: "
+        seconds, rss = extrapolate(stage, model, args.to_layers, samples)
+        target[stage] = {"seconds": seconds, "peak_rss_gib": rss, "time_coef": model["time"], "rss_coef": model["rss"]}
+        print(f"{stage}: t = " + " + ".join(f"{c:.3g}·{t}" for c, t in zip(model["time"], ("1", "L", "L·S", "L·S²")))
+              + f"; at {args.to_layers} layers, {samples if stage in SAMPLES_OF else '-'} samples: "
               f"{seconds:.0f} s, peak {rss:.1f} GiB")
     print(json.dumps({"points": points, "extrapolated": target, "to": [args.to_layers, args.to_reasoning, args.to_instruction],
                       "model": {k: getattr(args, k) for k in ("hidden", "ffn", "heads", "kv_heads", "dtype")}, "set": args.set}))
