@@ -255,10 +255,12 @@ def test_float32_precision_keeps_the_float64_subspace(params):
 
 def test_float32_precision_and_16bit_storage_end_to_end(stage1, tiny_family):
     """On the tiny family: float32 arithmetic keeps every block's rank, residuals within 1e-4 and Δ⊥ within 1e-4 of
-    ‖Δ‖; bfloat16 storage is exactly float32 arithmetic's Δ⊥ rounded to bfloat16, and the report is unchanged by it."""
+    ‖Δ‖, bit-identical across runs; bfloat16 storage is exactly float32 arithmetic's Δ⊥ rounded to bfloat16, and the
+    report is unchanged by it."""
     root, runs = stage1, {}
     for tag, params in (("f64", ProjectionParams()), ("f32", ProjectionParams(precision="float32")),
-                        ("f32bf16", ProjectionParams(precision="float32", dtype="bfloat16"))):
+                        ("f32bf16", ProjectionParams(precision="float32", dtype="bfloat16")),
+                        ("f32again", ProjectionParams(precision="float32"))):
         project(root / "tv", root / "all", params, root / f"proj_{tag}", root / f"report_{tag}.parquet", root / "rows")
         runs[tag] = pd.read_parquet(root / f"report_{tag}.parquet")
     exact, fast = runs["f64"], runs["f32"]
@@ -269,6 +271,7 @@ def test_float32_precision_and_16bit_storage_end_to_end(stage1, tiny_family):
     for layer in range(read_shape(tiny_family["lrm"]).num_layers):
         a, b, c = (load_tensors(layer_file(root / f"proj_{tag}", layer)) for tag in ("f64", "f32", "f32bf16"))
         tv = load_tensors(layer_file(root / "tv", layer))
+        assert layer_file(root / "proj_f32", layer).read_bytes() == layer_file(root / "proj_f32again", layer).read_bytes()
         for n in a:
             assert (a[n] - b[n]).norm() < 1e-4 * tv[n].norm(), n
             assert c[n].dtype == torch.bfloat16 and torch.equal(c[n], b[n].to(torch.bfloat16)), n
