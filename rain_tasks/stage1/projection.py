@@ -290,8 +290,10 @@ def project_layer(
         if w_name not in delta:
             raise KeyError(f"task vector of layer {layer} lacks {w_name}")
         m = augmented(delta, w_name, b_name, ct)
-        projected = torch.zeros(m.shape, dtype=torch.float32)  # o_proj's bias column stays 0 (module_blocks)
-        for block_index, set_name, sel in module_blocks(module, shape, layer, tuple(m.shape)):
+        blocks = module_blocks(module, shape, layer, tuple(m.shape))
+        whole = len(blocks) == 1 and m[blocks[0][2]].shape == m.shape  # one block covering [W | b]: no assembly copy
+        projected = None if whole else torch.zeros(m.shape, dtype=torch.float32)  # o_proj's bias column stays 0
+        for block_index, set_name, sel in blocks:
             s = stats[set_name]
             block = m[sel]
             if s.dim != block.shape[1]:
@@ -301,7 +303,10 @@ def project_layer(
                 bases[key] = protected_basis(s, params, block)
             basis = bases[key]
             block_projected, coeffs = project_block_with_coefficients(block, basis)
-            projected[sel] = block_projected.to(torch.float32)
+            if whole:
+                projected = block_projected.to(torch.float32)
+            else:
+                projected[sel] = block_projected.to(torch.float32)
             calib = s.quad_before_after(block, coeffs, basis.u)
             skip_last = b_name in delta and module != "o_proj"
             if (set_name, skip_last) not in inlier_stats:
