@@ -7,8 +7,9 @@ Grid: every layer count at the first sample count, every sample count at one lay
 per point). Each stage runs through `run_stage` in its own process (its peak RSS is that process's VmHWM; its time
 excludes the imports). Per stage t = a + L·(b + c·S) is fitted to the grid by least squares (a: fixed costs; S: the
 reasoning samples for features and projection, the instruction samples for attention_stats, none for the rest; the
-projection also gets a L·S² term, its n × n eigenproblems), and peak RSS = r0 + r1·L + r2·S; both are evaluated at
---to-layers and the paper's 150 + 365 samples. `rain plan`'s
+projection's n × n eigenproblems grow faster than S, but five points on a shared machine do not pin a S² term:
+it extrapolated to negative times), and peak RSS = r0 + r1·L + r2·S; both are evaluated at --to-layers and the
+paper's 150 + 365 samples. `--reuse FILE` refits the points of an earlier run's JSON line. `rain plan`'s
 estimate (rain_tasks.pipeline.plan) is printed beside each measured point. Prints a table and one JSON line.
 """
 
@@ -77,12 +78,10 @@ def measure(work: Path, args: argparse.Namespace, layers: int, samples: int) -> 
 
 
 def time_terms(stage: str, layers: int, samples: int) -> list[float]:
-    """The regressors of a stage's time model: 1, L, L·S (sample-driven stages), L·S² (projection)."""
+    """The regressors of a stage's time model: 1, L and L·S (sample-driven stages)."""
     terms = [1.0, float(layers)]
     if stage in SAMPLES_OF:
         terms.append(float(layers * samples))
-    if stage == "projection":
-        terms.append(float(layers * samples**2))
     return terms
 
 
@@ -122,15 +121,19 @@ def main() -> None:
     p.add_argument("--to-layers", type=int, default=28)
     p.add_argument("--to-reasoning", type=int, default=150)
     p.add_argument("--to-instruction", type=int, default=365)
+    p.add_argument("--reuse", type=Path, help="a file whose last line is an earlier run's JSON: refit its points")
     p.add_argument("--child", choices=STAGES, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.workdir)))
         return
 
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="rain-growth-"))
-    grid = [(n, args.samples[0]) for n in args.layers] + [(args.layers[0], s) for s in args.samples[1:]]
-    points = [measure(work / f"L{n}_S{s}", args, n, s) for n, s in grid]
+    if args.reuse:
+        points = json.loads(args.reuse.read_text().strip().splitlines()[-1])["points"]
+    else:
+        work = args.workdir or Path(tempfile.mkdtemp(prefix="rain-growth-"))
+        grid = [(n, args.samples[0]) for n in args.layers] + [(args.layers[0], s) for s in args.samples[1:]]
+        points = [measure(work / f"L{n}_S{s}", args, n, s) for n, s in grid]
     print("| layers | samples | " + " | ".join(f"{s} s (plan) / GiB (plan)" for s in STAGES) + " | load |")
     for pt in points:
         cells = []
@@ -146,7 +149,7 @@ def main() -> None:
         samples = args.to_instruction if SAMPLES_OF.get(stage) == "instruction" else args.to_reasoning
         seconds, rss = extrapolate(stage, model, args.to_layers, samples)
         target[stage] = {"seconds": seconds, "peak_rss_gib": rss, "time_coef": model["time"], "rss_coef": model["rss"]}
-        print(f"{stage}: t = " + " + ".join(f"{c:.3g}·{t}" for c, t in zip(model["time"], ("1", "L", "L·S", "L·S²")))
+        print(f"{stage}: t = " + " + ".join(f"{c:.3g}·{t}" for c, t in zip(model["time"], ("1", "L", "L·S")))
               + f"; at {args.to_layers} layers, {samples if stage in SAMPLES_OF else '-'} samples: "
               f"{seconds:.0f} s, peak {rss:.1f} GiB")
     print(json.dumps({"points": points, "extrapolated": target, "to": [args.to_layers, args.to_reasoning, args.to_instruction],
