@@ -27,6 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
+from merge_vs_mergekit import status_gib  # noqa: E402
+
 STAGES = ("task_vectors", "features", "projection", "attention_stats", "alpha", "merge")
 #: which sample count drives each stage's cost (None: neither)
 SAMPLES_OF = {"features": "reasoning", "projection": "reasoning", "attention_stats": "instruction"}
@@ -42,14 +44,7 @@ def child(stage: str, work: Path) -> dict:
     params = load_params(work / "params.yaml")
     t0 = time.perf_counter()
     run_stage(stage, params, work)
-    return {"seconds": time.perf_counter() - t0, "peak_rss_gib": _vmhwm_gib()}
-
-
-def _vmhwm_gib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2**20
-    return float("nan")
+    return {"seconds": time.perf_counter() - t0, "peak_rss_gib": status_gib("VmHWM")}
 
 
 def plan_estimates(work: Path) -> dict[str, dict]:

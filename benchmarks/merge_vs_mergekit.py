@@ -52,7 +52,7 @@ def child(side: str, work: Path, shard_size: str) -> dict:
     from rain_tasks.merge.task_vectors import compute_task_vectors
 
     ckpt = work / "ckpt"
-    seconds: dict[str, float] = {"baseline_rss_gib": _status_gib("VmRSS")}  # once every library is imported
+    seconds: dict[str, float] = {"baseline_rss_gib": status_gib("VmRSS")}  # once every library is imported
     t0 = time.perf_counter()
     if side == "task_vectors":
         shutil.rmtree(work / "tv", ignore_errors=True)  # computed afresh, not reused from an earlier run
@@ -75,11 +75,11 @@ def child(side: str, work: Path, shard_size: str) -> dict:
                                out_shard_size=_bytes(shard_size))
         run_merge(MergeConfiguration.model_validate(config), str(work / "out_mergekit"), options)
     seconds["seconds"] = time.perf_counter() - t0
-    seconds["peak_rss_gib"] = _status_gib("VmHWM")
+    seconds["peak_rss_gib"] = status_gib("VmHWM")
     return seconds
 
 
-def _status_gib(field: str) -> float:
+def status_gib(field: str) -> float:
     """VmRSS (resident now) or VmHWM (peak since exec) of this process, from /proc (Linux).
 
     Not wait4's ru_maxrss: that keeps the forking parent's RSS from before the exec."""
