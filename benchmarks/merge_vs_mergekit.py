@@ -1,11 +1,13 @@
 """Merge wall time and peak RSS of our streaming task arithmetic against mergekit's, on the same three checkpoints.
 
 Usage: python benchmarks/merge_vs_mergekit.py [--workdir DIR] [--hidden 3584 --ffn 18944 --layers 2
-       --heads 28 --kv-heads 4] [--dtype bfloat16] [--shard-size 1GB]
+       --heads 28 --kv-heads 4] [--dtype bfloat16] [--shard-size 1GB] [--repeats 3]
 Both sides compute θ_R + 1·(θ_I − θ_B) over every tensor and write sharded safetensors of the LRM's dtype;
 each runs in its own process (peak RSS is that process's VmHWM; the working set is the peak minus
 the RSS once both libraries are imported, the same for every side). Ours is two processes as in the pipeline:
-the task-vector extraction (Δ = θ_I − θ_B, fp32 per layer), then the merge; mergekit does both in one go. mergekit (a test dependency: `pip install --no-deps -r requirements-test.txt`)
+the task-vector extraction (Δ = θ_I − θ_B, fp32 per layer), then the merge; mergekit does both in one go, and so
+does `ours_direct` (Δ from ITM and base per tensor, rain_tasks.io.checkpoint.Difference). With --repeats N the
+sides run in turn N times and each figure is the median. mergekit (a test dependency: `pip install --no-deps -r requirements-test.txt`)
 runs on CPU with lazy unpickling.
 Goal (issue 7): time ≤ mergekit's; peak RSS ≤ 2 × the largest tensor + one output shard.
 """
@@ -17,6 +19,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,6 +28,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
+#: the processes measured, in the order they run (the extraction must precede `ours`)
+SIDES = ("mergekit", "task_vectors", "ours", "ours_direct")
 
 
 def build(work: Path, args: argparse.Namespace) -> None:
@@ -47,7 +52,7 @@ def child(side: str, work: Path, shard_size: str) -> dict:
     from rain_tasks.merge.task_vectors import compute_task_vectors
 
     ckpt = work / "ckpt"
-    seconds: dict[str, float] = {"baseline_rss_gib": _status_gib("VmRSS")}  # once every library is imported
+    seconds: dict[str, float] = {"baseline_rss_gib": status_gib("VmRSS")}  # once every library is imported
     t0 = time.perf_counter()
     if side == "task_vectors":
         shutil.rmtree(work / "tv", ignore_errors=True)  # computed afresh, not reused from an earlier run
@@ -56,6 +61,12 @@ def child(side: str, work: Path, shard_size: str) -> dict:
         tv = TensorDir(work / "tv")
         plan = DeltaPlan(linear=tv, other=tv, base=Checkpoint(ckpt / "base"))
         merge_checkpoint(ckpt / "lrm", work / "out_ours", "task_arithmetic", {"lam": 1.0}, plan, max_shard_size=shard_size)
+    elif side == "ours_direct":
+        from rain_tasks.io.checkpoint import Difference
+
+        delta = Difference(Checkpoint(ckpt / "itm"), Checkpoint(ckpt / "base"))
+        plan = DeltaPlan(linear=delta, other=delta)
+        merge_checkpoint(ckpt / "lrm", work / "out_direct", "task_arithmetic", {"lam": 1.0}, plan, max_shard_size=shard_size)
     else:
         config = {"merge_method": "task_arithmetic", "base_model": str(ckpt / "base"),
                   "models": [{"model": str(ckpt / m), "parameters": {"weight": 1.0}} for m in ("lrm", "itm")],
@@ -64,11 +75,11 @@ def child(side: str, work: Path, shard_size: str) -> dict:
                                out_shard_size=_bytes(shard_size))
         run_merge(MergeConfiguration.model_validate(config), str(work / "out_mergekit"), options)
     seconds["seconds"] = time.perf_counter() - t0
-    seconds["peak_rss_gib"] = _status_gib("VmHWM")
+    seconds["peak_rss_gib"] = status_gib("VmHWM")
     return seconds
 
 
-def _status_gib(field: str) -> float:
+def status_gib(field: str) -> float:
     """VmRSS (resident now) or VmHWM (peak since exec) of this process, from /proc (Linux).
 
     Not wait4's ru_maxrss: that keeps the forking parent's RSS from before the exec."""
@@ -100,6 +111,11 @@ def run_child(side: str, work: Path, shard_size: str) -> dict:
     return {**result, "working_rss_gib": result["peak_rss_gib"] - result["baseline_rss_gib"]}
 
 
+def median_run(runs: list[dict]) -> dict:
+    """Each figure's median over the runs of one side."""
+    return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+
+
 def largest_tensor_gib(model_dir: Path) -> float:
     from rain_tasks.io.checkpoint import Checkpoint
 
@@ -117,7 +133,8 @@ def main() -> None:
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     p.add_argument("--shard-size", default="1GB")
-    p.add_argument("--child", choices=["task_vectors", "ours", "mergekit"], help=argparse.SUPPRESS)
+    p.add_argument("--repeats", type=int, default=1, help="run the sides in turn this many times; report medians")
+    p.add_argument("--child", choices=list(SIDES), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.workdir, args.shard_size)))
@@ -125,20 +142,25 @@ def main() -> None:
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="rain-merge-bench-"))
     build(work, args)
-    mergekit = run_child("mergekit", work, args.shard_size)
-    tv = run_child("task_vectors", work, args.shard_size)
-    ours = run_child("ours", work, args.shard_size)
+    runs = {side: [] for side in SIDES}
+    for _ in range(args.repeats):
+        for side in SIDES:  # in turn, so a drift in the machine's speed reaches every side alike
+            runs[side].append(run_child(side, work, args.shard_size))
+    mergekit, tv, ours, direct = (median_run(runs[side]) for side in SIDES)
     largest, shard = largest_tensor_gib(work / "ckpt/lrm"), _bytes(args.shard_size) / 2**30
     budget = 2 * largest + shard
     result = {"model": {k: getattr(args, k) for k in ("hidden", "ffn", "layers", "heads", "kv_heads", "dtype")},
-              "ours_merge": ours, "ours_task_vectors": tv, "mergekit": mergekit, "largest_tensor_gib": largest,
+              "ours_merge": ours, "ours_task_vectors": tv, "ours_direct": direct, "mergekit": mergekit,
+              "repeats": args.repeats, "largest_tensor_gib": largest,
               "shard_gib": shard, "rss_goal_gib": budget,
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}"}
-    for label, r in (("mergekit task_arithmetic", mergekit), ("ours: task vectors", tv), ("ours: merge", ours)):
+    for label, r in (("mergekit task_arithmetic", mergekit), ("ours: task vectors", tv), ("ours: merge", ours),
+                     ("ours: merge from ITM and base", direct)):
         print(f"{label}: {r['seconds']:.2f} s, peak RSS {r['peak_rss_gib']:.2f} GiB "
               f"({r['working_rss_gib']:.2f} GiB above its state after imports)")
     print(f"time ours/mergekit: merge {ours['seconds'] / mergekit['seconds']:.2f}x, with task vectors "
-          f"{(ours['seconds'] + tv['seconds']) / mergekit['seconds']:.2f}x; RSS goal 2 x largest tensor "
+          f"{(ours['seconds'] + tv['seconds']) / mergekit['seconds']:.2f}x, from ITM and base "
+          f"{direct['seconds'] / mergekit['seconds']:.2f}x; RSS goal 2 x largest tensor "
           f"({largest:.3f} GiB) + one shard ({shard:.2f} GiB) = {budget:.2f} GiB")
     print(json.dumps(result))
 

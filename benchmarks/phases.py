@@ -18,11 +18,11 @@ from typing import Callable, Iterator
 
 #: (phase, "module:attribute" or "module:Class.method") in reporting order
 PHASES: tuple[tuple[str, str], ...] = (
-    ("model load", "rain_tasks.io.checkpoint:load_causal_lm"),
+    ("model load", "rain_tasks.model.runtime:load_causal_lm"),
     ("tensor I/O", "rain_tasks.io.checkpoint:load_tensors"),
     ("tensor I/O", "rain_tasks.io.checkpoint:save_tensors"),
     ("tensor I/O", "rain_tasks.io.checkpoint:TensorFile.get_tensor"),
-    ("tensor I/O", "rain_tasks.io.checkpoint:_put"),
+    ("tensor I/O", "rain_tasks.io.checkpoint:WriteBehind.wait"),  # writes run on a thread: the wait for them
     ("tensor I/O", "rain_tasks.io.checkpoint:ShardWriter.close"),
     ("forward passes", "rain_tasks.model.capture:forward_batch_with_hooks"),
     ("forward passes", "rain_tasks.stage2.attention:run_pass"),

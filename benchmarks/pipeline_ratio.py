@@ -1,7 +1,7 @@
 """Full RAIN pipeline time against task arithmetic on the same models, measured in one run, with the per-stage split.
 
 Usage: python benchmarks/pipeline_ratio.py [--workdir DIR] [--hidden 128 --ffn 256 --layers 4 --heads 4 --kv-heads 2]
-       [--dtype float32|bfloat16] [--samples 50] [--phases]
+       [--dtype float32|bfloat16] [--samples 50] [--phases] [--set projection.precision=float32 ...]
 Both sides run through the same stage machinery (`run_stage`: up-front checks, lineage, atomic
 writes) on one random base/ITM/LRM family (rain_dev/tiny.py): RAIN = task_vectors, features,
 projection, attention_stats, alpha, merge; task arithmetic = task_vectors and the baselines
@@ -46,6 +46,10 @@ def build(work: Path, args: argparse.Namespace) -> None:
         "merge": {"max_shard_size": "2GB"},
         "baselines": {"runs": [{"name": "ta", "method": "task_arithmetic", "lam": 1.0, "scope": "all"}]},
     }
+    for item in getattr(args, "set", None) or []:  # section.key=value (YAML value), e.g. projection.precision=float32
+        key, value = item.split("=", 1)
+        section, name = key.split(".", 1)
+        params.setdefault(section, {})[name] = yaml.safe_load(value)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
 
 
@@ -88,6 +92,7 @@ def main() -> None:
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--samples", type=int, default=50)
+    p.add_argument("--set", nargs="*", default=[], help="params.yaml overrides section.key=value (both sides)")
     p.add_argument("--phases", action="store_true",
                    help="also split each RAIN stage into phases (wraps library functions: a little overhead)")
     args = p.parse_args()
@@ -106,7 +111,7 @@ def main() -> None:
     check = preflight_seconds(rain_dir)
     result = {
         "model": {k: getattr(args, k) for k in ("hidden", "ffn", "layers", "heads", "kv_heads", "dtype")},
-        "samples": args.samples, "rain_s": rain, "ta_s": ta, "preflight_s": check,
+        "samples": args.samples, "set": args.set, "rain_s": rain, "ta_s": ta, "preflight_s": check,
         "ratio": sum(rain.values()) / sum(ta.values()), "phases_s": split,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, RAIN_THREADS="
                    f"{os.environ.get('RAIN_THREADS', '2')}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, "

@@ -173,6 +173,10 @@ class ProjectionParams(_Section):
     method nullspace: RAIN's hard projection Δ(I − U_rU_rᵀ) on the directions the rule keeps; sage (EXPERIMENTAL,
     reconstructed from an abstract: stage1/sage.py): Δ(I + beta·C_r)⁻¹ with C_r = U_r diag(σ/σ_1) U_rᵀ on the same
     directions, each damped by 1/(1 + beta·σ_i/σ_1) (beta → ∞: nullspace; 0: no projection).
+    precision: arithmetic of the bases, the projection and its diagnostics (float32: about half the time and no
+    float64 copies; the directions kept and the residuals stay within the bounds tests/test_projection.py states).
+    dtype: how Δ⊥ is stored (the LRM's 16-bit dtype halves what Stage 2 and the merge read; benchmarks/README.md
+    gives its effect on the merged tensors in units of their spacing).
     """
 
     energy: float = Field(0.99, gt=0.0, le=1.0)
@@ -182,6 +186,8 @@ class ProjectionParams(_Section):
     ridge: float = Field(0.0, ge=0.0)
     method: Literal["nullspace", "sage"] = "nullspace"
     beta: float = Field(1000.0, ge=0.0)  # method sage only
+    precision: Literal["float64", "float32"] = "float64"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
     @model_validator(mode="after")
     def _one_rule(self):

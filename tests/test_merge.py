@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from rain_tasks.io.arch import module_of
-from rain_tasks.io.checkpoint import INDEX_NAME, Checkpoint, save_tensors
+from rain_tasks.io.checkpoint import INDEX_NAME, Checkpoint, Difference, ShardWriter, save_tensors
 from rain_tasks.merge.engine import DeltaPlan, SingleFile, TensorDir, merge_checkpoint
 from rain_tasks.merge.task_vectors import compute_task_vectors
 
@@ -100,3 +100,27 @@ def test_failed_merge_leaves_no_output(tiny_family, tmp_path):
 def test_unknown_method_refused(tiny_family, tmp_path):
     with pytest.raises(ValueError, match="unknown merge method 'tiez'"):
         merge_checkpoint(tiny_family["lrm"], tmp_path / "o", "tiez", {}, DeltaPlan(linear=TensorDir(tmp_path)))
+
+
+def test_merge_from_itm_and_base_on_the_fly_equals_the_task_vector_merge(tiny_family, task_vectors, tmp_path):
+    """Δ = θ_I − θ_B computed per tensor (Difference) gives the same bytes as reading the stored fp32 Δ."""
+    on_the_fly = Difference(Checkpoint(tiny_family["itm"]), Checkpoint(tiny_family["base"]))
+    plans = {"stored": DeltaPlan(linear=TensorDir(task_vectors), other=TensorDir(task_vectors)),
+             "direct": DeltaPlan(linear=on_the_fly, other=on_the_fly)}
+    for name, plan in plans.items():
+        merge_checkpoint(tiny_family["lrm"], tmp_path / name, "task_arithmetic", {"lam": 0.7}, plan, max_shard_size=20_000)
+    files = sorted(p.name for p in (tmp_path / "stored").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "direct").iterdir())
+    for f in files:
+        assert (tmp_path / "stored" / f).read_bytes() == (tmp_path / "direct" / f).read_bytes(), f
+
+
+def test_a_failed_write_behind_is_raised_not_lost(tmp_path):
+    """The shard writer writes on a thread: a write that fails (its shard removed under it) surfaces as an error."""
+    layout = [("a", torch.float32, (4,)), ("b", torch.float32, (4,))]
+    with pytest.raises(FileNotFoundError):
+        with ShardWriter(tmp_path / "out", 1_000, layout) as writer:
+            (tmp_path / "out" / "part-00000.safetensors").unlink()
+            writer.add("a", torch.ones(4))
+            writer.add("b", torch.ones(4))
+            writer.close()

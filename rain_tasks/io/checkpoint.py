@@ -13,6 +13,7 @@ import math
 import os
 import re
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -98,6 +99,18 @@ class Checkpoint:
     def non_layer_names(self) -> list[str]:
         """Embeddings, final norm, lm_head: tensors outside the decoder layers."""
         return [n for n in self.weight_map if layer_of(n) is None]
+
+
+class Difference:
+    """Δ = θ_a − θ_b of two checkpoints, computed per tensor in fp32 as it is asked for: the values the
+    task_vectors stage stores, so a merge can read ITM and base instead of the fp32 Δ artifact."""
+
+    def __init__(self, a: Checkpoint, b: Checkpoint):
+        self.a, self.b = a, b
+
+    def get(self, name: str) -> torch.Tensor:
+        """θ_a − θ_b of one tensor, fp32."""
+        return self.a.get(name).to(torch.float32) - self.b.get(name).to(torch.float32)
 
 
 _ST_DTYPES = {
@@ -214,19 +227,53 @@ def _put(path: Path, offset: int, tensor: torch.Tensor) -> None:
         os.close(fd)
 
 
+class WriteBehind:
+    """Writes tensors at their offsets on one background thread, one write in flight at a time.
+
+    The caller computes the next tensor while the last one is written (pwrite releases the GIL), for
+    the memory of one more output tensor. A failed write is raised by the next `put` or on leaving the
+    `with` block, which also waits for the write in flight, so nothing is written after it.
+    """
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="write-behind")
+        self._pending: Future | None = None
+
+    def put(self, path: Path, offset: int, tensor: torch.Tensor) -> None:
+        """Wait for the previous write, then start writing `tensor` (which must not change afterwards)."""
+        self.wait()
+        self._pending = self._pool.submit(_put, path, offset, tensor)
+
+    def wait(self) -> None:
+        """Block until the write in flight is done, raising its error if it failed."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def __enter__(self) -> WriteBehind:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if exc[0] is None:
+                self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
 def save_streamed(path: str | Path, specs: Specs, produce: Callable[[str], torch.Tensor],
                   metadata: dict[str, str] | None = None) -> None:
-    """Write one safetensors file atomically, computing each tensor only when it is written (memory: one tensor).
+    """Write one safetensors file atomically, computing each tensor while the last one is written (memory: two tensors).
 
     The bytes equal `save_tensors(path, {n: produce(n) for n in specs}, metadata)`.
     """
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, WriteBehind() as writes:
         offsets = _create(tmp, specs, metadata)
         for name, (dtype, shape) in specs.items():
             tensor = produce(name)
             if (tensor.dtype, tuple(tensor.shape)) != (dtype, tuple(shape)):
                 raise ValueError(f"{name}: got {tensor.dtype} {tuple(tensor.shape)}, expected {dtype} {tuple(shape)}")
-            _put(tmp, offsets[name], tensor)
+            writes.put(tmp, offsets[name], tensor)
 
 
 def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -260,8 +307,9 @@ class ShardWriter:
 
     `layout` lists (name, dtype, shape) in the order tensors will come; shards are cut greedily in that
     order at `max_shard_bytes`, each file is created with its final header, and every tensor is written
-    at its offset as it arrives: memory holds one tensor, not a shard. Used inside `atomic_path`, so the
-    model directory appears only once complete.
+    at its offset as it arrives, behind the caller's next tensor (WriteBehind): memory holds two tensors,
+    not a shard. Used as a context manager inside `atomic_path`, so the model directory appears only once
+    complete and no write outlives the block.
     """
 
     def __init__(self, out_dir: Path, max_shard_bytes: int, layout: list[tuple[str, torch.dtype, tuple[int, ...]]],
@@ -287,6 +335,13 @@ class ShardWriter:
             self._parts.append((part, sorted(shard)))
         self._total_bytes = sum(_nbytes(*spec) for spec in self._specs.values())
         self._done: set[str] = set()
+        self._writes = WriteBehind()
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._writes.__exit__(*exc)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Write one tensor of the layout at its place."""
@@ -295,11 +350,12 @@ class ShardWriter:
         if (tensor.dtype, tuple(tensor.shape)) != self._specs[name]:
             raise ValueError(f"{name}: got {tensor.dtype} {tuple(tensor.shape)}, the layout says {self._specs[name]}")
         part, offset = self._where[name]
-        _put(self.out_dir / part, offset, tensor)
+        self._writes.put(self.out_dir / part, offset, tensor)
         self._done.add(name)
 
     def close(self) -> list[str]:
-        """Rename shards to the HF `model-0000i-of-0000n` scheme, write the index; return shard names."""
+        """Wait for the last write, rename shards to the HF `model-0000i-of-0000n` scheme, write the index; return shard names."""
+        self._writes.wait()
         missing = sorted(set(self._specs) - self._done)
         if missing:
             raise RuntimeError(f"{len(missing)} tensor(s) of the layout were never written: {missing[:5]}")

@@ -158,11 +158,12 @@ def merge_checkpoint(
     shard_meta = {"merge_method": m.name, "merge_params": json.dumps(method_params, sort_keys=True), **(metadata or {})}
     with atomic_path(out_dir) as tmp:
         order = _stream_order(lrm)
-        writer = ShardWriter(tmp, parse_size(max_shard_size), [(n, lrm.dtype(n), lrm.shape(n)) for n in order], shard_meta)
-        for name in tqdm(order, desc=f"merge ({m.name})", unit="tensor"):
-            part = parts.get(name) if parts is not None else None
-            writer.add(name, part.to(lrm.dtype(name)) if part is not None else _merged(lrm, name, m, params, plan))
-        shards = writer.close()
+        layout = [(n, lrm.dtype(n), lrm.shape(n)) for n in order]
+        with ShardWriter(tmp, parse_size(max_shard_size), layout, shard_meta) as writer:
+            for name in tqdm(order, desc=f"merge ({m.name})", unit="tensor"):
+                part = parts.get(name) if parts is not None else None
+                writer.add(name, part.to(lrm.dtype(name)) if part is not None else _merged(lrm, name, m, params, plan))
+            shards = writer.close()
         for fname in _COPIED:
             if (Path(lrm_dir) / fname).is_file():
                 shutil.copy2(Path(lrm_dir) / fname, tmp / fname)

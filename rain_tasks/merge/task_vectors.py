@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from rain_tasks.io.arch import read_shape
-from rain_tasks.io.checkpoint import Checkpoint, check_compatible, is_current, save_streamed
+from rain_tasks.io.checkpoint import Checkpoint, Difference, check_compatible, is_current, save_streamed
 from rain_tasks.io.artifacts import MANIFEST, NON_LAYER, layer_file, write_json
 from rain_tasks.io.digest import path_digest
 
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 def _save_delta(path: Path, base: Checkpoint, itm: Checkpoint, names: list[str], metadata: dict[str, str]) -> None:
     """Δ = θ_I − θ_B (fp32) of `names` into one file, one tensor in memory at a time."""
     specs = {n: (torch.float32, base.shape(n)) for n in names}
-    save_streamed(path, specs, lambda n: itm.get(n).to(torch.float32) - base.get(n).to(torch.float32), metadata)
+    save_streamed(path, specs, Difference(itm, base).get, metadata)
 
 
 def compute_task_vectors(base_dir: str | Path, itm_dir: str | Path, out_dir: str | Path) -> Path:

@@ -6,6 +6,12 @@ k/v rows of KV group g use group g's basis, and o_proj's columns of head h its h
 (`module_blocks`), so that θ_R + λ·α⊙Δ⊥ keeps Ω for any per-head α, not only α = 1. The basis comes from the eigendecomposition of the
 Gram (float64), or, on the low-rank path, from the QR of the rows' transpose and the n × n eigenproblem
 of R Rᵀ (O(n²·d + n³)): G = XᵀX = Q R Rᵀ Qᵀ, so both give the same projector. Directions with eigenvalue ≤ 1e-12·λ_max count as numerically zero.
+`precision: float32` does all of it (bases, projection, diagnostics) in float32 instead: no float64 copy of [W | b]
+or of the rows; on the low-rank path the basis comes from the n × n eigenproblem of X Xᵀ itself (U = Xᵀ V Λ^(-1/2),
+no QR: R Rᵀ is formed explicitly anyway, so its eigenvalues are resolved no better); eigenvalues ≤ 1e-6·λ_max count
+as zero (float32's eigensolver resolves about 10·eps·λ_max), and tests/test_projection.py bounds its departure from
+the float64 path.
+`dtype` stores Δ⊥ as float32 (default) or in a 16-bit dtype (the LRM's, halving what the merge reads).
 
 Selection (ProjectionParams):
   max_leftover    per block, the fewest directions (by their share λ_i‖Δu_i‖² of Δ's response) that leave
@@ -19,7 +25,7 @@ Selection (ProjectionParams):
 `rank_kept` in the report is tr(P) rounded (the number of directions for a hard set).
 
 Layout of the output directory:
-  layer_000.safetensors …  Δ⊥ (fp32) keyed by the checkpoint names of the q/k/v/o/gate/up/down
+  layer_000.safetensors …  Δ⊥ (projection.dtype, float32 by default) keyed by the checkpoint names of the q/k/v/o/gate/up/down
                            weights and biases; metadata holds the input digests and this layer's
                            report rows (JSON), so a rerun skips layers made from the same inputs.
   manifest.json            written last: its presence means complete.
@@ -51,6 +57,10 @@ from rain_tasks.params import ProjectionParams
 from rain_tasks.io.schemas import PROJECTION_REPORT_SCHEMA
 
 _ZERO_RTOL = 1e-12
+#: eigenvalues ≤ this × λ_max count as numerically zero, per compute dtype (float32's eigh resolves about 10·eps·λ_max)
+ZERO_RTOL = {torch.float64: _ZERO_RTOL, torch.float32: 1e-6}
+#: params' precision names -> the compute dtype of the bases, the projection and its diagnostics
+PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
 #: an input dimension whose RMS over the Ω rows exceeds this × the median is an outlier dimension (report only)
 OUTLIER_FACTOR = 6.0
 
@@ -67,14 +77,26 @@ class RowStats:
     def dim(self) -> int:
         return self.tensor.shape[1]
 
+    @property
+    def _t(self) -> torch.Tensor:
+        """The statistics in their compute dtype: float64 or float32 as stored (`astype`), anything else in float64."""
+        return self.tensor if self.tensor.dtype in ZERO_RTOL else self.tensor.to(torch.float64)
+
+    def astype(self, dtype: torch.dtype) -> RowStats:
+        """The same statistics with every later computation (spectrum, diagnostics) in `dtype`."""
+        return self if self.tensor.dtype == dtype else RowStats(self.kind, self.tensor.to(dtype), self.n)
+
     def spectrum(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Eigenvalues (descending, ≥ 0) and eigenvectors [d, r] of G, numerical zeros dropped (computed once)."""
         return self._spectrum
 
     @functools.cached_property
     def _spectrum(self) -> tuple[torch.Tensor, torch.Tensor]:
-        t = self.tensor.to(torch.float64)
-        if self.kind == ROWS and t.shape[0] < t.shape[1]:
+        t = self._t
+        kernel = self.kind == ROWS and t.shape[0] < t.shape[1] and t.dtype == torch.float32
+        if kernel:  # eigh of X Xᵀ [n, n], then U = Xᵀ V Λ^(-1/2) for the directions kept (float32 only: see below)
+            vals, vecs = torch.linalg.eigh(t @ t.T)
+        elif self.kind == ROWS and t.shape[0] < t.shape[1]:
             q, r = torch.linalg.qr(t.T)  # Xᵀ = QR, so G = XᵀX = Q (R Rᵀ) Qᵀ: an n × n eigenproblem, not d × d
             vals, b = torch.linalg.eigh(r @ r.T)
             vecs = q @ b
@@ -82,13 +104,15 @@ class RowStats:
             vals, vecs = torch.linalg.eigh(t if self.kind == GRAM else t.T @ t)
         vals, vecs = vals.flip(0).clamp_min(0.0), vecs.flip(1)
         if vals.numel() == 0 or vals[0] <= 0:
-            return vals[:0], vecs[:, :0]
-        keep = vals > _ZERO_RTOL * vals[0]
+            return vals[:0], vecs.new_zeros(t.shape[1], 0)
+        keep = vals > ZERO_RTOL[t.dtype] * vals[0]
+        if kernel:  # no QR: R Rᵀ = X Xᵀ has the same eigenvalues and float32 resolves them no finer either way
+            return vals[keep], (t.T @ vecs[:, keep]) / vals[keep].sqrt()
         return vals[keep], vecs[:, keep]
 
     def without(self, dims: torch.Tensor) -> RowStats:
         """The same statistics with the input dimensions `dims` zeroed (e.g. outlier dimensions left out)."""
-        t = self.tensor.to(torch.float64).clone()
+        t = self._t.clone()
         t[:, dims] = 0.0
         if self.kind == GRAM:
             t[dims, :] = 0.0
@@ -96,7 +120,7 @@ class RowStats:
 
     def outlier_dims(self, factor: float, skip_last: bool = False) -> torch.Tensor:
         """Input dimensions whose RMS over the rows exceeds `factor` × the median RMS (a bias column excluded)."""
-        t = self.tensor.to(torch.float64)
+        t = self._t
         ms = t.diagonal() if self.kind == GRAM else t.square().sum(0)
         if skip_last:
             ms = ms[:-1]
@@ -105,12 +129,12 @@ class RowStats:
 
     def trace(self) -> float:
         """tr(G)."""
-        t = self.tensor.to(torch.float64)
+        t = self._t
         return float(t.diagonal().sum() if self.kind == GRAM else t.square().sum())
 
     def quad(self, m: torch.Tensor) -> float:
         """tr(M G Mᵀ) = ‖M Xᵀ‖²: the squared response of M on the rows."""
-        t = self.tensor.to(torch.float64)
+        t = self._t
         return float(((m @ t) * m).sum() if self.kind == GRAM else (m @ t.T).square().sum())
 
     def quad_before_after(self, m: torch.Tensor, a: torch.Tensor, u: torch.Tensor) -> tuple[float, float]:
@@ -119,7 +143,7 @@ class RowStats:
         A = (M U) diag(w) is what the projection already computed; the second term then costs
         out·r·n (rows) or out·d·r (Gram) instead of another out·d·n or out·d² product.
         """
-        t = self.tensor.to(torch.float64)
+        t = self._t
         if self.kind == GRAM:
             mg = m @ t
             before = (mg * m).sum()
@@ -162,7 +186,7 @@ def leftover_weights(vals: torch.Tensor, vecs: torch.Tensor, block: torch.Tensor
     weights = torch.zeros_like(vals)
     if vals.numel() == 0:
         return weights
-    response = (block.to(torch.float64) @ vecs).square().sum(0) * vals
+    response = (block.to(vecs.dtype) @ vecs).square().sum(0) * vals
     total = float(response.sum())
     if total <= 0.0:
         return weights
@@ -219,10 +243,10 @@ def sqrt_ratio(num: float, den: float) -> float:
     return math.sqrt(max(num, 0.0) / den) if den > 0 else math.nan
 
 
-def augmented(delta: dict[str, torch.Tensor], w_name: str, b_name: str) -> torch.Tensor:
-    """[W | b] in float64 (just W when the module has no bias)."""
-    w = delta[w_name].to(torch.float64)
-    return torch.cat([w, delta[b_name].to(torch.float64)[:, None]], dim=1) if b_name in delta else w
+def augmented(delta: dict[str, torch.Tensor], w_name: str, b_name: str, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """[W | b] in `dtype` (just W when the module has no bias; no copy when W is stored in `dtype`)."""
+    w = delta[w_name].to(dtype)
+    return torch.cat([w, delta[b_name].to(dtype)[:, None]], dim=1) if b_name in delta else w
 
 
 def module_blocks(module: str, shape: ModelShape, layer: int, size: tuple[int, int]) -> list[tuple[int, str, tuple[slice, slice]]]:
@@ -254,18 +278,27 @@ def project_layer(
     params: ProjectionParams,
     heldout: dict[str, RowStats] | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """Project one layer's seven modules; return (Δ⊥ tensors by checkpoint name, report rows)."""
+    """Project one layer's seven modules; return (Δ⊥ tensors by checkpoint name, report rows).
+
+    Arithmetic in `params.precision` (the statistics are cast once per row set), Δ⊥ stored in `params.dtype`."""
+    ct, out_dtype = PRECISIONS[params.precision], getattr(torch, params.dtype)
+    stats = {name: s.astype(ct) for name, s in stats.items()}
+    heldout = {name: s.astype(ct) for name, s in heldout.items()} if heldout is not None else None
     bases: dict[str, Basis] = {}
+    inlier_stats: dict[tuple[str, bool], tuple[torch.Tensor, RowStats]] = {}  # one copy per row set, not per block
     out: dict[str, torch.Tensor] = {}
     report = []
     for module in MODULES:
         w_name, b_name = shape.spec.param_name(layer, module, "weight"), shape.spec.param_name(layer, module, "bias")
         if w_name not in delta:
             raise KeyError(f"task vector of layer {layer} lacks {w_name}")
-        m = augmented(delta, w_name, b_name)
+        m = augmented(delta, w_name, b_name, ct)
+        blocks = module_blocks(module, shape, layer, tuple(m.shape))
+        whole = len(blocks) == 1 and m[blocks[0][2]].shape == m.shape  # one block covering [W | b]: no assembly copy
         # o_proj's bias column (no block: module_blocks) stays 0, or is damped as SAGE's constant direction
-        projected = (m / (1.0 + params.beta)).to(torch.float32) if params.method == "sage" else torch.zeros(m.shape, dtype=torch.float32)
-        for block_index, set_name, sel in module_blocks(module, shape, layer, tuple(m.shape)):
+        projected = (None if whole else (m / (1.0 + params.beta)).to(torch.float32) if params.method == "sage"
+                     else torch.zeros(m.shape, dtype=torch.float32))
+        for block_index, set_name, sel in blocks:
             s = stats[set_name]
             block = m[sel]
             if s.dim != block.shape[1]:
@@ -275,10 +308,17 @@ def project_layer(
                 bases[key] = protected_basis(s, params, block)
             basis = bases[key]
             block_projected, coeffs = project_block_with_coefficients(block, basis)
-            projected[sel] = block_projected.to(torch.float32)
+            if whole:
+                projected = block_projected.to(torch.float32)
+            else:
+                projected[sel] = block_projected.to(torch.float32)
             calib = s.quad_before_after(block, coeffs, basis.u)
-            outliers = s.outlier_dims(OUTLIER_FACTOR, skip_last=b_name in delta and module != "o_proj")
-            inliers = s.without(outliers).quad_before_after(block, coeffs, basis.u) if outliers.numel() else calib
+            skip_last = b_name in delta and module != "o_proj"
+            if (set_name, skip_last) not in inlier_stats:
+                dims = s.outlier_dims(OUTLIER_FACTOR, skip_last=skip_last)
+                inlier_stats[set_name, skip_last] = dims, s.without(dims) if dims.numel() else s
+            outliers, inlier_set = inlier_stats[set_name, skip_last]
+            inliers = inlier_set.quad_before_after(block, coeffs, basis.u) if outliers.numel() else calib
             held = heldout[set_name].quad_before_after(block, coeffs, basis.u) if heldout is not None else None
             report.append(
                 {
@@ -297,9 +337,9 @@ def project_layer(
                     "residual_heldout": sqrt_ratio(held[1], held[0]) if held is not None else math.nan,
                 }
             )
-        out[w_name] = projected[:, : delta[w_name].shape[1]].contiguous()
+        out[w_name] = projected[:, : delta[w_name].shape[1]].to(out_dtype).contiguous()
         if b_name in delta:
-            out[b_name] = projected[:, -1].contiguous()
+            out[b_name] = projected[:, -1].to(out_dtype).contiguous()
     return out, report
 
 

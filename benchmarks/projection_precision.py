@@ -1,0 +1,105 @@
+"""Projection in float32 against float64, and Δ⊥ stored in bfloat16 against float32, at 7B layer widths.
+
+Usage: python benchmarks/projection_precision.py [--workdir DIR] [--hidden 3584 --ffn 18944 --heads 28 --kv-heads 4
+       --layers 1] [--dtype bfloat16] [--samples 25]
+On one random family (rain_dev/tiny.py) through the stage machinery (task_vectors, features): the projection at
+precision float64 (the default) and float32, each timed; per block the rank kept and the residuals of float32
+against float64; Δ⊥'s relative difference; then RAIN's merge (λ = merge.lam, α = 1) from float32 Δ⊥ stored in
+float32 and in the LRM's dtype, and the merged tensors' difference in units of the output dtype's spacing (ULPs).
+Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+REPORT_COLUMNS = ("energy_protected", "norm_ratio", "residual_calib", "residual_calib_inliers", "residual_heldout")
+
+
+def ulp_distance(a, b):
+    """|a − b| in units of the spacing of their (16-bit float) dtype: the distance between their ordered bit patterns."""
+    import torch
+
+    def ordered(t):
+        i = t.view(torch.int16).to(torch.int32)
+        return torch.where(i < 0, -32768 - i, i)  # sign-magnitude -> one increasing integer line
+
+    return (ordered(a) - ordered(b)).abs()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", type=Path)
+    p.add_argument("--hidden", type=int, default=3584)
+    p.add_argument("--ffn", type=int, default=18944)
+    p.add_argument("--layers", type=int, default=1)
+    p.add_argument("--heads", type=int, default=28)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    p.add_argument("--samples", type=int, default=25)
+    args = p.parse_args()
+
+    import pandas as pd
+    import torch
+    from pipeline_ratio import build
+    from rain_tasks.io.artifacts import layer_file
+    from rain_tasks.io.checkpoint import Checkpoint, load_tensors
+    from rain_tasks.merge.engine import DeltaPlan, TensorDir, merge_checkpoint
+    from rain_tasks.model.runtime import configure
+    from rain_tasks.params import load_params
+    from rain_tasks.pipeline.runner import run_stage
+    from rain_tasks.pipeline.stages import FEAT, FEAT_HELDOUT, TV
+    from rain_tasks.stage1.projection import project
+
+    configure()
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="rain-precision-"))
+    build(work, argparse.Namespace(**{**vars(args), "dtype": args.dtype}))
+    params = load_params(work / "params.yaml")
+    for stage in ("task_vectors", "features"):
+        run_stage(stage, params, work)
+    variants = {"f64": {}, "f32": {"precision": "float32"}, "f32_16bit": {"precision": "float32", "dtype": args.dtype}}
+    seconds, reports = {}, {}
+    for tag, overrides in variants.items():
+        q = params.projection.model_copy(update=overrides)
+        t0 = time.perf_counter()
+        project(work / TV, work / FEAT, q, work / f"proj_{tag}", work / f"report_{tag}.parquet", work / FEAT_HELDOUT)
+        seconds[tag] = time.perf_counter() - t0
+        reports[tag] = pd.read_parquet(work / f"report_{tag}.parquet")
+    exact, fast = reports["f64"], reports["f32"]
+    delta_rel = max(
+        float((a[n] - b[n]).norm() / a[n].norm())
+        for layer in range(args.layers)
+        for a, b in [(load_tensors(layer_file(work / "proj_f64", layer)), load_tensors(layer_file(work / "proj_f32", layer)))]
+        for n in a if a[n].norm() > 0
+    )
+    lrm = work / "ckpt/lrm"
+    for tag in ("f32", "f32_16bit"):
+        merge_checkpoint(lrm, work / f"merged_{tag}", "rain", {"lam": params.merge.lam},
+                         DeltaPlan(linear=TensorDir(work / f"proj_{tag}")), "2GB")
+    a, b = Checkpoint(work / "merged_f32"), Checkpoint(work / "merged_f32_16bit")
+    ulps = torch.cat([ulp_distance(a.get(n), b.get(n)).flatten() for n in a.names()])
+    result = {
+        "model": {k: getattr(args, k) for k in ("hidden", "ffn", "layers", "heads", "kv_heads", "dtype", "samples")},
+        "projection_s": seconds,
+        "blocks": len(exact), "rank_differs": int((fast["rank_kept"] != exact["rank_kept"]).sum()),
+        "max_abs_diff": {c: float((fast[c] - exact[c]).abs().max()) for c in REPORT_COLUMNS},
+        "max_rel_diff_delta_perp": delta_rel,
+        "report_16bit_equals_f32": bool(reports["f32_16bit"].equals(fast)),
+        "merged_ulps": {"elements": int(ulps.numel()), "differ": int((ulps > 0).sum()),
+                        "max": int(ulps.max()), "over_1": int((ulps > 1).sum())},
+        "load_average": os.getloadavg()[0],
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
