@@ -13,23 +13,21 @@ Inferred here beyond METHODS-MORE: o_proj's bias acts on the constant 1 that eve
 block; RAIN protects it fully (left at 0), so SAGE damps it as a direction of σ̃ = 1, by 1/(1 + β), which keeps
 both limits. The source's "forgetting carrier" (γ, V_c) is not implemented: no definition of V_c was found.
 
-Output layout = projection's (per-layer Δ' keyed by checkpoint names, report rows in the metadata, manifest last),
-so Stage 2 and the merge read it where they read Δ⊥.
+The computation is Stage 1's own (stage1/projection.py: one layer loop, `method: sage` selecting this basis rule);
+this module names it for the SAGE neighbour model. Output layout = projection's (per-layer Δ' keyed by checkpoint
+names, report rows in the metadata, manifest last, a report table beside it), so Stage 2 and the merge read it where
+they read Δ⊥.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from rain_tasks.io.arch import MODULES, ModelShape
-from rain_tasks.io.artifacts import MANIFEST, layer_file, write_json
-from rain_tasks.io.checkpoint import is_current, load_tensors, save_tensors
-from rain_tasks.io.guards import require_finite
+
+from rain_tasks.io.arch import ModelShape
 from rain_tasks.params import SageParams
-from rain_tasks.stage1.projection import (Basis, RowStats, augmented, layer_meta, load_stats, module_blocks,
-                                          project_block_with_coefficients, protected_basis, sqrt_ratio)
+from rain_tasks.stage1.projection import Basis, RowStats, project, project_layer, protected_basis
 
 
 def sage_basis(stats: RowStats, params: SageParams) -> Basis:
@@ -41,49 +39,13 @@ def sage_basis(stats: RowStats, params: SageParams) -> Basis:
 def sanitize_layer(
     delta: dict[str, torch.Tensor], stats: dict[str, RowStats], shape: ModelShape, layer: int, params: SageParams
 ) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """Δ' of one layer's seven modules (fp32, by checkpoint name) and one report row per block."""
-    bases: dict[str, Basis] = {}
-    out: dict[str, torch.Tensor] = {}
-    report = []
-    for module in MODULES:
-        w_name, b_name = shape.spec.param_name(layer, module, "weight"), shape.spec.param_name(layer, module, "bias")
-        if w_name not in delta:
-            raise KeyError(f"task vector of layer {layer} lacks {w_name}")
-        m = augmented(delta, w_name, b_name)
-        result = m / (1.0 + params.beta)  # only o_proj's bias column keeps this (see the module docstring)
-        for block_index, set_name, sel in module_blocks(module, shape, layer, tuple(m.shape)):
-            s, block = stats[set_name], m[sel]
-            if s.dim != block.shape[1]:
-                raise ValueError(f"layer {layer} {module}: features of set {set_name!r} have width {s.dim}, its block has {block.shape[1]}")
-            if set_name not in bases:
-                bases[set_name] = sage_basis(s, params)
-            basis = bases[set_name]
-            sanitized, coeffs = project_block_with_coefficients(block, basis)
-            result[sel] = sanitized
-            before, after = s.quad_before_after(block, coeffs, basis.u)
-            report.append({"layer": layer, "module": module, "group": block_index, "rank_kept": int(basis.u.shape[1]),
-                           "energy_damped": basis.energy_protected,
-                           "norm_ratio": sqrt_ratio(sanitized.square().sum().item(), block.square().sum().item()),
-                           "bias_ratio": sqrt_ratio(after, before)})
-        result = result.to(torch.float32)
-        out[w_name] = result[:, : delta[w_name].shape[1]].contiguous()
-        if b_name in delta:
-            out[b_name] = result[:, -1].contiguous()
-    return out, report
+    """Δ' of one layer's seven modules (fp32, by checkpoint name) and one projection report row per block
+    (`residual_calib`: the bias left on the calibration rows, `energy_protected`: the share of energy damped)."""
+    return project_layer(delta, stats, shape, layer, params.retained())
 
 
 def sanitize(task_vectors_dir: str | Path, features_dir: str | Path, params: SageParams, out_dir: str | Path) -> Path:
-    """Write Δ' per layer into `out_dir` (projection's layout, layers made from the same inputs skipped); return the manifest."""
+    """Write Δ' per layer into `out_dir` and its report to `<out_dir>.parquet` (projection's layout and writer, layers
+    made from the same inputs skipped); return the manifest."""
     out_dir = Path(out_dir)
-    shape, meta = layer_meta(task_vectors_dir, features_dir, params, None)
-    meta["kind"] = "sage"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MANIFEST).unlink(missing_ok=True)
-    for layer in range(shape.num_layers):
-        path = layer_file(out_dir, layer)
-        if is_current(path, meta):
-            continue
-        delta = load_tensors(layer_file(task_vectors_dir, layer))
-        tensors, rows = sanitize_layer(delta, load_stats(layer_file(features_dir, layer)), shape, layer, params)
-        save_tensors(path, require_finite(tensors, f"sage {path}"), {**meta, "layer": str(layer), "report": json.dumps(rows)})
-    return write_json(out_dir / MANIFEST, {**meta, "num_layers": shape.num_layers, "params_json": params.model_dump()})
+    return project(task_vectors_dir, features_dir, params.retained(), out_dir, out_dir.with_suffix(".parquet"))
