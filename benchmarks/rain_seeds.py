@@ -105,13 +105,13 @@ def _best(names: list[str], on_val: dict) -> str:
 def measure(project: Path, work: Path, seed: int, zoo: dict, lambdas: list[float], frontier: list[float],
             max_eval: int | None, family_from: Path | None = None) -> dict:
     from rain_tasks.evaluate.evaluation import evaluate_models
-    from rain_tasks.params import load_params
+    from rain_tasks.params import OrthogonalityParams, load_params
     from rain_tasks.pipeline.runner import run_stage
     from rain_tasks.pipeline.stages import ABLATIONS, ABLATIONS_BY_NAME, BASELINES, MERGED, PAPER_MODEL, frontier_name
     from rain_tasks.zoo import build_zoo
     from rain_tasks.zoo.build import deterministic
     from rain_tasks.zoo.report import chosen_baselines, family_behaviour, thinking_matters
-    from zoo_family import geometry
+    from rain_tasks.stage1.orthogonality import module_geometry, orthogonality_table
 
     root = seed_project(project, work, seed, zoo, lambdas, frontier)
     p = load_params(root / "params.yaml")
@@ -159,7 +159,8 @@ def measure(project: Path, work: Path, seed: int, zoo: dict, lambdas: list[float
             "thinking_matters": thinking_matters(behaviour["lrm"], behaviour["lrm_forced_closed"]),
             "baselines": [{"method": b["method"], "setting": b["setting"], **{m: b["test"][m] for m in FAMILY}}
                           for b in grid],
-            "geometry": geometry(root / "models")}
+            "geometry": module_geometry(orthogonality_table(*(root / "models" / m for m in ("base", "itm", "lrm")),
+                                                            OrthogonalityParams()))}
 
 
 def _mean_sd(values: list[float]) -> str:
@@ -232,7 +233,6 @@ def main() -> None:
     from rain_tasks.model.runtime import configure
 
     configure()
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     zoo = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
     work = args.workdir or Path(tempfile.mkdtemp(prefix="rain-seeds-"))
     results = []

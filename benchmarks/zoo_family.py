@@ -23,35 +23,12 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
-RANDOM_DRAWS = 200
-
-
-def random_max_cosine(dim: int, rank: int, draws: int = RANDOM_DRAWS, seed: int = 0) -> float:
-    """Mean largest principal cosine between two random `rank`-dimensional subspaces of R^dim (seeded draws)."""
-    import torch
-
-    from rain_tasks.stage1.orthogonality import principal_cosines
-
-    g = torch.Generator().manual_seed(seed)
-    values = []
-    for _ in range(draws):
-        a, b = (torch.linalg.qr(torch.randn(dim, rank, generator=g, dtype=torch.float64))[0] for _ in range(2))
-        values.append(float(principal_cosines(a, b).max()))
-    return sum(values) / len(values)
-
-
 def geometry(models: Path) -> list[dict]:
-    """Per module (over layers and both sides): largest principal cosine of the top-8 subspaces, and chance."""
-    from rain_tasks.stage1.orthogonality import orthogonality_table
+    """Per module: largest principal cosine of the top-8 subspaces of Δ_R and Δ_I, and chance."""
     from rain_tasks.params import OrthogonalityParams
+    from rain_tasks.stage1.orthogonality import module_geometry, orthogonality_table
 
-    p = OrthogonalityParams()
-    table = orthogonality_table(models / "base", models / "itm", models / "lrm", p)
-    chance = {(d, r): random_max_cosine(d, r) for d, r in set(zip(table["dim"], table["rank"]))}
-    table["random_max"] = [chance[(d, r)] for d, r in zip(table["dim"], table["rank"])]
-    grouped = table.groupby("module", sort=False).agg(cos_max=("cos_max", "max"), cos_median=("cos_max", "median"),
-                                                      random_max=("random_max", "max"))
-    return [{"module": m, **{k: float(v) for k, v in row.items()}} for m, row in grouped.iterrows()]
+    return module_geometry(orthogonality_table(models / "base", models / "itm", models / "lrm", OrthogonalityParams()))
 
 
 def measure(seed: int, zoo: dict, work: Path, max_new_tokens: int) -> dict:

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from rain_tasks.io.arch import MODULES, read_shape
-from rain_tasks.stage1.orthogonality import module_rows, orthogonality_table, principal_cosines, top_singular_subspaces
+from rain_tasks.stage1.orthogonality import (module_geometry, module_rows, orthogonality_table, principal_cosines,
+                                             random_max_cosine, top_singular_subspaces)
 from rain_tasks.params import ModelsParams, OrthogonalityParams, Params
 from rain_tasks.io.schemas import ORTHOGONALITY_SCHEMA
 from rain_tasks.pipeline.stages import ORTHO_CSV, ORTHO_PNG
@@ -63,6 +64,23 @@ def test_random_pair_is_near_chance_sqrt_r_over_d():
         assert row["random_rms"] == pytest.approx(math.sqrt(r / d))
         assert 0.6 < row["cos_rms"] / row["random_rms"] < 1.4, row  # sd of the ratio is about 0.09 at r = 8
         assert row["cos_max"] < 0.6
+
+
+def test_random_max_cosine_is_the_chance_level_of_the_largest_cosine():
+    """Above the rms chance √(r/d) and growing with r; exactly 1 once 2r > d (two such subspaces must intersect)."""
+    small, large = random_max_cosine(128, 4, draws=50), random_max_cosine(128, 16, draws=50)
+    assert math.sqrt(4 / 128) < small < large < 1.0
+    assert random_max_cosine(10, 6, draws=5) == pytest.approx(1.0, abs=1e-9)
+
+
+def test_module_geometry_summarises_each_module_against_chance(tiny_family):
+    table = orthogonality_table(tiny_family["base"], tiny_family["itm"], tiny_family["lrm"], P)
+    rows = module_geometry(table)
+    assert [r["module"] for r in rows] == list(MODULES)
+    for r in rows:
+        cos = table.loc[table["module"] == r["module"], "cos_max"]
+        assert r["cos_max"] == pytest.approx(cos.max()) and r["cos_median"] == pytest.approx(cos.median())
+        assert 0.0 < r["random_max"] < 1.0
 
 
 def test_rank_is_capped_at_the_smaller_dimension():

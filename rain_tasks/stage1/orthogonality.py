@@ -6,7 +6,8 @@ adding Δ_I barely disturbs what Δ_R learned. For each of the seven Linear weig
 this module takes the top-r left (output space) and right (input space) singular vectors of
 both task vectors and reports the cosines of the principal angles between the two subspaces
 (the singular values of U_Rᵀ U_I). For two random r-dimensional subspaces of R^d the mean
-squared cosine is r/d, so `random_rms` = √(r/d) is the chance level to compare against.
+squared cosine is r/d, so `random_rms` = √(r/d) is the chance level to compare against; the largest
+cosine has no closed form, so `random_max_cosine` draws it (the chance level of `module_geometry`).
 
 Checkpoints are read one tensor at a time; top-r subspaces come from a seeded randomized
 SVD (Halko, Martinsson & Tropp 2011) so the stage stays cheap on 7B-scale modules.
@@ -94,6 +95,26 @@ def orthogonality_table(base_dir: str | Path, itm_dir: str | Path, lrm_dir: str 
     columns = ["layer", "module", "side", "dim", "rank", "cos_max", "cos_mean", "cos_rms", "random_rms", "energy_r", "energy_i"]
     table = pd.DataFrame(rows, columns=columns)
     return ORTHOGONALITY_SCHEMA.validate(table.astype({"layer": "int64", "dim": "int64", "rank": "int64"}))
+
+
+def random_max_cosine(dim: int, rank: int, draws: int = 200, seed: int = 0) -> float:
+    """Mean largest principal cosine between two random `rank`-dimensional subspaces of R^dim (seeded draws)."""
+    g = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(draws):
+        a, b = (torch.linalg.qr(torch.randn(dim, rank, generator=g, dtype=torch.float64))[0] for _ in range(2))
+        values.append(float(principal_cosines(a, b).max()))
+    return sum(values) / len(values)
+
+
+def module_geometry(table: pd.DataFrame) -> list[dict]:
+    """Per module (over layers and both sides) of an orthogonality table: the largest and the median largest
+    principal cosine, beside the largest chance level of random subspaces of the same sizes."""
+    chance = {(d, r): random_max_cosine(d, r) for d, r in set(zip(table["dim"], table["rank"]))}
+    table = table.assign(random_max=[chance[(d, r)] for d, r in zip(table["dim"], table["rank"])])
+    grouped = table.groupby("module", sort=False).agg(cos_max=("cos_max", "max"), cos_median=("cos_max", "median"),
+                                                      random_max=("random_max", "max"))
+    return [{"module": m, **{k: float(v) for k, v in row.items()}} for m, row in grouped.iterrows()]
 
 
 def write_orthogonality(base_dir: str | Path, itm_dir: str | Path, lrm_dir: str | Path, p: OrthogonalityParams,
