@@ -80,7 +80,7 @@ class RowStats:
     @property
     def _t(self) -> torch.Tensor:
         """The statistics in their compute dtype: float64 or float32 as stored (`astype`), anything else in float64."""
-        return self.tensor if self.tensor.dtype in ZERO_RTOL else self.tensor.to(torch.float64)
+        return self.tensor if self.tensor.dtype in PRECISIONS.values() else self.tensor.to(torch.float64)
 
     def astype(self, dtype: torch.dtype) -> RowStats:
         """The same statistics with every later computation (spectrum, diagnostics) in `dtype`."""
