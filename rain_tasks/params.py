@@ -462,6 +462,9 @@ class Params(_Section):
 
     @model_validator(mode="after")
     def _curvature_needs_its_pass(self):
+        if self.attention.mode == "eager" and self.runtime.dtype in ("bfloat16", "float16"):
+            raise ValueError(f"attention.mode 'eager' reads attention weights rounded to runtime.dtype {self.runtime.dtype}, too "
+                             "coarse for Stage 2's statistics; use attention.mode auto or recompute (fp32 softmax)")
         if self.alpha.variant == "curvature" and not self.attention.curvature_pass:
             raise ValueError("alpha.variant 'curvature' needs the third attention pass: set attention.curvature_pass: true "
                              "or choose alpha.variant two_pass")

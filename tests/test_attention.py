@@ -25,7 +25,7 @@ from rain_tasks.stage2.attention import (
 )
 from rain_tasks.model.calibration import load_tokenizer, render_sample
 from rain_tasks.io.checkpoint import load_tensors, save_tensors
-from rain_tasks.params import AttentionParams
+from rain_tasks.params import AttentionParams, Params, RuntimeParams
 from rain_tasks.merge.task_vectors import compute_task_vectors
 from rain_tasks.io.artifacts import MANIFEST, NON_LAYER, layer_file
 
@@ -209,3 +209,33 @@ def test_spans_map_to_the_same_text_whether_or_not_the_template_opens_think():
             words = lambda positions: [r.input_ids[p] for p in positions]  # noqa: E731 - token ids, position-free
             mapped.append(([(words(i), words(k)) for i, k in spans.pairs], words(spans.instruction), words(spans.unrelated)))
         assert mapped[0] == mapped[1] and mapped[0][0]
+
+
+def test_bf16_passes_recompute_in_fp32_and_track_the_fp32_statistics(tiny_family, tmp_path):
+    """bf16 forward passes: auto takes the recompute path (fp32 softmax), so every attention mass stays ≤ 1 within the
+    schema's bound, and the statistics follow the fp32 ones to bf16's precision; eager is refused before any pass."""
+    projected = tmp_path / "projected"
+    compute_task_vectors(tiny_family["base"], tiny_family["itm"], projected)
+    path = write_jsonl(tmp_path / "instruction.jsonl", instruction_rows(6))
+    tables = {}
+    for dtype in ("float32", "bfloat16"):
+        runtime = RuntimeParams(device="cpu", dtype=dtype)
+        out = attention_stats(tiny_family["lrm"], projected, path, AttentionParams(prior=0.5, max_tokens=128),
+                              tmp_path / dtype / "stats.parquet", tmp_path / dtype / "report.json", lam=2.0, runtime=runtime)
+        tables[dtype] = pd.read_parquet(out)
+        paths = json.loads((tmp_path / dtype / "report.json").read_text())["paths"]
+        assert paths == [{"eager" if dtype == "float32" else "recompute": 6}] * 3
+    fp32, bf16 = tables["float32"], tables["bfloat16"]
+    cols = ["a0", "a1", "a2", "u0", "u1", "u2"]
+    assert (bf16[cols].to_numpy() <= 1 + 1e-6).all()
+    gap = np.abs(bf16[cols].to_numpy() - fp32[cols].to_numpy())
+    assert 0 < gap.max() < 1e-3  # bf16 weights and activations (2⁻⁸ relative), not the fp32 model
+    step = (fp32["a1"] - fp32["a0"]).to_numpy()  # what α reads: the change along the update
+    assert np.corrcoef(step, (bf16["a1"] - bf16["a0"]).to_numpy())[0, 1] > 0.999
+    with pytest.raises(ValueError, match="eager"):
+        attention_stats(tiny_family["lrm"], projected, path, AttentionParams(mode="eager"), tmp_path / "e.parquet",
+                        tmp_path / "e.json", runtime=RuntimeParams(device="cpu", dtype="bfloat16"))
+    assert not (tmp_path / "e.parquet").exists()
+    with pytest.raises(ValueError, match="attention.mode 'eager'"):  # and params.yaml saying so, when it is parsed
+        Params.model_validate({"runtime": {"dtype": "bfloat16"}, "attention": {"mode": "eager"}})
+    assert pick_mode("auto", read_shape(tiny_family["lrm"]), 64, dtype=torch.bfloat16) == "recompute"

@@ -174,12 +174,13 @@ def _rain_plan(p: Params, r: Path, projected: bool = True, alpha: str | None = "
 
 
 @contextmanager
-def _timed(models: dict[str, dict], name: str, **facts: str) -> Iterator[None]:
+def _timed(models: dict[str, dict], name: str, **facts: str) -> Iterator[dict[str, str]]:
     """Record the wall time of the block as models[name]['merge_time_s'] (for the run record, rain_tasks.pipeline.runs:
-    timings vary run to run, so never in a tracked output), beside `facts` such as the model's lineage digest."""
-    start = time.perf_counter()
-    yield
-    models[name] = {"merge_time_s": round(time.perf_counter() - start, 3), **facts}
+    timings vary run to run, so never in a tracked output), beside `facts` such as the model's lineage digest (the
+    block may add facts it learns to the dict it is given)."""
+    start, found = time.perf_counter(), dict(facts)
+    yield found
+    models[name] = {"merge_time_s": round(time.perf_counter() - start, 3), **found}
 
 
 def _lineage_cores(p: Params, r: Path, name: str) -> Callable[[str, dict], dict]:
@@ -377,16 +378,14 @@ def merge_neighbours(p: Params, r: Path, models_dir: Path, work_dir: Path, cores
         work.mkdir()
         tmp.mkdir()
         for name, prepare in neighbour_merges(p).items():
-            start = time.perf_counter()
-            method, method_params, plan = prepare(p, r, work)
-            if cores is None:
-                merge_checkpoint(r / p.models.lrm, tmp / name, method, method_params, plan, p.merge.max_shard_size)
-                facts = {}
-            else:
-                core = cores(method.name, method_params)
-                _merge_recorded(p, r, tmp / name, core, plan, name, method=method)
-                facts = {"lineage": json_digest(core)}
-            models[name] = {"merge_time_s": round(time.perf_counter() - start, 3), **facts}
+            with _timed(models, name) as facts:  # preparation (statistics, masks) included
+                method, method_params, plan = prepare(p, r, work)
+                if cores is None:
+                    merge_checkpoint(r / p.models.lrm, tmp / name, method, method_params, plan, p.merge.max_shard_size)
+                else:
+                    core = cores(method.name, method_params)
+                    _merge_recorded(p, r, tmp / name, core, plan, name, method=method)
+                    facts["lineage"] = json_digest(core)
     return models
 
 

@@ -19,7 +19,9 @@ standard errors and checked for split-half reliability.
 Two paths give the same numbers: "eager" reads `output_attentions` (holds layers × heads × T²,
 for short texts); "recompute" captures each layer's attention input during a forward without
 attention weights and recomputes only the R ∪ U query rows (memory heads × |R ∪ U| × T).
-"auto" uses eager while the full attention tensors fit in EAGER_BUDGET_BYTES.
+"auto" uses eager while the full attention tensors fit in EAGER_BUDGET_BYTES and the model runs in
+fp32; in bf16/fp16 the model's attention weights are rounded to its dtype, so "auto" recomputes (the
+softmax in fp32 from the captured inputs) and "eager" is refused.
 
 Samples are the first `max_samples` rows; rows longer than `max_tokens` are skipped (counted).
 The JSON report counts unmapped span strings per kind over every row read (per sample too).
@@ -42,7 +44,7 @@ from rain_tasks.model.calibration import Rendered, load_tokenizer, render_sample
 from rain_tasks.model.capture import attention_probs, forward_batch_with_hooks, pad_right, token_batches
 from rain_tasks.io.checkpoint import load_tensors
 from rain_tasks.io.artifacts import atomic_path, layer_file, read_manifest, write_json
-from rain_tasks.model.runtime import CPU, add_to_parameter, input_device, load_causal_lm
+from rain_tasks.model.runtime import CPU, add_to_parameter, forward_dtype, input_device, load_causal_lm
 from rain_tasks.io.guards import require_finite
 from rain_tasks.params import AttentionParams, RuntimeParams
 from rain_tasks.io.schemas import STATS_SCHEMA, load_records
@@ -123,10 +125,27 @@ def eager_bytes(shape: ModelShape, n_tokens: int, batch: int = 1) -> int:
     return batch * shape.num_layers * shape.num_heads * n_tokens * n_tokens * 4
 
 
-def pick_mode(mode: str, shape: ModelShape, n_tokens: int, batch: int = 1) -> str:
-    """Resolve "auto" to eager for batches whose full attention fits the budget, recompute otherwise."""
+#: dtypes whose eager attention weights are exact enough for the statistics: in bf16/fp16 the model rounds
+#: each softmax probability to its own dtype (2⁻⁹ relative in bf16) before the spans are summed, so a row's mass
+#: exceeds 1 by more than the schema allows; the recompute path takes the softmax in fp32 from any forward dtype.
+EAGER_DTYPES = (torch.float32, torch.float64)
+
+
+def check_mode(mode: str, dtype: torch.dtype) -> None:
+    """Refuse `mode: eager` for a model that runs in a dtype whose attention weights are rounded (bf16/fp16)."""
+    if mode == "eager" and dtype not in EAGER_DTYPES:
+        raise ValueError(f"attention.mode 'eager' reads attention weights rounded to {str(dtype).removeprefix('torch.')}, "
+                         "too coarse for the statistics; use mode 'auto' or 'recompute' (fp32 softmax from the "
+                         "captured layer inputs), or runtime.dtype float32")
+
+
+def pick_mode(mode: str, shape: ModelShape, n_tokens: int, batch: int = 1, dtype: torch.dtype = torch.float32) -> str:
+    """Resolve "auto" to eager for fp32 batches whose full attention fits the budget, recompute otherwise."""
+    check_mode(mode, dtype)
     if mode != "auto":
         return mode
+    if dtype not in EAGER_DTYPES:
+        return "recompute"
     return "eager" if eager_bytes(shape, n_tokens, batch) <= EAGER_BUDGET_BYTES else "recompute"
 
 
@@ -192,10 +211,10 @@ def run_pass(
     """
     a_all = np.zeros((len(samples), shape.num_layers, shape.num_heads))
     u_all = np.zeros_like(a_all)
-    used = Counter()
+    used, dtype = Counter(), next(model.parameters()).dtype
     for batch in tqdm(token_batches([len(s.input_ids) for s in samples], batch_tokens), desc=desc, unit="batch"):
         group = [samples[i] for i in batch]
-        path = pick_mode(mode, shape, max(len(s.input_ids) for s in group), len(group))
+        path = pick_mode(mode, shape, max(len(s.input_ids) for s in group), len(group), dtype)
         for i, (a, u) in zip(batch, _PATHS[path](model, [s.input_ids for s in group], [s.spans for s in group])):
             a_all[i], u_all[i] = a.numpy(), u.numpy()
         used[path] += len(group)
@@ -310,6 +329,7 @@ def attention_stats(
     `runtime` places the LRM (device, dtype, device_map) and sets the padded tokens per forward pass.
     """
     runtime = runtime or CPU
+    check_mode(params.mode, forward_dtype(lrm_dir, runtime))
     shape = read_shape(lrm_dir)
     rows = load_records(instruction_path, "instruction")[: params.max_samples]
     samples, report = prepare_instruction_samples(rows, load_tokenizer(lrm_dir), params.max_tokens)
