@@ -177,6 +177,9 @@ class ProjectionParams(_Section):
     float64 copies; the directions kept and the residuals stay within the bounds tests/test_projection.py states).
     dtype: how Δ⊥ is stored (the LRM's 16-bit dtype halves what Stage 2 and the merge read; benchmarks/README.md
     gives its effect on the merged tensors in units of their spacing).
+    solver: exact (the full eigendecomposition) or randomized (block subspace iteration for the top directions only,
+    widened until the rule is met: energy, rank or rel_threshold; its Ritz values never exceed the true eigenvalues,
+    so the energy rule keeps at least as many directions as exact; tests/test_projection.py bounds the difference).
     """
 
     energy: float = Field(0.99, gt=0.0, le=1.0)
@@ -188,6 +191,7 @@ class ProjectionParams(_Section):
     beta: float = Field(1000.0, ge=0.0)  # method sage only
     precision: Literal["float64", "float32"] = "float64"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    solver: Literal["exact", "randomized"] = "exact"
 
     @model_validator(mode="after")
     def _one_rule(self):
@@ -202,6 +206,13 @@ class ProjectionParams(_Section):
         if self.method == "sage" and self.ridge > 0:
             raise ValueError("projection.method sage damps the directions a hard rule keeps; ridge is itself soft: "
                              "set ridge: 0.0 or method: nullspace")
+        return self
+
+    @model_validator(mode="after")
+    def _randomized_needs_a_top_set(self):
+        if self.solver == "randomized" and (self.ridge > 0 or self.max_leftover is not None):
+            raise ValueError("projection.solver randomized finds the top directions only; ridge and max_leftover weigh "
+                             "every direction: use solver exact with them, or the energy, rank or rel_threshold rule")
         return self
 
 

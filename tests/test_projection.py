@@ -275,3 +275,44 @@ def test_float32_precision_and_16bit_storage_end_to_end(stage1, tiny_family):
         for n in a:
             assert (a[n] - b[n]).norm() < 1e-4 * tv[n].norm(), n
             assert c[n].dtype == torch.bfloat16 and torch.equal(c[n], b[n].to(torch.bfloat16)), n
+
+
+@pytest.mark.parametrize(("n", "d", "kind", "rule"), [(400, 700, "rows", {"rank": 30}), (1500, 500, "rows", {"energy": 0.9}),
+                                                     (1500, 500, "gram", {"energy": 0.9})], ids=str)
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+def test_randomized_solver_keeps_the_exact_rule_and_residual(n, d, kind, rule, precision):
+    """solver randomized (subspace iteration, top block only) on sizes where it runs: the energy rule keeps at least the
+    exact rank and at least the target share, the basis is orthonormal, the residual on the rows is the exact one within
+    1e-3, and the bits repeat; on a problem too small for it, it is the exact solver."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64) * torch.logspace(0, -4, d, dtype=torch.float64)
+    block = torch.randn(60, d, generator=g, dtype=torch.float64)
+    ct = getattr(torch, precision)
+    stats = RowStats(kind, x if kind == "rows" else x.T @ x, n).astype(ct)
+    exact = protected_basis(stats, ProjectionParams(**rule, precision=precision))
+    fast = protected_basis(stats, ProjectionParams(**rule, precision=precision, solver="randomized"))
+    assert not torch.equal(fast.u @ fast.u.T, exact.u @ exact.u.T)  # it ran, not the exact fallback
+    assert fast.rank >= exact.rank and fast.rank <= exact.rank + 2
+    if "energy" in rule:
+        assert fast.energy_protected >= rule["energy"] * (1 - 1e-12)
+    assert fast.energy_protected == pytest.approx(exact.energy_protected, abs=1e-4)
+    tol = 1e-10 if precision == "float64" else 1e-5
+    assert (fast.u.T @ fast.u - torch.eye(fast.rank, dtype=ct)).abs().max() < tol
+    m = block.to(ct)
+    residual = {}
+    for name, basis in (("exact", exact), ("fast", fast)):
+        before, after = stats.quad_before_after(m, project_block_with_coefficients(m, basis)[1], basis.u)
+        residual[name] = math.sqrt(after / before)
+    assert residual["fast"] == pytest.approx(residual["exact"], abs=1e-3)
+    again = protected_basis(RowStats(kind, stats.tensor, n), ProjectionParams(**rule, precision=precision, solver="randomized"))
+    assert torch.equal(again.u, fast.u)
+    small = _rows(20, 50)
+    for s in _both(small):
+        torch.testing.assert_close(_projector(s, ProjectionParams(energy=0.9, solver="randomized")),
+                                   _projector(s, ProjectionParams(energy=0.9)), rtol=0, atol=0)
+
+
+def test_randomized_solver_refuses_rules_that_weigh_every_direction():
+    for rule in ({"ridge": 0.1}, {"max_leftover": 0.1}):
+        with pytest.raises(ValueError, match="solver randomized"):
+            ProjectionParams(**rule, solver="randomized")

@@ -39,6 +39,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,8 +198,11 @@ def leftover_weights(vals: torch.Tensor, vecs: torch.Tensor, block: torch.Tensor
     return weights
 
 
-def selection_weights(vals: torch.Tensor, params: ProjectionParams, trace: float, dim: int) -> torch.Tensor:
-    """Protection weight per eigen-direction (descending λ): 1/0 for a hard set, λ/(λ+ε) for ridge."""
+def selection_weights(vals: torch.Tensor, params: ProjectionParams, trace: float, dim: int, total: float | None = None) -> torch.Tensor:
+    """Protection weight per eigen-direction (descending λ): 1/0 for a hard set, λ/(λ+ε) for ridge.
+
+    The energy rule reads its share of `total`: the spectrum's own sum by default, the trace where `vals` is
+    only the top of the spectrum (the randomized solver)."""
     if vals.numel() == 0:
         return vals.clone()
     if params.ridge > 0:
@@ -209,21 +213,77 @@ def selection_weights(vals: torch.Tensor, params: ProjectionParams, trace: float
         k = int((vals > params.rel_threshold * vals[0]).sum())
     else:
         cum = vals.cumsum(0)
-        k = int(torch.searchsorted(cum, params.energy * cum[-1] * (1 - _ZERO_RTOL))) + 1  # ties count as reached
+        whole = cum[-1] if total is None else total
+        k = int(torch.searchsorted(cum, params.energy * whole * (1 - _ZERO_RTOL))) + 1  # ties count as reached
         k = min(k, vals.numel())
     return (torch.arange(vals.numel()) < k).to(vals.dtype)
 
 
+#: the randomized solver: first block of directions (doubled until the rule is met), extra columns, power iterations
+SUBSPACE_START, SUBSPACE_OVERSAMPLE, SUBSPACE_ITERS = 64, 16, 4
+
+
+def rule_covered(vals: torch.Tensor, params: ProjectionParams, trace: float) -> bool:
+    """Whether the top eigenvalues `vals` (descending) already decide the hard rule: the directions it keeps are among them."""
+    if vals.numel() == 0 or vals[-1] <= ZERO_RTOL.get(vals.dtype, _ZERO_RTOL) * vals[0]:
+        return True  # the spectrum is exhausted within the block
+    if params.rank is not None:
+        return vals.numel() >= params.rank
+    if params.rel_threshold is not None:
+        return bool(vals[-1] <= params.rel_threshold * vals[0])
+    return float(vals.sum()) >= params.energy * trace * (1 - _ZERO_RTOL)
+
+
+def top_spectrum(stats: RowStats, covered: Callable[[torch.Tensor], bool]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top eigenpairs of G = XᵀX (as `RowStats.spectrum`), by block subspace iteration with Rayleigh–Ritz.
+
+    The block starts at SUBSPACE_START directions and doubles (the last block kept as the start of the next) until
+    `covered(vals)`; past a quarter of the problem's size the exact spectrum is cheaper. Ritz values never exceed the
+    true eigenvalues (so an energy target reached on them is reached by the exact top set of the same size), and the
+    Ritz vectors are orthonormal; on the low-rank path the operator X Xᵀ is applied as X (Xᵀ Q), never formed. A
+    fixed seed keeps the bases bit-identical."""
+    t = stats._t
+    kernel = stats.kind == ROWS and t.shape[0] < t.shape[1]  # directions in row space: U = Xᵀ V Λ^(-1/2)
+    if stats.kind == GRAM:
+        apply, size = (lambda q: t @ q), t.shape[1]
+    elif kernel:
+        apply, size = (lambda q: t @ (t.T @ q)), t.shape[0]
+    else:
+        apply, size = (lambda q: t.T @ (t @ q)), t.shape[1]
+    generator, k = torch.Generator().manual_seed(0), SUBSPACE_START
+    q = t.new_zeros(size, 0)
+    while k + SUBSPACE_OVERSAMPLE <= size // 4:
+        fresh = torch.randn(size, k + SUBSPACE_OVERSAMPLE - q.shape[1], generator=generator, dtype=t.dtype).to(t.device)
+        q = torch.cat([q, fresh], dim=1)
+        for _ in range(SUBSPACE_ITERS + 1):
+            q = torch.linalg.qr(apply(q)).Q
+        b = q.T @ apply(q)
+        vals, w = torch.linalg.eigh((b + b.T) / 2)
+        vals, vecs = vals.flip(0)[:k].clamp_min(0.0), (q @ w.flip(1)[:, :k])  # the oversampled tail is the least accurate
+        if covered(vals):
+            if vals[0] <= 0:
+                return vals[:0], vecs.new_zeros(t.shape[1], 0)
+            keep = vals > ZERO_RTOL[t.dtype] * vals[0]
+            if kernel:
+                return vals[keep], (t.T @ vecs[:, keep]) / vals[keep].sqrt()
+            return vals[keep], vecs[:, keep]
+        k *= 2
+    return stats.spectrum()
+
+
 def protected_basis(stats: RowStats, params: ProjectionParams, block: torch.Tensor | None = None) -> Basis:
     """The protected subspace of one row set under `params` (`max_leftover` also needs the block it protects)."""
-    vals, vecs = stats.spectrum()
     trace = stats.trace()
+    if params.solver == "randomized":
+        vals, vecs = top_spectrum(stats, lambda top: rule_covered(top, params, trace))
+    else:
+        vals, vecs = stats.spectrum()
     if params.max_leftover is not None:
         if block is None:
             raise ValueError("projection.max_leftover selects directions per block: pass the block")
         w = leftover_weights(vals, vecs, block, params.max_leftover)
     else:
-        w = selection_weights(vals, params, trace, stats.dim)
+        w = selection_weights(vals, params, trace, stats.dim, total=trace if params.solver == "randomized" else None)
     keep = w > 0
     if params.method == "sage":  # each kept direction damped by βσ̃/(1 + βσ̃), σ̃ = σ/σ_1 (stage1/sage.py)
         sig = vals / vals[0] if keep.any() else vals
