@@ -10,17 +10,16 @@ per file, not per byte. Goal (issue 7): ≤ 5 s.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT)]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+from _common import machine, model_parser  # noqa: E402
 
 
 def tree_size(root: Path) -> tuple[int, int]:
@@ -39,11 +38,7 @@ def timed(cmd: list[str], cwd: Path, env: dict) -> tuple[float, str]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workdir", type=Path)
-    p.add_argument("--layers", type=int, default=28)
-    p.add_argument("--hidden", type=int, default=32)
-    p.add_argument("--ffn", type=int, default=64)
+    p = model_parser(__doc__, widths={"hidden": 32, "ffn": 64}, layers=28, dtype=None)
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     from rain_dev.projects import MINI_OVERRIDES, MINI_ZOO, fresh_project, project_env
@@ -63,7 +58,7 @@ def main() -> None:
         status.append(timed(["dvc", "status"], project, env)[0])
     result = {"layers": args.layers, "hidden": args.hidden, "files": files, "bytes": size, "first_repro_s": first,
               "noop_repro_s": noop, "status_s": status,
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}"}
+              "machine": machine()}
     print(f"tree: {files} files, {size / 2**20:.1f} MiB ({args.layers} layers); first dvc repro {first:.0f} s")
     print(f"no-op dvc repro: {min(noop):.2f} s best of {len(noop)} (all: {', '.join(f'{s:.2f}' for s in noop)}); "
           f"dvc status: {min(status):.2f} s (goal: <= 5 s)")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from merge_vs_mergekit import status_gib  # noqa: E402
+from _common import build_project, model_parser, run_child, status_gib  # noqa: E402
 
 STAGES = ("task_vectors", "features", "projection", "attention_stats", "alpha", "merge")
 #: which sample count drives each stage's cost (None: neither)
@@ -58,16 +57,9 @@ def plan_estimates(work: Path) -> dict[str, dict]:
 
 def measure(work: Path, args: argparse.Namespace, layers: int, samples: int) -> dict:
     """Build one grid point and run every stage in its own process."""
-    from pipeline_ratio import build
-
-    build(work, argparse.Namespace(**{**vars(args), "layers": layers, "samples": samples}))
-    stages = {}
-    for stage in STAGES:
-        cmd = [sys.executable, __file__, "--child", stage, "--workdir", str(work)]
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"{stage} failed at layers {layers}, samples {samples} (status {proc.returncode})")
-        stages[stage] = json.loads(proc.stdout.strip().splitlines()[-1])
+    build_project(work, argparse.Namespace(**{**vars(args), "layers": layers, "samples": samples}))
+    stages = {stage: run_child(__file__, ["--child", stage, "--workdir", str(work)],
+                               f"{stage} at layers {layers}, samples {samples}") for stage in STAGES}
     return {"layers": layers, "samples": samples, "stages": stages, "plan": plan_estimates(work),
             "load_average": os.getloadavg()[0]}
 
@@ -103,16 +95,7 @@ def extrapolate(stage: str, model: dict, layers: int, samples: int) -> tuple[flo
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workdir", type=Path)
-    p.add_argument("--hidden", type=int, default=3584)
-    p.add_argument("--ffn", type=int, default=18944)
-    p.add_argument("--heads", type=int, default=28)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    p.add_argument("--layers", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--samples", type=int, nargs="+", default=[25, 50, 100])
-    p.add_argument("--set", nargs="*", default=[], help="params overrides, e.g. projection.precision=float32")
+    p = model_parser(__doc__, layers=[1, 2, 4], samples=[25, 50, 100], overrides=True)
     p.add_argument("--to-layers", type=int, default=28)
     p.add_argument("--to-reasoning", type=int, default=150)
     p.add_argument("--to-instruction", type=int, default=365)

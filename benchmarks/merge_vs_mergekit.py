@@ -16,29 +16,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT)]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+from _common import build_family, machine, model_parser, run_child, status_gib  # noqa: E402
+
 #: the processes measured, in the order they run (the extraction must precede `ours`)
 SIDES = ("mergekit", "task_vectors", "ours", "ours_direct")
-
-
-def build(work: Path, args: argparse.Namespace) -> None:
-    """The random family (rain_dev/tiny.py) at the requested widths."""
-    import torch
-    from rain_dev.tiny import make_family
-
-    make_family(work / "ckpt", hidden=args.hidden, ffn=args.ffn, layers=args.layers, heads=args.heads,
-                kv_heads=args.kv_heads, dtype=getattr(torch, args.dtype))
 
 
 def child(side: str, work: Path, shard_size: str) -> dict:
@@ -79,16 +70,6 @@ def child(side: str, work: Path, shard_size: str) -> dict:
     return seconds
 
 
-def status_gib(field: str) -> float:
-    """VmRSS (resident now) or VmHWM (peak since exec) of this process, from /proc (Linux).
-
-    Not wait4's ru_maxrss: that keeps the forking parent's RSS from before the exec."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) / 2**20
-    return float("nan")
-
-
 def _dtype(model_dir: Path) -> str:
     """The checkpoint's dtype name as config.json gives it (transformers 5: `dtype`, older: `torch_dtype`)."""
     config = json.loads((model_dir / "config.json").read_text())
@@ -101,13 +82,9 @@ def _bytes(size: str) -> int:
     return parse_size(size)
 
 
-def run_child(side: str, work: Path, shard_size: str) -> dict:
+def run_side(side: str, work: Path, shard_size: str) -> dict:
     """Run `side` in a fresh process; its wall times and peak RSS (GiB)."""
-    cmd = [sys.executable, __file__, "--child", side, "--workdir", str(work), "--shard-size", shard_size]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{side} failed (status {proc.returncode})")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = run_child(__file__, ["--child", side, "--workdir", str(work), "--shard-size", shard_size], side)
     return {**result, "working_rss_gib": result["peak_rss_gib"] - result["baseline_rss_gib"]}
 
 
@@ -124,14 +101,7 @@ def largest_tensor_gib(model_dir: Path) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workdir", type=Path)
-    p.add_argument("--hidden", type=int, default=3584)
-    p.add_argument("--ffn", type=int, default=18944)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=28)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p = model_parser(__doc__, layers=2)
     p.add_argument("--shard-size", default="1GB")
     p.add_argument("--repeats", type=int, default=1, help="run the sides in turn this many times; report medians")
     p.add_argument("--child", choices=list(SIDES), help=argparse.SUPPRESS)
@@ -141,11 +111,11 @@ def main() -> None:
         return
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="rain-merge-bench-"))
-    build(work, args)
+    build_family(work, args)
     runs = {side: [] for side in SIDES}
     for _ in range(args.repeats):
         for side in SIDES:  # in turn, so a drift in the machine's speed reaches every side alike
-            runs[side].append(run_child(side, work, args.shard_size))
+            runs[side].append(run_side(side, work, args.shard_size))
     mergekit, tv, ours, direct = (median_run(runs[side]) for side in SIDES)
     largest, shard = largest_tensor_gib(work / "ckpt/lrm"), _bytes(args.shard_size) / 2**30
     budget = 2 * largest + shard
@@ -153,7 +123,7 @@ def main() -> None:
               "ours_merge": ours, "ours_task_vectors": tv, "ours_direct": direct, "mergekit": mergekit,
               "repeats": args.repeats, "largest_tensor_gib": largest,
               "shard_gib": shard, "rss_goal_gib": budget,
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}"}
+              "machine": machine()}
     for label, r in (("mergekit task_arithmetic", mergekit), ("ours: task vectors", tv), ("ours: merge", ours),
                      ("ours: merge from ITM and base", direct)):
         print(f"{label}: {r['seconds']:.2f} s, peak RSS {r['peak_rss_gib']:.2f} GiB "

@@ -11,11 +11,9 @@ is also timed alone. Prints a table and one JSON line.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -24,33 +22,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
+from _common import build_project, machine, model_parser  # noqa: E402
+
 RAIN_STAGES = ("task_vectors", "features", "projection", "attention_stats", "alpha", "merge")
 TA_STAGES = ("task_vectors", "baselines")
-
-
-def build(work: Path, args: argparse.Namespace) -> None:
-    """The random family, calibration sets and a params.yaml pointing at them."""
-    import torch
-    import yaml
-    from rain_dev.tiny import instruction_rows, make_family, reasoning_rows, write_jsonl
-
-    make_family(work / "ckpt", hidden=args.hidden, ffn=args.ffn, layers=args.layers, heads=args.heads,
-                kv_heads=args.kv_heads, dtype=getattr(torch, args.dtype))
-    write_jsonl(work / "calib/reasoning.jsonl", reasoning_rows(args.samples))
-    write_jsonl(work / "calib/heldout.jsonl", reasoning_rows(max(1, args.samples // 4)))
-    write_jsonl(work / "calib/instruction.jsonl", instruction_rows(args.samples))
-    params = {
-        "models": {"base": "ckpt/base", "itm": "ckpt/itm", "lrm": "ckpt/lrm"},
-        "calibration": {"reasoning": "calib/reasoning.jsonl", "instruction": "calib/instruction.jsonl",
-                        "reasoning_heldout": "calib/heldout.jsonl"},
-        "merge": {"max_shard_size": "2GB"},
-        "baselines": {"runs": [{"name": "ta", "method": "task_arithmetic", "lam": 1.0, "scope": "all"}]},
-    }
-    for item in getattr(args, "set", None) or []:  # section.key=value (YAML value), e.g. projection.precision=float32
-        key, value = item.split("=", 1)
-        section, name = key.split(".", 1)
-        params.setdefault(section, {})[name] = yaml.safe_load(value)
-    (work / "params.yaml").write_text(yaml.safe_dump(params))
 
 
 def timed_stages(work: Path, stages: tuple[str, ...], phases: dict[str, dict] | None = None) -> dict[str, float]:
@@ -83,16 +58,8 @@ def preflight_seconds(work: Path) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workdir", type=Path)
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--ffn", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--samples", type=int, default=50)
-    p.add_argument("--set", nargs="*", default=[], help="params.yaml overrides section.key=value (both sides)")
+    p = model_parser(__doc__, widths={"hidden": 128, "ffn": 256, "heads": 4, "kv_heads": 2}, layers=4, dtype="float32",
+                     samples=50, overrides=True)
     p.add_argument("--phases", action="store_true",
                    help="also split each RAIN stage into phases (wraps library functions: a little overhead)")
     args = p.parse_args()
@@ -103,7 +70,7 @@ def main() -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="rain-bench-"))
     rain_dir, ta_dir = work / "rain", work / "ta"
     for d in (rain_dir, ta_dir):
-        build(d, args)
+        build_project(d, args)
     preflight_seconds(ta_dir)  # warm-up: imports and first-call costs are paid before either side is timed
     ta = timed_stages(ta_dir, TA_STAGES)
     split: dict[str, dict] | None = {} if args.phases else None
@@ -113,9 +80,8 @@ def main() -> None:
         "model": {k: getattr(args, k) for k in ("hidden", "ffn", "layers", "heads", "kv_heads", "dtype")},
         "samples": args.samples, "set": args.set, "rain_s": rain, "ta_s": ta, "preflight_s": check,
         "ratio": sum(rain.values()) / sum(ta.values()), "phases_s": split,
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, RAIN_THREADS="
-                   f"{os.environ.get('RAIN_THREADS', '2')}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
-                   f"load average {os.getloadavg()[0]:.1f}",
+        "machine": machine(f"RAIN_THREADS={os.environ.get('RAIN_THREADS', '2')}",
+                           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"),
     }
     for side, stages in (("RAIN", rain), ("task arithmetic", ta)):
         print(f"{side}: {sum(stages.values()):.2f} s = " + " + ".join(f"{n} {s:.2f}" for n, s in stages.items()))

@@ -11,7 +11,6 @@ Prints one JSON line.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -21,6 +20,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+from _common import build_project, model_parser  # noqa: E402
 
 REPORT_COLUMNS = ("energy_protected", "norm_ratio", "residual_calib", "residual_calib_inliers", "residual_heldout")
 
@@ -37,20 +38,10 @@ def ulp_distance(a, b):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workdir", type=Path)
-    p.add_argument("--hidden", type=int, default=3584)
-    p.add_argument("--ffn", type=int, default=18944)
-    p.add_argument("--layers", type=int, default=1)
-    p.add_argument("--heads", type=int, default=28)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    p.add_argument("--samples", type=int, default=25)
-    args = p.parse_args()
+    args = model_parser(__doc__, layers=1, dtypes=("bfloat16", "float16"), samples=25).parse_args()
 
     import pandas as pd
     import torch
-    from pipeline_ratio import build
     from rain_tasks.io.artifacts import layer_file
     from rain_tasks.io.checkpoint import Checkpoint, load_tensors
     from rain_tasks.merge.engine import DeltaPlan, TensorDir, merge_checkpoint
@@ -62,7 +53,7 @@ def main() -> None:
 
     configure()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="rain-precision-"))
-    build(work, argparse.Namespace(**{**vars(args), "dtype": args.dtype}))
+    build_project(work, args)
     params = load_params(work / "params.yaml")
     for stage in ("task_vectors", "features"):
         run_stage(stage, params, work)

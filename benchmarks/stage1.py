@@ -1,7 +1,7 @@
 """Stage 1 (features + projection) time and peak RSS on a random model with 7B-like layer widths.
 
 Usage: python benchmarks/stage1.py [--workdir DIR] [--layers 2] [--samples 25] [--paths rows gram]
-Each phase runs in its own process so its peak RSS (ru_maxrss) is its own. The "rows" path keeps
+Each phase runs in its own process so its peak RSS (VmHWM) is its own. The "rows" path keeps
 row blocks where a set has fewer rows than its width (the low-rank path); "gram" forces Grams.
 """
 
@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT)]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+from _common import model_parser, run_child, status_gib  # noqa: E402
 
 
 def build(work: Path, args: argparse.Namespace) -> None:
@@ -61,22 +61,11 @@ def run_phase(work: Path, phase: str, path: str) -> dict:
         accumulate_features(work / "lrm", work / "reasoning.jsonl", FeaturesParams(), work / f"features_{path}", low_rank=path == "rows")
     else:
         project(work / "tv", work / f"features_{path}", ProjectionParams(), work / f"proj_{path}", work / f"report_{path}.parquet")
-    return {"seconds": time.perf_counter() - t0, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-
-
-def _child(work: Path, *extra: str) -> str:
-    out = subprocess.run([sys.executable, __file__, "--workdir", str(work), *extra], check=True, capture_output=True, text=True)
-    return out.stdout.strip().splitlines()[-1]
+    return {"seconds": time.perf_counter() - t0, "peak_rss_gib": status_gib("VmHWM")}
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workdir", type=Path)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--hidden", type=int, default=3584)
-    p.add_argument("--ffn", type=int, default=18944)
-    p.add_argument("--heads", type=int, default=28)
-    p.add_argument("--kv-heads", type=int, default=4)
+    p = model_parser(__doc__, layers=2, dtype=None)
     p.add_argument("--samples", type=int, default=25, help="12 Ω rows per sample at radius 5")
     p.add_argument("--paths", nargs="+", default=["rows", "gram"], choices=["rows", "gram"])
     p.add_argument("--phase", choices=["build", "features", "projection"], help=argparse.SUPPRESS)
@@ -84,7 +73,7 @@ def main() -> None:
     args = p.parse_args()
     if args.phase == "build":
         build(args.workdir, args)
-        print("built")
+        print(json.dumps({"built": str(args.workdir)}))
         return
     if args.phase:
         print(json.dumps(run_phase(args.workdir, args.phase, args.path)))
@@ -92,13 +81,13 @@ def main() -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="stage1-bench-"))
     sizes = [f"--{k}={v}" for k, v in (("layers", args.layers), ("hidden", args.hidden), ("ffn", args.ffn), ("heads", args.heads), ("kv-heads", args.kv_heads), ("samples", args.samples))]
     if not (work / "tv" / "manifest.json").is_file():
-        _child(work, *sizes, "--phase", "build")
+        run_child(__file__, ["--workdir", str(work), *sizes, "--phase", "build"], "build")
     print(f"model: {args.layers} layers, hidden {args.hidden}, FFN {args.ffn}, {args.heads} heads / {args.kv_heads} KV; {args.samples} samples; {work}")
     for path in args.paths:
         for stale in (work / f"features_{path}", work / f"proj_{path}"):
             shutil.rmtree(stale, ignore_errors=True)  # time a full run, not a resumed one
         for phase in ("features", "projection"):
-            r = json.loads(_child(work, *sizes, "--phase", phase, "--path", path))
+            r = run_child(__file__, ["--workdir", str(work), *sizes, "--phase", phase, "--path", path], f"{path} {phase}")
             print(f"{path:5s} {phase:10s} {r['seconds']:8.1f} s   peak RSS {r['peak_rss_gib']:6.2f} GiB", flush=True)
         report = __import__("pandas").read_parquet(work / f"report_{path}.parquet")
         print(report.groupby("module")[["rows", "d_in", "rank_kept", "norm_ratio", "residual_calib"]].mean().round(3).to_string())
