@@ -288,7 +288,7 @@ def protected_basis(stats: RowStats, params: ProjectionParams, block: torch.Tens
     if params.method == "sage":  # each kept direction damped by βσ̃/(1 + βσ̃), σ̃ = σ/σ_1 (stage1/sage.py)
         sig = vals / vals[0] if keep.any() else vals
         w = torch.where(keep, params.beta * sig / (1.0 + params.beta * sig), w)
-    energy = float((w * vals).sum() / trace) if trace > 0 else 0.0
+    energy = min(float((w * vals).sum() / trace), 1.0) if trace > 0 else 0.0  # a share: float32 sums can round past 1
     return Basis(vecs[:, keep], w[keep], energy)
 
 
