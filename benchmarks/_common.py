@@ -7,15 +7,28 @@ Scripts import it as `from _common import ...`: `python benchmarks/X.py` puts be
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 #: Qwen2-7B's layer widths, the default of the scripts that measure at 7B scale
 WIDTHS_7B = {"hidden": 3584, "ffn": 18944, "heads": 28, "kv_heads": 4}
+
+
+def workdir(given: Path | None, prefix: str) -> Path:
+    """`given` (kept for inspection), or a fresh temporary directory removed when the script exits (a 7B-width
+    family is gigabytes per model)."""
+    if given is not None:
+        return given
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def status_gib(field: str) -> float:

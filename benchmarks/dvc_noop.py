@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from _common import machine, model_parser  # noqa: E402
+from _common import machine, model_parser, workdir  # noqa: E402
 
 
 def tree_size(root: Path) -> tuple[int, int]:
@@ -43,7 +42,7 @@ def main() -> None:
     args = p.parse_args()
     from rain_dev.projects import MINI_OVERRIDES, MINI_ZOO, fresh_project, project_env
 
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="rain-dvc-bench-"))
+    work = workdir(args.workdir, "rain-dvc-bench-")
     env = project_env(work)
     zoo = {**MINI_ZOO, "num_layers": args.layers, "hidden_size": args.hidden, "intermediate_size": args.ffn}
     project = fresh_project(work / "project", env, zoo, MINI_OVERRIDES)

@@ -19,14 +19,13 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from _common import build_project, model_parser, run_child, status_gib  # noqa: E402
+from _common import build_project, model_parser, run_child, status_gib, workdir  # noqa: E402
 
 STAGES = ("task_vectors", "features", "projection", "attention_stats", "alpha", "merge")
 #: which sample count drives each stage's cost (None: neither)
@@ -109,7 +108,7 @@ def main() -> None:
     if args.reuse:
         points = json.loads(args.reuse.read_text().strip().splitlines()[-1])["points"]
     else:
-        work = args.workdir or Path(tempfile.mkdtemp(prefix="rain-growth-"))
+        work = workdir(args.workdir, "rain-growth-")
         grid = [(n, args.samples[0]) for n in args.layers] + [(args.layers[0], s) for s in args.samples[1:]]
         points = [measure(work / f"L{n}_S{s}", args, n, s) for n, s in grid]
     print("| layers | samples | " + " | ".join(f"{s} s (plan) / GiB (plan)" for s in STAGES) + " | load |")

@@ -19,14 +19,13 @@ import json
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from _common import build_family, machine, model_parser, run_child, status_gib  # noqa: E402
+from _common import build_family, machine, model_parser, run_child, status_gib, workdir  # noqa: E402
 
 #: the processes measured, in the order they run (the extraction must precede `ours`)
 SIDES = ("mergekit", "task_vectors", "ours", "ours_direct")
@@ -110,7 +109,7 @@ def main() -> None:
         print(json.dumps(child(args.child, args.workdir, args.shard_size)))
         return
 
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="rain-merge-bench-"))
+    work = workdir(args.workdir, "rain-merge-bench-")
     build_family(work, args)
     runs = {side: [] for side in SIDES}
     for _ in range(args.repeats):

@@ -15,14 +15,13 @@ import contextlib
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from _common import build_project, machine, model_parser  # noqa: E402
+from _common import build_project, machine, model_parser, workdir  # noqa: E402
 
 RAIN_STAGES = ("task_vectors", "features", "projection", "attention_stats", "alpha", "merge")
 TA_STAGES = ("task_vectors", "baselines")
@@ -67,7 +66,7 @@ def main() -> None:
     from rain_tasks.model.runtime import configure
 
     configure()
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="rain-bench-"))
+    work = workdir(args.workdir, "rain-bench-")
     rain_dir, ta_dir = work / "rain", work / "ta"
     for d in (rain_dir, ta_dir):
         build_project(d, args)

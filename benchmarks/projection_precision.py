@@ -15,14 +15,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from _common import build_project, model_parser  # noqa: E402
+from _common import build_project, model_parser, workdir  # noqa: E402
 
 REPORT_COLUMNS = ("energy_protected", "norm_ratio", "residual_calib", "residual_calib_inliers", "residual_heldout")
 
@@ -53,7 +52,7 @@ def main() -> None:
     from rain_tasks.stage1.projection import project
 
     configure()
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="rain-precision-"))
+    work = workdir(args.workdir, "rain-precision-")
     if not (work / "params.yaml").is_file():
         build_project(work, args)
     params = load_params(work / "params.yaml")

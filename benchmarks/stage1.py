@@ -11,14 +11,13 @@ import argparse
 import json
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from _common import model_parser, run_child, status_gib  # noqa: E402
+from _common import model_parser, run_child, status_gib, workdir  # noqa: E402
 
 
 def build(work: Path, args: argparse.Namespace) -> None:
@@ -78,7 +77,7 @@ def main() -> None:
     if args.phase:
         print(json.dumps(run_phase(args.workdir, args.phase, args.path)))
         return
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="stage1-bench-"))
+    work = workdir(args.workdir, "stage1-bench-")
     sizes = [f"--{k}={v}" for k, v in (("layers", args.layers), ("hidden", args.hidden), ("ffn", args.ffn), ("heads", args.heads), ("kv-heads", args.kv_heads), ("samples", args.samples))]
     if not (work / "tv" / "manifest.json").is_file():
         run_child(__file__, ["--workdir", str(work), *sizes, "--phase", "build"], "build")
