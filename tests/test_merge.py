@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from rain_tasks.io.arch import module_of
 from rain_tasks.io.checkpoint import INDEX_NAME, Checkpoint, Difference, ShardWriter, save_tensors
+from rain_tasks.merge import engine
 from rain_tasks.merge.engine import DeltaPlan, SingleFile, TensorDir, merge_checkpoint
 from rain_tasks.merge.task_vectors import compute_task_vectors
 
@@ -45,9 +46,15 @@ def _random_scales(lrm: Checkpoint, path, seed: int = 0) -> None:
     save_tensors(path, scales)
 
 
+@pytest.mark.parametrize("row_block_bytes", [None, 300], ids=["whole", "row-blocks"])
 @pytest.mark.parametrize("scope", ["linear", "all"])
-def test_rain_merge_equals_definition(tiny_family, task_vectors, tmp_path, scope):
-    """θ_merged = θ_R + λ·α⊙Δ on merged modules; other tensors copied (linear) or + λΔ (all)."""
+def test_rain_merge_equals_definition(tiny_family, task_vectors, tmp_path, scope, row_block_bytes, monkeypatch):
+    """θ_merged = θ_R + λ·α⊙Δ on merged modules; other tensors copied (linear) or + λΔ (all); the same bits when the
+    elementwise method runs a block of rows at a time (300 bytes: one to a few rows per block here)."""
+    if row_block_bytes is not None:
+        monkeypatch.setattr(engine, "ROW_BLOCK_BYTES", row_block_bytes)
+        assert engine.row_blocks((64, 64), row_block_bytes) == [slice(i, i + 1) for i in range(64)]
+        assert len(engine.row_blocks((256,), row_block_bytes)) == 4  # a bias: 75 rows per block
     lrm = Checkpoint(tiny_family["lrm"])
     _random_scales(lrm, tmp_path / "scales.safetensors")
     plan = DeltaPlan(

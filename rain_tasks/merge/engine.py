@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -105,14 +106,40 @@ class DeltaPlan:
         return self.base.get(name).to(torch.float32) if self.base is not None else None
 
 
+#: an elementwise method merges a tensor larger than this (in fp32) a block of rows of this size at a time: the fp32
+#: temporaries stay small and in cache, and no fp32 copy of the whole θ_R is made
+ROW_BLOCK_BYTES = 8 * 2**20
+
+
+def row_blocks(shape: tuple[int, ...], block_bytes: int) -> list[slice] | None:
+    """Consecutive row ranges of a tensor of `shape` holding about `block_bytes` of fp32 each (None: one block)."""
+    if len(shape) == 0 or shape[0] < 2:
+        return None
+    per_row = 4 * math.prod(shape[1:])
+    step = max(1, block_bytes // per_row)
+    return None if step >= shape[0] else [slice(i, min(i + step, shape[0])) for i in range(0, shape[0], step)]
+
+
+def _rows(t: torch.Tensor | None, rows: slice, like: torch.Tensor) -> torch.Tensor | None:
+    """The block `rows` of an input with one entry per row of the tensor `like`; an input broadcast along the rows
+    (fewer dimensions, or one row) as it is."""
+    return t[rows] if t is not None and t.dim() == like.dim() and t.shape[0] == like.shape[0] else t
+
+
 def _merged(lrm: Checkpoint, name: str, method: Method, params: BaseModel, plan: DeltaPlan) -> torch.Tensor:
-    """One merged tensor: the method in fp32 on θ_R and the plan's inputs (θ_B only if it reads it), cast back."""
-    dtype = lrm.dtype(name)
-    theta = lrm.get(name).to(torch.float32)  # the stored-dtype copy is dropped at once: peak is fp32 tensors only
-    delta = plan.delta(name)
+    """One merged tensor: the method in fp32 on θ_R and the plan's inputs (θ_B only if it reads it), cast back;
+    an elementwise method a block of rows at a time (the same bits as one call on the whole tensor)."""
+    stored, delta = lrm.get(name), plan.delta(name)
     base = plan.base_tensor(name) if method.needs_base and (delta is not None or method.untouched == "base") else None
-    inputs = TensorInputs(name, theta, delta, plan.scale(name) if delta is not None else None, base)
-    return method(inputs, params).to(dtype)
+    scale = plan.scale(name) if delta is not None else None
+    blocks = row_blocks(tuple(stored.shape), ROW_BLOCK_BYTES) if method.elementwise and delta is not None else None
+    if blocks is None:  # the stored-dtype copy is dropped at once: peak is fp32 tensors only
+        return method(TensorInputs(name, stored.to(torch.float32), delta, scale, base), params).to(stored.dtype)
+    out = torch.empty_like(stored)
+    for rows in blocks:
+        part = TensorInputs(name, stored[rows].to(torch.float32), delta[rows], _rows(scale, rows, stored), _rows(base, rows, stored))
+        out[rows] = method(part, params)
+    return out
 
 
 def _resolved(method: str | Method, method_params: dict) -> tuple[Method, BaseModel]:

@@ -11,13 +11,13 @@ from torch import Tensor
 from rain_tasks.methods.registry import merge_method
 
 
-@merge_method("task_arithmetic")
+@merge_method("task_arithmetic", elementwise=True)
 def task_arithmetic(lrm: Tensor, delta: Tensor, *, lam: float = 1.0) -> Tensor:
     """θ_R + λ·Δ_I (unweighted: any α scales are ignored)."""
     return (delta * lam).add_(lrm)
 
 
-@merge_method("rain", baseline=False)
+@merge_method("rain", baseline=False, elementwise=True)
 def rain(lrm: Tensor, delta: Tensor, scale: Tensor | None, *, lam: float = 1.0) -> Tensor:
     """θ_R + λ·α⊙Δ⊥ (α broadcasts against the tensor: rows for q/k/v, columns for o, scalar for MLP)."""
     update = delta * lam if scale is None else (scale * delta).mul_(lam)

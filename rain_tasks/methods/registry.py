@@ -46,6 +46,9 @@ class Method:
     params: type[BaseModel]
     baseline: bool  # offered as a `baselines.runs` method in params.yaml
     untouched: Literal["lrm", "base"] = "lrm"  # what a tensor without a Δ keeps: θ_R, or θ_B (then it reads the base)
+    #: each output element depends only on the same element of its inputs (a scale broadcast along rows or columns):
+    #: the engine may then merge a large tensor a block of rows at a time, with the same bits
+    elementwise: bool = False
 
     @property
     def needs_base(self) -> bool:
@@ -88,7 +91,7 @@ def _params_model(name: str, fn: Callable) -> type[BaseModel]:
 
 
 def build_method(name: str, fn: Callable[..., torch.Tensor], *, baseline: bool = True,
-                 untouched: Literal["lrm", "base"] = "lrm") -> Method:
+                 untouched: Literal["lrm", "base"] = "lrm", elementwise: bool = False) -> Method:
     """The Method of a typed function (see the module docstring) without registering it: for methods built from data,
     such as a wrapper or masks read from a stage's output."""
     positional = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is not inspect.Parameter.KEYWORD_ONLY]
@@ -96,16 +99,17 @@ def build_method(name: str, fn: Callable[..., torch.Tensor], *, baseline: bool =
     if unknown or "lrm" not in positional or "delta" not in positional:
         raise TypeError(f"merge method {name!r}: tensor parameters are {TENSOR_INPUTS} (lrm and delta required), "
                         f"got {positional}")
-    return Method(name, fn, tuple(positional), _params_model(name, fn), baseline, untouched)
+    return Method(name, fn, tuple(positional), _params_model(name, fn), baseline, untouched, elementwise)
 
 
-def merge_method(name: str, *, baseline: bool = True) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
+def merge_method(name: str, *, baseline: bool = True,
+                 elementwise: bool = False) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register `fn` under `name` (once: a second registration of the name is an error); see the module docstring."""
 
     def register(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         if name in METHODS:
             raise ValueError(f"merge method {name!r} is registered twice")
-        METHODS[name] = build_method(name, fn, baseline=baseline)
+        METHODS[name] = build_method(name, fn, baseline=baseline, elementwise=elementwise)
         return fn
 
     return register
