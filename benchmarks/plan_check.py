@@ -122,7 +122,7 @@ def calibrate(work: Path, reuse: bool) -> dict:
     table = json.loads(THROUGHPUT.read_text()) if THROUGHPUT.is_file() else {}
     old = table.pop("cpu/float32", {})  # the work estimates below must not depend on the constants being replaced
     # the projection's constant is not fitted here: at hidden 64 its time is file I/O, not work (projection_rate.py)
-    projection = {k: old[k] for k in ("projection_flops_per_s", "projection_source") if k in old}
+    projection = {k: v for k, v in old.items() if k.startswith("projection_")}
     THROUGHPUT.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
     plans = {p.stage: p for p in stage_plans(load_params(root / "params.yaml"), root)[1]}
     rate, tokenizer_s = load_costs(root)

@@ -1,12 +1,13 @@
 """The projection's throughput constant: `rain plan`'s projection work over its measured seconds, at widths where work dominates.
 
-At plan_check.py's hidden 64 the projection stage is a few seconds of file I/O and report writing whatever its
-work, so its constant is fitted here instead. Per point (hidden, FFN, heads, KV heads, layers, samples): a random
+At plan_check.py's hidden 64 the projection's work (65-wide Grams) is well under a GFLOP, so its time there is fixed
+costs (reading the statistics and Δ, the report), not work; its constant is fitted here instead. Per point (hidden, FFN, heads, KV heads, layers, samples): a random
 family and calibration sets (pipeline_ratio.build, bf16 checkpoints), task_vectors and features once, then the
 projection stage --repeats times, each in its own process (growth.py --child, its layer files removed first), and
 the median taken. The constant is Σ planned work / Σ median seconds over the points; --write stores it as
-`projection_flops_per_s` (with `projection_source`) of the plan's throughput entry, which plan_check.py --calibrate
-keeps. Prints a table and one JSON line.
+`projection_<precision>_flops_per_s` (with `projection_<precision>_source`; the precision is projection.precision,
+float64 unless --set says otherwise) of the plan's throughput entry, which plan_check.py --calibrate keeps. Prints a
+table and one JSON line.
 
     nice python benchmarks/projection_rate.py WORKDIR [--point 1024 4096 16 4 2 25 ...] [--repeats 3]
         [--set projection.precision=float32] [--write]
@@ -28,6 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 GROWTH = ROOT / "benchmarks" / "growth.py"
+#: hidden, FFN, heads, KV heads, layers, reasoning samples: two widths where the work dominates, and the 7B widths
+DEFAULT_POINTS = [[1024, 4096, 16, 4, 2, 25], [1024, 4096, 16, 4, 2, 50], [2048, 8192, 16, 4, 1, 25], [3584, 18944, 28, 4, 1, 25]]
 
 
 def run_child(stage: str, work: Path) -> dict:
@@ -56,20 +59,21 @@ def measure_point(work: Path, point: list[int], repeats: int, overrides: list[st
     plan = {p.stage: p for p in stage_plans(load_params(work / "params.yaml"), work)[1]}["projection"]
     return {"point": point, "runs": runs, "seconds": statistics.median(r["seconds"] for r in runs),
             "peak_rss_gib": statistics.median(r["peak_rss_gib"] for r in runs),
-            "plan_flops": plan.flops, "plan_peak_gib": plan.peak_bytes / 2**30}
+            "precision": load_params(work / "params.yaml").projection.precision, "plan_flops": plan.flops, "plan_peak_gib": plan.peak_bytes / 2**30}
 
 
-def write_constant(rate: float, points: list[dict], overrides: list[str]) -> None:
-    """Store the fitted rate, and how it was measured, in the plan's cpu/float32 throughput entry."""
-    from rain_tasks.pipeline.plan import THROUGHPUT
+def write_constant(rate: float, precision: str, points: list[dict], overrides: list[str]) -> None:
+    """Store the fitted rate for this working precision, and how it was measured, in the plan's cpu/float32 throughput entry."""
+    from rain_tasks.pipeline.plan import THROUGHPUT, projection_key
 
     table = json.loads(THROUGHPUT.read_text()) if THROUGHPUT.is_file() else {}
     if "cpu/float32" not in table:
         sys.exit(f"{THROUGHPUT} has no cpu/float32 entry to add the projection's constant to: run plan_check.py --calibrate first")
-    widths = "; ".join("hidden {}, FFN {}, {}/{} heads, {} layers, {} samples".format(*p["point"]) for p in points)
+    widths = "; ".join("hidden {}, FFN {}, {}/{} heads, L {}, {} samples".format(*p["point"]) + f" (median of {len(p['runs'])})"
+                       for p in points)
     table["cpu/float32"] |= {
-        "projection_flops_per_s": rate,
-        "projection_source": (f"benchmarks/projection_rate.py on {platform.processor() or platform.machine()}, {os.cpu_count()} "
+        projection_key(precision): rate,
+        f"projection_{precision}_source": (f"benchmarks/projection_rate.py on {platform.processor() or platform.machine()}, {os.cpu_count()} "
                               f"cores, {time.strftime('%Y-%m-%d')}, {' '.join(overrides) or 'default params'}: {widths}"),
     }
     THROUGHPUT.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
@@ -84,7 +88,7 @@ def main() -> None:
     ap.add_argument("--write", action="store_true", help="store the fitted constant in rain_tasks/pipeline/throughput.json")
     args = ap.parse_args()
     points = [measure_point(args.work / "_".join(map(str, p)), p, args.repeats, args.set)
-              for p in args.point or [[1024, 4096, 16, 4, 2, 25], [1024, 4096, 16, 4, 2, 50], [2048, 8192, 16, 4, 1, 25]]]
+              for p in args.point or DEFAULT_POINTS]
     rate = sum(p["plan_flops"] for p in points) / sum(p["seconds"] for p in points)
     print("| hidden | FFN | heads | KV | layers | samples | work (TFLOP) | measured s (median) | plan s at the fitted rate "
           "| GFLOP/s | peak GiB | plan GiB | load (max) |")
@@ -94,10 +98,11 @@ def main() -> None:
               f"{p['plan_flops'] / rate:.1f} | "
               f"{p['plan_flops'] / p['seconds'] / 1e9:.1f} | {p['peak_rss_gib']:.2f} | {p['plan_peak_gib']:.2f} | "
               f"{max(r['load_average'] for r in p['runs']):.1f} |")
-    print(f"fitted projection_flops_per_s: {rate:.4g}")
+    precision = points[0]["precision"]
+    print(f"fitted projection_{precision}_flops_per_s: {rate:.4g}")
     if args.write:
-        write_constant(rate, points, args.set)
-    print(json.dumps({"points": points, "projection_flops_per_s": rate, "set": args.set}))
+        write_constant(rate, precision, points, args.set)
+    print(json.dumps({"points": points, f"projection_{precision}_flops_per_s": rate, "set": args.set}))
 
 
 if __name__ == "__main__":

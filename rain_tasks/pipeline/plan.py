@@ -95,15 +95,24 @@ def projection_set_flops(n: int, d: int, outs: list[int], heldout: int) -> float
 
 
 def projection_layer_bytes(dims: dict[str, int], rows: dict[str, int], heldout: dict[str, int], itemsize: int) -> int:
-    """One layer's projection statistics in memory: the features as stored (float64 rows [n, d] or Grams), their copies in
-    the working precision (`itemsize`: the cast where it is not float64, the outlier-free copy), every set's basis
-    (eigenvectors and the kept U, [d, m] each), and the largest set's eigenproblem (m × m twice and [d, m])."""
+    """One layer's projection statistics in memory, the working precision taking `itemsize` bytes.
+
+    The features as stored (float64 rows [n, d] or Grams; the calibration set's are dropped once cast, the held-out
+    set's are kept by the caller), their copies in the working precision (the cast where it is not float64, the
+    outlier-free copy), every set's basis (eigenvectors and the kept U, [d, m] each), and the largest set's
+    eigenproblem (m × m twice and [d, m]).
+    """
     stored = sum(min(rows[s], d) * d for s, d in dims.items())
     held = sum(min(heldout[s], d) * d for s, d in dims.items())
     copies = stored + (stored + held if itemsize != 8 else 0)
     bases = sum(2 * d * min(rows[s], d) for s, d in dims.items())
     eigen = max(2 * min(rows[s], d) ** 2 + d * min(rows[s], d) for s, d in dims.items())
-    return 8 * (stored + held) + itemsize * (copies + bases + eigen)
+    return 8 * ((stored if itemsize == 8 else 0) + held) + itemsize * (copies + bases + eigen)
+
+
+def projection_key(precision: str) -> str:
+    """The throughput key of the projection's constant in this working precision (float64 and float32 run at different rates)."""
+    return f"projection_{precision}_flops_per_s"
 
 
 def _throughput(device: str, dtype: str) -> tuple[dict | None, str]:
@@ -112,8 +121,9 @@ def _throughput(device: str, dtype: str) -> tuple[dict | None, str]:
     key = f"{device}/{dtype}"
     if key not in table:
         return None, f"no throughput measured for {key} in {THROUGHPUT.name} (run benchmarks/plan_check.py --calibrate there)"
-    projection = table[key].get("projection_source", "none measured (benchmarks/projection_rate.py)")
-    return table[key], f"{THROUGHPUT.name}[{key}]: {table[key]['source']}; projection: {projection}"
+    projection = "; ".join(f"{k.removesuffix('_source').replace('_', ' ')}: {v}" for k, v in sorted(table[key].items())
+                           if k.startswith("projection_") and k.endswith("_source")) or "projection: none measured"
+    return table[key], f"{THROUGHPUT.name}[{key}]: {table[key]['source']}; {projection}"
 
 
 def stage_plans(params: Params, root: Path) -> tuple[dict, list[StagePlan]]:
@@ -166,19 +176,23 @@ def stage_plans(params: Params, root: Path) -> tuple[dict, list[StagePlan]]:
         2 * shape.num_layers * shape.num_heads * shape.head_dim * len(s.spans.query_rows) * len(s.input_ids) for s in instruction))
     a_peak = baseline + weights + activations(i_len) + shape.num_heads * query * 4 * 4
     # Stage 1 projection: per layer and row set the basis on the path the features took (rows while n < d, else
-    # the Gram), Δ's products with it and the residual diagnostics; memory: one layer's statistics and bases, and its Δ
-    # (the task vector in float32, the largest module's [W | b] in the working precision and projected in float32, Δ⊥)
+    # the Gram), Δ's products with it and the residual diagnostics; memory: one layer's statistics and bases, its Δ
+    # (float32) and Δ⊥, and the largest module's [W | b] and its projection in the working precision and in float32
+    # (in float32 those are Δ's and Δ⊥'s own tensors, but for the cast to a 16-bit Δ⊥)
     dims = row_set_dims(shape, biases)
     rows, held_rows, outs = row_set_rows(dims, calib, shape), row_set_rows(dims, heldout, shape), row_set_outputs(ckpt, shape, 0)
     p_flops = shape.num_layers * sum(projection_set_flops(rows[s], d, outs[s], held_rows[s]) for s, d in dims.items())
     work_itemsize = PRECISIONS[params.projection.precision].itemsize
     largest = max(math.prod(ckpt.shape(shape.spec.param_name(0, m, "weight"))) for m in MODULES)
-    delta = layer_parameters(shape) * (4 + getattr(torch, params.projection.dtype).itemsize) + largest * (work_itemsize + 4)
+    out_itemsize = getattr(torch, params.projection.dtype).itemsize
+    transient = 2 * work_itemsize + 4 if work_itemsize != 4 else 4 if out_itemsize != 4 else 0
+    delta = layer_parameters(shape) * (4 + out_itemsize) + largest * transient
     p_peak = baseline + projection_layer_bytes(dims, rows, held_rows, work_itemsize) + delta
     plans = [
         StagePlan("features", sum(r_len), f_flops, f_peak, seconds("features", f_flops, tokenizer_loads=2)),  # two sets
         StagePlan("projection", 0, p_flops, p_peak,
-                  p_flops / constants["projection_flops_per_s"] if constants and "projection_flops_per_s" in constants else None),
+                  p_flops / constants[rate] if constants and (rate := projection_key(params.projection.precision)) in constants
+                  else None),
         StagePlan("attention_stats", passes * sum(i_len), a_flops, a_peak, seconds("attention", a_flops)),
         StagePlan("merge", 0, 0.0, baseline + parse_size(params.merge.max_shard_size)
                   + 4 * max(math.prod(ckpt.shape(n)) for n in ckpt.names()) * 4, None),
