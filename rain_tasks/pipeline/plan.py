@@ -5,7 +5,8 @@ template and tokenizer. Memory is a per-stage model (weights at the forward dtyp
 activations, the stage's own buffers; see `stage_plans`); disk is `validation.output_estimates`.
 Time is work (floating-point operations of the forward passes and reductions) divided by
 throughput constants measured on a machine of the same kind (`THROUGHPUT`, written by
-`benchmarks/plan_check.py --calibrate`), whose source is printed; where no constant was measured
+`benchmarks/plan_check.py --calibrate`, the projection's by `benchmarks/projection_rate.py` at widths where its
+work, not its file I/O, dominates), whose source is printed; where no constant was measured
 for the device and dtype, the time is not estimated rather than guessed.
 """
 
@@ -16,12 +17,15 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from rain_tasks.io.arch import ModelShape, read_shape
+import torch
+
+from rain_tasks.io.arch import MODULES, ModelShape, read_shape
 from rain_tasks.stage2.attention import prepare_instruction_samples
 from rain_tasks.model.calibration import load_tokenizer
 from rain_tasks.io.checkpoint import Checkpoint, parse_size
 from rain_tasks.model.runtime import forward_dtype, resolve_device
-from rain_tasks.stage1.features import layer_bytes, prepare_reasoning_samples, row_set_biases, row_set_dims
+from rain_tasks.stage1.features import layer_bytes, prepare_reasoning_samples, row_set_biases, row_set_dims, row_set_rows
+from rain_tasks.stage1.projection import PRECISIONS, module_blocks
 from rain_tasks.params import Params
 from rain_tasks.io.schemas import load_records
 from rain_tasks.pipeline.stages import MERGED, PROJ, TV
@@ -63,13 +67,63 @@ def forward_flops(shape: ModelShape, lengths: list[int]) -> float:
     return float(sum(linear * t + attn * t * t for t in lengths))
 
 
+def row_set_outputs(ckpt: Checkpoint, shape: ModelShape, layer: int) -> dict[str, list[int]]:
+    """Per row set, the output rows of each block of Δ projected on its basis (`module_blocks` on the checkpoint's shapes)."""
+    outs: dict[str, list[int]] = {}
+    for module in MODULES:
+        size = tuple(ckpt.shape(shape.spec.param_name(layer, module, "weight")))
+        for _, name, (rows, _) in module_blocks(module, shape, layer, size):
+            outs.setdefault(name, []).append(len(range(size[0])[rows]))
+    return outs
+
+
+def projection_set_flops(n: int, d: int, outs: list[int], heldout: int) -> float:
+    """One row set's projection work with m = min(n, d), on the path the pipeline takes (stage1/projection.py).
+
+    Basis: while n < d the features hold the rows and the projection forms X Xᵀ (float32) or the QR of Xᵀ
+    (float64), ~4·n·d·m with the basis recovered from the eigenvectors, then the m × m eigh (~10·m³); from
+    n ≥ d the Gram is already formed and only its d × d eigh remains. Per block of `outs` rows: Δ U and
+    (Δ U) Uᵀ (4·out·d·m) and the residual diagnostics on the calibration, inlier and held-out statistics
+    (k = their rows or d: M Xᵀ or M G, Uᵀ Xᵀ or Uᵀ G U, and A against it, 2·k·(out·d + m·d + out·m) each).
+    """
+    m = min(n, d)
+    work = 10.0 * m**3 + (4.0 * n * d * m if n < d else 0.0)
+    for out in outs:
+        work += 4.0 * out * d * m
+        work += sum(2.0 * k * (out * d + m * d + out * m) for k in (m, m, min(heldout, d)))
+    return work
+
+
+def projection_layer_bytes(dims: dict[str, int], rows: dict[str, int], heldout: dict[str, int], itemsize: int) -> int:
+    """One layer's projection statistics in memory, the working precision taking `itemsize` bytes.
+
+    The features as stored (float64 rows [n, d] or Grams; the calibration set's are dropped once cast, the held-out
+    set's are kept by the caller), their copies in the working precision (the cast where it is not float64, the
+    outlier-free copy), every set's basis (eigenvectors and the kept U, [d, m] each), and the largest set's
+    eigenproblem (m × m twice and [d, m]).
+    """
+    stored = sum(min(rows[s], d) * d for s, d in dims.items())
+    held = sum(min(heldout[s], d) * d for s, d in dims.items())
+    copies = stored + (stored + held if itemsize != 8 else 0)
+    bases = sum(2 * d * min(rows[s], d) for s, d in dims.items())
+    eigen = max(2 * min(rows[s], d) ** 2 + d * min(rows[s], d) for s, d in dims.items())
+    return 8 * ((stored if itemsize == 8 else 0) + held) + itemsize * (copies + bases + eigen)
+
+
+def projection_key(precision: str) -> str:
+    """The throughput key of the projection's constant in this working precision (float64 and float32 run at different rates)."""
+    return f"projection_{precision}_flops_per_s"
+
+
 def _throughput(device: str, dtype: str) -> tuple[dict | None, str]:
     """The measured constants for this device kind and dtype, and where they came from."""
     table = json.loads(THROUGHPUT.read_text()) if THROUGHPUT.is_file() else {}
     key = f"{device}/{dtype}"
     if key not in table:
         return None, f"no throughput measured for {key} in {THROUGHPUT.name} (run benchmarks/plan_check.py --calibrate there)"
-    return table[key], f"{THROUGHPUT.name}[{key}]: {table[key]['source']}"
+    projection = "; ".join(f"{k.removesuffix('_source').replace('_', ' ')}: {v}" for k, v in sorted(table[key].items())
+                           if k.startswith("projection_") and k.endswith("_source")) or "projection: none measured"
+    return table[key], f"{THROUGHPUT.name}[{key}]: {table[key]['source']}; {projection}"
 
 
 def stage_plans(params: Params, root: Path) -> tuple[dict, list[StagePlan]]:
@@ -80,9 +134,10 @@ def stage_plans(params: Params, root: Path) -> tuple[dict, list[StagePlan]]:
     dtype = forward_dtype(lrm_dir, params.runtime)
     itemsize = dtype.itemsize
     n_params = parameter_count(ckpt)
-    reasoning = [s for path in (params.calibration.reasoning, params.calibration.reasoning_heldout)
-                 for s in prepare_reasoning_samples(load_records(root / path, "reasoning")[: params.features.max_samples], tok,
-                                          params.features)[0]]
+    calib, heldout = (prepare_reasoning_samples(load_records(root / path, "reasoning")[: params.features.max_samples], tok,
+                                                params.features)[0]
+                      for path in (params.calibration.reasoning, params.calibration.reasoning_heldout))
+    reasoning = calib + heldout
     instruction, _ = prepare_instruction_samples(load_records(root / params.calibration.instruction, "instruction")[: params.attention.max_samples],
                                        tok, params.attention.max_tokens)
     r_len = [len(s.input_ids) for s in reasoning]
@@ -120,15 +175,24 @@ def stage_plans(params: Params, root: Path) -> tuple[dict, list[StagePlan]]:
     a_flops = passes * (forward_flops(shape, i_len) + sum(
         2 * shape.num_layers * shape.num_heads * shape.head_dim * len(s.spans.query_rows) * len(s.input_ids) for s in instruction))
     a_peak = baseline + weights + activations(i_len) + shape.num_heads * query * 4 * 4
-    # Stage 1 projection: per layer one Gram per row set, its eigendecomposition, and the layer's Δ in float64
+    # Stage 1 projection: per layer and row set the basis on the path the features took (rows while n < d, else
+    # the Gram), Δ's products with it and the residual diagnostics; memory: one layer's statistics and bases, its Δ
+    # (float32) and Δ⊥, and the largest module's [W | b] and its projection in the working precision and in float32
+    # (in float32 those are Δ's and Δ⊥'s own tensors, but for the cast to a 16-bit Δ⊥)
     dims = row_set_dims(shape, biases)
-    p_flops = float(shape.num_layers * sum(10 * d ** 3 for d in dims.values()))
-    p_flops += 4.0 * shape.num_layers * layer_parameters(shape) * max(dims.values())
-    p_peak = baseline + 3 * max(dims.values()) ** 2 * 8 * 2 + 3 * layer_parameters(shape) * 8
+    rows, held_rows, outs = row_set_rows(dims, calib, shape), row_set_rows(dims, heldout, shape), row_set_outputs(ckpt, shape, 0)
+    p_flops = shape.num_layers * sum(projection_set_flops(rows[s], d, outs[s], held_rows[s]) for s, d in dims.items())
+    work_itemsize = PRECISIONS[params.projection.precision].itemsize
+    largest = max(math.prod(ckpt.shape(shape.spec.param_name(0, m, "weight"))) for m in MODULES)
+    out_itemsize = getattr(torch, params.projection.dtype).itemsize
+    transient = 2 * work_itemsize + 4 if work_itemsize != 4 else 4 if out_itemsize != 4 else 0
+    delta = layer_parameters(shape) * (4 + out_itemsize) + largest * transient
+    p_peak = baseline + projection_layer_bytes(dims, rows, held_rows, work_itemsize) + delta
     plans = [
         StagePlan("features", sum(r_len), f_flops, f_peak, seconds("features", f_flops, tokenizer_loads=2)),  # two sets
         StagePlan("projection", 0, p_flops, p_peak,
-                  None if constants is None else p_flops / constants["projection_flops_per_s"]),
+                  p_flops / constants[rate] if constants and (rate := projection_key(params.projection.precision)) in constants
+                  else None),
         StagePlan("attention_stats", passes * sum(i_len), a_flops, a_peak, seconds("attention", a_flops)),
         StagePlan("merge", 0, 0.0, baseline + parse_size(params.merge.max_shard_size)
                   + 4 * max(math.prod(ckpt.shape(n)) for n in ckpt.names()) * 4, None),

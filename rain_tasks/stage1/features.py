@@ -180,15 +180,21 @@ def prepare_reasoning_samples(records: list[dict], tokenizer, params: FeaturesPa
     return samples, skipped
 
 
-def layer_bytes(dims: dict[str, int], samples: list[ReasoningSample], shape: ModelShape, low_rank: bool) -> int:
-    """Upper bound on one layer's accumulator memory over all samples."""
+def row_set_rows(dims: dict[str, int], samples: list[ReasoningSample], shape: ModelShape) -> dict[str, int]:
+    """Upper bound on the rows each set of `dims` accumulates over `samples` (see `layer_rows`).
+
+    Exact for every set but the keys: |Ω| per sample (n_rep·|Ω| for `v.` sets, one row per query head of
+    the group); a `k.` set gets the keys holding `key_mass` of the Ω rows' attention, at most every token.
+    """
     omega = sum(len(s.omega) for s in samples)
     keys = sum(len(s.input_ids) for s in samples)
-    bound = 0
-    for name, d in dims.items():
-        rows = keys if name.startswith("k.") else shape.n_rep * omega if name.startswith("v.") else omega
-        bound += (min(rows, d) if low_rank else d) * d * _BYTES
-    return bound
+    return {name: keys if name.startswith("k.") else shape.n_rep * omega if name.startswith("v.") else omega for name in dims}
+
+
+def layer_bytes(dims: dict[str, int], samples: list[ReasoningSample], shape: ModelShape, low_rank: bool) -> int:
+    """Upper bound on one layer's accumulator memory over all samples (rows [n, d] while n < d, else a Gram [d, d])."""
+    rows = row_set_rows(dims, samples, shape)
+    return sum((min(rows[name], d) if low_rank else d) * d * _BYTES for name, d in dims.items())
 
 
 def layer_chunks(layers: list[int], per_layer: int, budget: int) -> list[list[int]]:
