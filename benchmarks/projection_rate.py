@@ -2,7 +2,7 @@
 
 At plan_check.py's hidden 64 the projection's work (65-wide Grams) is well under a GFLOP, so its time there is fixed
 costs (reading the statistics and Δ, the report), not work; its constant is fitted here instead. Per point (hidden, FFN, heads, KV heads, layers, samples): a random
-family and calibration sets (pipeline_ratio.build, bf16 checkpoints), task_vectors and features once, then the
+family and calibration sets (_common.build_project, bf16 checkpoints), task_vectors and features once, then the
 projection stage --repeats times, each in its own process (growth.py --child, its layer files removed first), and
 the median taken. The constant is Σ planned work / Σ median seconds over the points; --write stores it as
 `projection_<precision>_flops_per_s` (with `projection_<precision>_source`; the precision is projection.precision,
@@ -21,7 +21,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,33 +28,32 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 GROWTH = ROOT / "benchmarks" / "growth.py"
+
+from _common import build_project, run_child  # noqa: E402
 #: hidden, FFN, heads, KV heads, layers, reasoning samples: two widths where the work dominates, and the 7B widths
 DEFAULT_POINTS = [[1024, 4096, 16, 4, 2, 25], [1024, 4096, 16, 4, 2, 50], [2048, 8192, 16, 4, 1, 25], [3584, 18944, 28, 4, 1, 25]]
 
 
-def run_child(stage: str, work: Path) -> dict:
+def stage_child(stage: str, work: Path) -> dict:
     """One stage in its own process (growth.py --child): its seconds and peak RSS (GiB)."""
-    proc = subprocess.run([sys.executable, str(GROWTH), "--child", stage, "--workdir", str(work)], stdout=subprocess.PIPE,
-                          text=True, check=True)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_child(str(GROWTH), ["--child", stage, "--workdir", str(work)], f"{stage} in {work}")
 
 
 def measure_point(work: Path, point: list[int], repeats: int, overrides: list[str]) -> dict:
     """Build one point, run its inputs once and the projection `repeats` times; the plan beside the median."""
-    from pipeline_ratio import build
     from rain_tasks.params import load_params
     from rain_tasks.pipeline.plan import stage_plans
     from rain_tasks.pipeline.stages import PROJ
 
     hidden, ffn, heads, kv_heads, layers, samples = point
-    build(work, argparse.Namespace(hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads, dtype="bfloat16",
+    build_project(work, argparse.Namespace(hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads, dtype="bfloat16",
                                    layers=layers, samples=samples, set=overrides))
     for stage in ("task_vectors", "features"):
-        run_child(stage, work)
+        stage_child(stage, work)
     runs = []
     for _ in range(repeats):
         shutil.rmtree(work / PROJ, ignore_errors=True)  # a current layer file would be skipped
-        runs.append({**run_child("projection", work), "load_average": os.getloadavg()[0]})
+        runs.append({**stage_child("projection", work), "load_average": os.getloadavg()[0]})
     plan = {p.stage: p for p in stage_plans(load_params(work / "params.yaml"), work)[1]}["projection"]
     return {"point": point, "runs": runs, "seconds": statistics.median(r["seconds"] for r in runs),
             "peak_rss_gib": statistics.median(r["peak_rss_gib"] for r in runs),
