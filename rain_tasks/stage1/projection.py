@@ -66,6 +66,17 @@ PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
 OUTLIER_FACTOR = 6.0
 
 
+def nonzero_directions(t: torch.Tensor, vals: torch.Tensor, vecs: torch.Tensor, kernel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenpairs (descending, ≥ 0) above the numerical zero (ZERO_RTOL·λ_max) as directions of the input space; for
+    eigenvectors V of X Xᵀ (`kernel`), U = Xᵀ V Λ^(-1/2), orthonormal whenever Vᵀ X Xᵀ V = Λ."""
+    if vals.numel() == 0 or vals[0] <= 0:
+        return vals[:0], vecs.new_zeros(t.shape[1], 0)
+    keep = vals > ZERO_RTOL[t.dtype] * vals[0]
+    if kernel:
+        return vals[keep], (t.T @ vecs[:, keep]) / vals[keep].sqrt()
+    return vals[keep], vecs[:, keep]
+
+
 @dataclass(frozen=True)
 class RowStats:
     """Second moments of one row set: a Gram G [d, d], or rows X [n, d] standing for G = XᵀX (n rows in all)."""
@@ -103,13 +114,8 @@ class RowStats:
             vecs = q @ b
         else:
             vals, vecs = torch.linalg.eigh(t if self.kind == GRAM else t.T @ t)
-        vals, vecs = vals.flip(0).clamp_min(0.0), vecs.flip(1)
-        if vals.numel() == 0 or vals[0] <= 0:
-            return vals[:0], vecs.new_zeros(t.shape[1], 0)
-        keep = vals > ZERO_RTOL[t.dtype] * vals[0]
-        if kernel:  # no QR: R Rᵀ = X Xᵀ has the same eigenvalues and float32 resolves them no finer either way
-            return vals[keep], (t.T @ vecs[:, keep]) / vals[keep].sqrt()
-        return vals[keep], vecs[:, keep]
+        # kernel: no QR, since R Rᵀ = X Xᵀ has the same eigenvalues and float32 resolves them no finer either way
+        return nonzero_directions(t, vals.flip(0).clamp_min(0.0), vecs.flip(1), kernel)
 
     def without(self, dims: torch.Tensor) -> RowStats:
         """The same statistics with the input dimensions `dims` zeroed (e.g. outlier dimensions left out)."""
@@ -225,7 +231,7 @@ SUBSPACE_START, SUBSPACE_OVERSAMPLE, SUBSPACE_ITERS = 64, 16, 4
 
 def rule_covered(vals: torch.Tensor, params: ProjectionParams, trace: float) -> bool:
     """Whether the top eigenvalues `vals` (descending) already decide the hard rule: the directions it keeps are among them."""
-    if vals.numel() == 0 or vals[-1] <= ZERO_RTOL.get(vals.dtype, _ZERO_RTOL) * vals[0]:
+    if vals.numel() == 0 or vals[-1] <= ZERO_RTOL[vals.dtype] * vals[0]:
         return True  # the spectrum is exhausted within the block
     if params.rank is not None:
         return vals.numel() >= params.rank
@@ -261,12 +267,7 @@ def top_spectrum(stats: RowStats, covered: Callable[[torch.Tensor], bool]) -> tu
         vals, w = torch.linalg.eigh((b + b.T) / 2)
         vals, vecs = vals.flip(0)[:k].clamp_min(0.0), (q @ w.flip(1)[:, :k])  # the oversampled tail is the least accurate
         if covered(vals):
-            if vals[0] <= 0:
-                return vals[:0], vecs.new_zeros(t.shape[1], 0)
-            keep = vals > ZERO_RTOL[t.dtype] * vals[0]
-            if kernel:
-                return vals[keep], (t.T @ vecs[:, keep]) / vals[keep].sqrt()
-            return vals[keep], vecs[:, keep]
+            return nonzero_directions(t, vals, vecs, kernel)
         k *= 2
     return stats.spectrum()
 
